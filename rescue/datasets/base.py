@@ -1,0 +1,31 @@
+"""The Dataset seam."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from rescue.sample import Sample
+
+
+class DatasetError(Exception):
+    """The dataset as a whole cannot be used (folder missing, split unknown, bad layout)."""
+
+
+class SampleError(Exception):
+    """One sample cannot be loaded (image missing or corrupt, annotation malformed).
+
+    The pipeline records the sample as failed and goes on.
+    """
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    name: str
+
+    def sample_ids(self) -> list[str]:
+        """Every sample id, in a stable order. Cheap: must not decode images."""
+        ...
+
+    def load(self, sample_id: str) -> Sample:
+        """Decode one sample; raises SampleError when that sample is unusable."""
+        ...

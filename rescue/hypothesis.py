@@ -1,0 +1,117 @@
+"""A grounding hypothesis from the planner, and the executor prompt it becomes.
+
+Parsing a model's text into a `Hypothesis` lives with the model's client
+(`rescue.models.grounding` for Qwen-VL JSON); this module holds the data both sides agree on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rescue.sample import Box
+
+
+def _round(v: float) -> float:
+    return round(float(v), 2)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the executor is asked: a phrase and/or a box and/or points, all in pixels.
+
+    The canonical form (normalised whitespace and case, coordinates rounded to 1/100 px) is what
+    identical-prompt dedupe and the execute-stage cache key are computed from.
+    """
+
+    text: str | None = None
+    box: Box | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    point_labels: tuple[int, ...] = ()
+
+    def canonical(self) -> Prompt:
+        text = " ".join(self.text.split()).lower() if self.text else None
+        box = tuple(_round(v) for v in self.box) if self.box is not None else None
+        points = tuple((_round(x), _round(y)) for x, y in self.points)
+        labels = tuple(int(v) for v in self.point_labels)
+        return Prompt(text=text or None, box=box, points=points, point_labels=labels)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.canonical()
+        out: dict[str, Any] = {}
+        if c.text is not None:
+            out["text"] = c.text
+        if c.box is not None:
+            out["box"] = list(c.box)
+        if c.points:
+            out["points"] = [list(p) for p in c.points]
+            out["point_labels"] = list(c.point_labels)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Prompt:
+        return cls(
+            text=d.get("text"),
+            box=tuple(d["box"]) if d.get("box") is not None else None,  # type: ignore[arg-type]
+            points=tuple(tuple(p) for p in d.get("points", ())),  # type: ignore[misc]
+            point_labels=tuple(d.get("point_labels", ())),
+        ).canonical()
+
+    @property
+    def key(self) -> str:
+        """Short content hash of the canonical prompt."""
+        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def empty(self) -> bool:
+        return self.text is None and self.box is None and not self.points
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """Hypothesis `index` of a sample: either a prompt or the reason it is invalid.
+
+    Invalid hypotheses still count as drawn (index i was sampled); evaluation treats them as an
+    empty prediction that no selector prefers, so best-of-N is not biased by dropping them.
+    """
+
+    index: int
+    prompt: Prompt | None
+    raw: str = ""
+    error: str | None = None
+    label: str | None = None  # the planner's own name for the object, if it gave one
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. finish_reason, tokens
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None and self.prompt is not None and not self.prompt.empty
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "prompt": self.prompt.to_json() if self.prompt is not None else None,
+            "raw": self.raw,
+            "error": self.error,
+            "label": self.label,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Hypothesis:
+        p = d.get("prompt")
+        return cls(
+            index=int(d["index"]),
+            prompt=Prompt.from_json(p) if p is not None else None,
+            raw=d.get("raw", ""),
+            error=d.get("error"),
+            label=d.get("label"),
+            meta=dict(d.get("meta") or {}),
+        )
+
+    @classmethod
+    def invalid(cls, index: int, raw: str, reason: str, **meta: Any) -> Hypothesis:
+        return cls(index=index, prompt=None, raw=raw, error=reason, meta=meta)
+

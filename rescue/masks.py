@@ -1,0 +1,59 @@
+"""Binary masks as COCO RLE: encoding, hashing and pixel counts.
+
+RLE is how masks travel (server responses) and how they are cached; a few hundred bytes for a
+typical object instead of H*W.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+Rle = dict[str, Any]
+"""COCO RLE with `counts` as an ASCII string: {"size": [h, w], "counts": "..."}."""
+
+
+def encode(mask: np.ndarray) -> Rle:
+    m = np.asfortranarray(np.asarray(mask, dtype=np.uint8))
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    rle = mask_utils.encode(m)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode(rle: Rle) -> np.ndarray:
+    """Decode to a boolean (H, W) array; accepts string or bytes counts, and uncompressed RLE."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        obj = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        obj = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(obj).astype(bool)
+
+
+def area(rle: Rle) -> int:
+    obj = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return int(mask_utils.area(obj))
+
+
+def digest(rle: Rle) -> str:
+    """Content hash of a mask; identical masks are verified once."""
+    h = hashlib.sha256(f"{rle['size'][0]}x{rle['size'][1]}|".encode())
+    h.update(rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"]))
+    return h.hexdigest()[:24]
+
+
+def empty(height: int, width: int) -> Rle:
+    return encode(np.zeros((height, width), dtype=bool))
+
+
+def bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight pixel box (x1, y1, x2, y2) with exclusive max edge, or None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)

@@ -1,0 +1,1 @@
+"""Planner, executor and verifier implementations: HTTP clients and in-process simulators."""

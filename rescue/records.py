@@ -1,0 +1,115 @@
+"""Per-sample records: everything evaluation needs, so every N and selector is computed offline.
+
+A record keeps, per candidate, the scores every selector reads and the intersection and union
+pixel counts (not only IoU) so cIoU can be recomputed for any subset. Records are written one
+JSON line per sample as samples finish (crash-safe append), then sorted into `records.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class CandidateRecord:
+    """Hypothesis `index` of a sample after plan, execute and verify.
+
+    A candidate that failed at any stage (`failed_stage` set) is scored as an empty prediction
+    (intersection 0, union = target area) and no selector prefers it over a working one.
+    """
+
+    index: int
+    failed_stage: str | None = None  # "plan" | "execute" | "verify" | None
+    error: str | None = None
+    text: str | None = None
+    box: list[float] | None = None
+    points: list[list[float]] | None = None
+    prompt_key: str | None = None
+    mask_key: str | None = None
+    duplicate_of: int | None = None  # first index with the same mask (verified once)
+    area: int = 0
+    executor_score: float | None = None
+    verifier_score: float | None = None
+    verifier_source: str | None = None
+    consensus: float | None = None  # mean IoU with the other working candidates of the pool
+    intersection: int = 0
+    union: int = 0
+    iou: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_stage is None
+
+
+@dataclass
+class SampleRecord:
+    sample_id: str
+    dataset: str
+    query: str
+    height: int
+    width: int
+    target_area: int
+    simulated: bool
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    error: str | None = None  # the whole sample failed (e.g. corrupt image): no candidates
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SampleRecord:
+        d = dict(d)
+        d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates", [])]
+        return cls(**d)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf; store them as null so every line is standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(record: SampleRecord) -> str:
+    return json.dumps(_clean(record.to_json()), separators=(",", ":"), sort_keys=True)
+
+
+def append(path: Path, record: SampleRecord) -> None:
+    """Append one record as one write of one line, flushed to disk."""
+    line = (dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> Iterator[SampleRecord]:
+    """Records of a JSONL file; a torn last line (killed writer) is skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            yield SampleRecord.from_json(json.loads(line))
+
+
+def write(path: Path, records: Iterable[SampleRecord]) -> None:
+    """Write records sorted by sample id, atomically (tmp file + rename)."""
+    recs = sorted(records, key=lambda r: r.sample_id)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(dumps(r) + "\n")
+    os.replace(tmp, path)

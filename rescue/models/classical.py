@@ -1,0 +1,245 @@
+"""A classical executor: OpenCV GrabCut from a box (and optional points); needs no weights.
+
+It stands in for SAM3 where no GPU or weights exist (the CPU demo, the tests, the SAM server's
+`classical` backend). It reads only the image and the prompt, never the ground truth, so it is
+not simulated: its masks are real (if modest) segmentations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from rescue import masks
+from rescue.hypothesis import Prompt
+from rescue.protocols import Segmentation
+from rescue.sample import Box, Sample
+
+MIN_BOX_PX = 2.0
+"""A box narrower or shorter than this after clipping is degenerate: nothing to segment."""
+
+MIN_GRABCUT_PX = 64
+"""Below this many pixels in the (working-scale) box GrabCut's 5-component GMMs cannot be fit;
+the box itself is returned as the mask instead."""
+
+
+def _clip_box(box: Box, width: int, height: int) -> tuple[float, float, float, float] | None:
+    vals = [float(v) for v in box]
+    if not all(np.isfinite(vals)):
+        return None
+    x1, y1, x2, y2 = vals
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+    if x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+        return None
+    return x1, y1, x2, y2
+
+
+def _points_box(points: Sequence[tuple[float, float]], width: int, height: int) -> Box:
+    """A box around positive points, padded so an object of moderate size fits in it."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    pad = 0.15 * max(width, height)
+    return min(xs) - pad, min(ys) - pad, max(xs) + pad, max(ys) + pad
+
+
+def _error(prompt: Prompt, reason: str) -> Segmentation:
+    return Segmentation(rle=None, error=reason, meta={"prompt": prompt.to_json()})
+
+
+def _separation(work: np.ndarray, fg: np.ndarray) -> float:
+    """How distinct the mask's colours are from a ring of pixels just outside it, in [0, 1).
+
+    d = |mean_fg - mean_ring| / sqrt(var_fg + var_ring + 1) (RGB, variances summed over
+    channels); returned as d / (1 + d). A clean object on a differently coloured background
+    scores near 1; a mask that leaked into texture or covers half of two objects scores low.
+    """
+    k = max(3, 2 * (max(work.shape[:2]) // 40) + 1)
+    ring = cv2.dilate(fg.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool) & ~fg
+    if not fg.any() or not ring.any():
+        return 0.0
+    a = work[fg].astype(np.float64)
+    b = work[ring].astype(np.float64)
+    diff = float(np.linalg.norm(a.mean(0) - b.mean(0)))
+    spread = float(np.sqrt(a.var(0).sum() + b.var(0).sum() + 1.0))
+    d = diff / spread
+    return d / (1.0 + d)
+
+
+def _truncation(fg: np.ndarray, box: tuple[int, int, int, int],
+                crop_shape: tuple[int, int]) -> float:
+    """Fraction of the box's inner border covered by the mask (sides on the image edge excluded).
+
+    A mask that runs along the box edge is likely an object the box cut in half.
+    """
+    x1, y1, x2, y2 = box
+    h, w = crop_shape
+    sides = []
+    if y1 > 0:
+        sides.append(fg[y1, x1:x2])
+    if y2 < h:
+        sides.append(fg[y2 - 1, x1:x2])
+    if x1 > 0:
+        sides.append(fg[y1:y2, x1])
+    if x2 < w:
+        sides.append(fg[y1:y2, x2 - 1])
+    if not sides:
+        return 0.0
+    edge = np.concatenate(sides)
+    return float(edge.mean()) if edge.size else 0.0
+
+
+def _keep_components(fg: np.ndarray, seeds: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The largest connected component plus any component holding a positive point.
+
+    GrabCut often adds specks of similarly coloured texture; a referring target is one blob
+    (or, for points, the blobs the user pointed at).
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return fg
+    keep = {int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1}
+    for x, y in seeds:
+        if 0 <= y < fg.shape[0] and 0 <= x < fg.shape[1] and labels[y, x] > 0:
+            keep.add(int(labels[y, x]))
+    return np.isin(labels, sorted(keep))
+
+
+def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
+                    max_side: int = 512, context: float = 0.25) -> Segmentation:
+    """Segment what `prompt`'s box (or points) outlines with GrabCut.
+
+    The box initialises GrabCut exactly as GC_INIT_WITH_RECT does (outside = sure background,
+    inside = probable foreground), expressed as an initial mask so points can be added: label 1
+    paints a sure-foreground disc, label 0 a sure-background disc. Points without a box get a
+    padded box around the positive points. Only a crop around the box (plus `context` of its
+    size on each side, the local background GrabCut models) is processed, downscaled so its long
+    side is at most `max_side`; the mask is upsampled back to image size.
+
+    Score in [0, 1]: separation × (1 − truncation), where separation measures how distinct
+    the mask's colours are from the ring just outside it (see `_separation`) and truncation is
+    the fraction of the box border the mask runs along. High means "a clean, distinct object
+    that the box encloses": it does not know which object the query meant.
+    """
+    height, width = image.shape[:2]
+    positives = [p for p, lab in zip(prompt.points, prompt.point_labels, strict=False) if lab == 1]
+    if prompt.box is None and not positives:
+        if prompt.points:
+            return _error(prompt, "classical executor needs a box or a positive point; "
+                                  "got only negative points")
+        return _error(prompt, "classical executor needs a box or points; "
+                              f"text-only prompt {prompt.text!r}")
+    raw_box = prompt.box if prompt.box is not None else _points_box(positives, width, height)
+    box = _clip_box(raw_box, width, height)
+    if box is None:
+        return _error(prompt, f"degenerate box after clipping to the {width}x{height} image: "
+                              f"{tuple(round(float(v), 2) for v in raw_box)}")
+
+    bx1, by1, bx2, by2 = box
+    mx, my = context * (bx2 - bx1), context * (by2 - by1)
+    cx1, cy1 = int(max(0, np.floor(bx1 - mx))), int(max(0, np.floor(by1 - my)))
+    cx2, cy2 = int(min(width, np.ceil(bx2 + mx))), int(min(height, np.ceil(by2 + my)))
+    crop = np.ascontiguousarray(image[cy1:cy2, cx1:cx2])
+    ch, cw = crop.shape[:2]
+    scale = min(1.0, max_side / max(ch, cw))
+    if scale < 1.0:
+        work = cv2.resize(crop, (max(1, round(cw * scale)), max(1, round(ch * scale))),
+                          interpolation=cv2.INTER_AREA)
+    else:
+        work = crop
+    wh, ww = work.shape[:2]
+    sx, sy = ww / cw, wh / ch
+
+    # the box in working coordinates, at least one pixel
+    wx1 = min(ww - 1, int(np.floor((bx1 - cx1) * sx)))
+    wy1 = min(wh - 1, int(np.floor((by1 - cy1) * sy)))
+    wx2 = max(wx1 + 1, min(ww, int(np.ceil((bx2 - cx1) * sx))))
+    wy2 = max(wy1 + 1, min(wh, int(np.ceil((by2 - cy1) * sy))))
+
+    init = np.full((wh, ww), cv2.GC_BGD, np.uint8)
+    init[wy1:wy2, wx1:wx2] = cv2.GC_PR_FGD
+    if not (init == cv2.GC_BGD).any():
+        # the box is the whole crop (it fills the image): assume the frame is background
+        init[0, :] = init[-1, :] = init[:, 0] = init[:, -1] = cv2.GC_PR_BGD
+    radius = max(2, round(0.02 * max(wh, ww)))
+    seeds: list[tuple[int, int]] = []
+    for (px, py), lab in zip(prompt.points, prompt.point_labels, strict=False):
+        if not (np.isfinite(px) and np.isfinite(py)):
+            continue
+        x, y = round((px - cx1) * sx), round((py - cy1) * sy)
+        if not (0 <= x < ww and 0 <= y < wh):
+            continue
+        cv2.circle(init, (x, y), radius, cv2.GC_FGD if lab == 1 else cv2.GC_BGD, -1)
+        if lab == 1:
+            seeds.append((x, y))
+
+    n_fg = int(np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD)).sum())
+    n_bg = int(np.isin(init, (cv2.GC_BGD, cv2.GC_PR_BGD)).sum())
+    meta: dict[str, Any] = {"work_size": [wh, ww], "crop": [cx1, cy1, cx2, cy2]}
+    if n_fg < MIN_GRABCUT_PX or n_bg < MIN_GRABCUT_PX:
+        fg = np.zeros((wh, ww), bool)
+        fg[wy1:wy2, wx1:wx2] = True
+        meta["fallback"] = "box too small for GrabCut; mask is the box"
+        score_scale = 0.1
+    else:
+        bgd = np.zeros((1, 65), np.float64)
+        fgd = np.zeros((1, 65), np.float64)
+        cv2.grabCut(work, init, None, bgd, fgd, int(iterations), cv2.GC_INIT_WITH_MASK)
+        fg = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
+        fg = _keep_components(fg, seeds)
+        score_scale = 1.0
+
+    score = score_scale * _separation(work, fg) * (1.0 - _truncation(fg, (wx1, wy1, wx2, wy2),
+                                                                      (wh, ww)))
+    if scale < 1.0 and fg.any():
+        up = cv2.resize(fg.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
+        fg_crop = up >= 0.5
+    else:
+        fg_crop = fg
+    full = np.zeros((height, width), bool)
+    full[cy1:cy2, cx1:cx2] = fg_crop
+    meta["box_fill"] = float(full.sum()) / max(1.0, (bx2 - bx1) * (by2 - by1))
+    return Segmentation(rle=masks.encode(full), score=float(round(score, 6)),
+                        box=masks.bbox(full), meta=meta)
+
+
+class ClassicalExecutor:
+    """Executor protocol over `grabcut_segment`, run in worker threads (OpenCV releases the GIL)."""
+
+    simulated = False
+
+    def __init__(self, iterations: int = 5, max_side: int = 512, max_concurrency: int = 2) -> None:
+        if iterations < 1 or max_side < 8 or max_concurrency < 1:
+            raise ValueError("iterations >= 1, max_side >= 8 and max_concurrency >= 1 required")
+        self.iterations = int(iterations)
+        self.max_side = int(max_side)
+        self.max_concurrency = int(max_concurrency)
+        self._sem: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def identity(self) -> Mapping[str, Any]:
+        return {"backend": "grabcut", "iterations": self.iterations, "max_side": self.max_side,
+                "opencv": cv2.__version__}
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        # one per event loop: a semaphore is bound to the loop it first waits on
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem[0] is not loop:
+            self._sem = (loop, asyncio.Semaphore(self.max_concurrency))
+        return self._sem[1]
+
+    async def _one(self, image: np.ndarray, prompt: Prompt) -> Segmentation:
+        async with self._semaphore():
+            try:
+                return await asyncio.to_thread(grabcut_segment, image, prompt,
+                                               self.iterations, self.max_side)
+            except Exception as exc:  # one bad prompt never fails the others
+                return _error(prompt, f"grabcut failed: {type(exc).__name__}: {exc}")
+
+    async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
+        return list(await asyncio.gather(*(self._one(sample.image, p) for p in prompts)))

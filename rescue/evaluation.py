@@ -1,0 +1,292 @@
+"""Multi-N evaluation of cached records: gIoU and cIoU for every (estimator, selector, N).
+
+Everything is computed from the per-candidate intersection and union counts in the records, so no
+model is called. The work is vectorised: per sample, the expected I, U and IoU of the selected
+candidate are computed once for every (estimator, selector, N); the bootstrap then resamples sample
+indices and reduces all of them in one matrix product.
+
+Accounting, stated once here and in the outputs:
+- A candidate that failed at any stage counts as an empty prediction: I = 0, U = target area.
+- A sample whose whole record failed (`error` set, or no candidates) is not dropped: it scores
+  IoU 0 with I = 0 and U = target area, and is counted in `num_failed_samples`.
+- N larger than every pool is skipped with a warning. A sample whose pool is smaller than N (but
+  not all) is evaluated with its whole pool (N clamped to its M) and counted in `num_short_pools`.
+- cIoU@N = E[ΣI] / E[ΣU]: the selection weights are applied to I and U separately, each summed
+  over samples, then divided (`CIOU_DEFINITION`, also in the table's `attrs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rescue import selection
+from rescue.estimators import Ranking, prefix_select_weights
+from rescue.records import SampleRecord
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("best_of_n", "prefix")
+CIOU_DEFINITION = (
+    "cIoU@N = E[sum I] / E[sum U]: selection weights applied to intersection and union "
+    "separately, each summed over samples, then divided"
+)
+COLUMNS = [
+    "subset", "estimator", "selector", "n", "giou", "ciou", "giou_lo", "giou_hi", "ciou_lo",
+    "ciou_hi", "num_samples", "num_failed_samples", "num_short_pools", "ciou_definition",
+]
+
+
+@dataclass
+class _Pools:
+    """The working samples whose pool has `m` candidates, as (b, m) arrays."""
+
+    rows: np.ndarray
+    inter: np.ndarray
+    union: np.ndarray
+    iou: np.ndarray
+    scores: dict[str, np.ndarray]
+
+
+@dataclass
+class _PerSample:
+    """Expected I, U and IoU of the selected candidate per sample, for each (estimator, sel, N)."""
+
+    keys: list[tuple[str, str, int]]
+    inter: np.ndarray  # (K, S)
+    union: np.ndarray
+    iou: np.ndarray
+    short: np.ndarray  # (K, S) bool: the sample's pool is smaller than N
+    failed: np.ndarray  # (S,) bool
+    pool_size: np.ndarray  # (S,) int
+
+
+def _check_names(selectors: Sequence[str], estimators: Sequence[str]) -> None:
+    for name in selectors:
+        selection.get(name)
+    for name in estimators:
+        if name not in ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}"
+            )
+
+
+def _check_records(records: Sequence[SampleRecord]) -> None:
+    if not records:
+        raise ValueError("no records to evaluate")
+    dup = [k for k, v in Counter(r.sample_id for r in records).items() if v > 1]
+    if dup:
+        raise ValueError(f"{len(dup)} sample ids occur more than once, e.g. {dup[:3]}")
+
+
+def _sample_failed(r: SampleRecord) -> bool:
+    return r.error is not None or not r.candidates
+
+
+def _pools(records: Sequence[SampleRecord], selectors: Sequence[str], seed: int) -> list[_Pools]:
+    by_m: dict[int, list[int]] = {}
+    for row, r in enumerate(records):
+        if not _sample_failed(r):
+            by_m.setdefault(len(r.candidates), []).append(row)
+    out = []
+    for m, rows in sorted(by_m.items()):
+        inter = np.zeros((len(rows), m))
+        union = np.zeros((len(rows), m))
+        scores = {s: np.empty((len(rows), m)) for s in selectors}
+        for b, row in enumerate(rows):
+            r = records[row]
+            for k, c in enumerate(r.candidates):
+                if c.ok:
+                    inter[b, k], union[b, k] = c.intersection, c.union
+                else:
+                    union[b, k] = r.target_area  # an empty prediction
+            for s in selectors:
+                scores[s][b] = selection.scores(s, r.candidates, key=r.sample_id, seed=seed)
+        iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+        out.append(_Pools(np.asarray(rows), inter, union, iou, scores))
+    return out
+
+
+def _per_sample(
+    records: Sequence[SampleRecord],
+    n_grid: Sequence[int],
+    selectors: Sequence[str],
+    estimators: Sequence[str],
+    seed: int,
+) -> _PerSample:
+    s_count = len(records)
+    failed = np.array([_sample_failed(r) for r in records])
+    pool_size = np.array([0 if _sample_failed(r) else len(r.candidates) for r in records])
+    target = np.array([float(r.target_area) for r in records])
+    keys = [(e, s, n) for e in estimators for s in selectors for n in n_grid]
+    pos = {k: i for i, k in enumerate(keys)}
+    inter = np.zeros((len(keys), s_count))
+    union = np.tile(target, (len(keys), 1))  # failed samples keep I = 0, U = target area
+    iou = np.zeros((len(keys), s_count))
+    short = np.zeros((len(keys), s_count), dtype=bool)
+    for pools in _pools(records, selectors, seed):
+        m = pools.inter.shape[1]
+        for s in selectors:
+            ranking = Ranking.of(pools.scores[s]) if "best_of_n" in estimators else None
+            for n in n_grid:
+                nn = min(n, m)
+                for e in estimators:
+                    if e == "best_of_n":
+                        w = ranking.best_of_n(nn)
+                    else:
+                        w = prefix_select_weights(pools.scores[s], nn)
+                    k = pos[(e, s, n)]
+                    inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
+                    union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
+                    iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
+                    short[k, pools.rows] = n > m
+    return _PerSample(keys, inter, union, iou, short, failed, pool_size)
+
+
+def _resample_counts(rng: np.random.Generator, size: int, draws: int) -> np.ndarray:
+    """(draws, size): how often each sample appears in each bootstrap resample."""
+    idx = rng.integers(0, size, size=(draws, size)) + size * np.arange(draws)[:, None]
+    return np.bincount(idx.ravel(), minlength=draws * size).reshape(draws, size).astype(float)
+
+
+def _ratio(i: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return np.divide(i, u, out=np.ones_like(i), where=u > 0)
+
+
+def _usable_n(n_grid: Sequence[int], records: Sequence[SampleRecord]) -> list[int]:
+    grid = sorted(set(int(n) for n in n_grid))
+    if not grid or grid[0] < 1:
+        raise ValueError(f"n_grid must hold integers >= 1, got {list(n_grid)}")
+    max_m = max((len(r.candidates) for r in records if not _sample_failed(r)), default=0)
+    skipped = [n for n in grid if n > max_m]
+    if skipped:
+        log.warning("skipping N=%s: larger than every pool (largest M=%d)", skipped, max_m)
+    return [n for n in grid if n <= max_m]
+
+
+def subsets(records: Sequence[SampleRecord], by_tag: bool = True) -> dict[str, np.ndarray]:
+    """Sample positions per reported subset: "all", then one per tag (e.g. ReasonSeg long/short)."""
+    out = {"all": np.arange(len(records))}
+    if by_tag:
+        for tag in sorted({t for r in records for t in r.tags}):
+            out[tag] = np.array([i for i, r in enumerate(records) if tag in r.tags])
+    return out
+
+
+def evaluate(
+    records: Sequence[SampleRecord],
+    n_grid: Sequence[int],
+    selectors: Sequence[str],
+    estimators: Sequence[str] = ESTIMATORS,
+    bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    by_tag: bool = True,
+) -> pd.DataFrame:
+    """One row per (subset, estimator, selector, N) with gIoU, cIoU and bootstrap intervals.
+
+    Failed samples count as IoU 0 (I = 0, U = target area), never dropped; see the module doc for
+    the rest of the accounting. cIoU@N = E[ΣI] / E[ΣU]. Intervals are percentile bootstraps over
+    samples (`bootstrap` resamples, the same resamples for every row so rows compare paired);
+    NaN when `bootstrap` is 0. `seed` fixes both the random selector and the resamples.
+    """
+    _check_records(records)
+    _check_names(selectors, estimators)
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    grid = _usable_n(n_grid, records)
+    ps = _per_sample(records, grid, list(selectors), list(estimators), seed)
+    rng = np.random.default_rng(seed)
+    q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
+    rows = []
+    for name, idx in subsets(records, by_tag).items():
+        size = len(idx)
+        inter, union, iou = ps.inter[:, idx], ps.union[:, idx], ps.iou[:, idx]
+        giou = iou.mean(axis=1)
+        ciou = _ratio(inter.sum(axis=1), union.sum(axis=1))
+        if bootstrap > 0:
+            counts = _resample_counts(rng, size, bootstrap)
+            g_lo, g_hi = np.quantile(counts @ iou.T / size, q, axis=0)
+            c_lo, c_hi = np.quantile(_ratio(counts @ inter.T, counts @ union.T), q, axis=0)
+        else:
+            g_lo = g_hi = c_lo = c_hi = np.full(len(ps.keys), np.nan)
+        n_failed = int(ps.failed[idx].sum())
+        n_short = ps.short[:, idx].sum(axis=1)
+        for k, (e, s, n) in enumerate(ps.keys):
+            rows.append((name, e, s, n, giou[k], ciou[k], g_lo[k], g_hi[k], c_lo[k], c_hi[k],
+                         size, n_failed, int(n_short[k]), CIOU_DEFINITION))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.attrs.update(
+        ciou_definition=CIOU_DEFINITION,
+        bootstrap=bootstrap,
+        ci=ci,
+        seed=seed,
+        simulated=any(r.simulated for r in records),
+    )
+    return df
+
+
+def per_sample_table(
+    records: Sequence[SampleRecord],
+    n: int,
+    selector: str,
+    estimator: str = "best_of_n",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Expected I, U and IoU of the selected candidate for every sample, for slicing.
+
+    Columns: sample_id, dataset, tags, failed, pool_size, target_area, expected_intersection,
+    expected_union, expected_iou. Same accounting as `evaluate` (N clamped to short pools).
+    """
+    _check_records(records)
+    _check_names([selector], [estimator])
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}")
+    ps = _per_sample(records, [n], [selector], [estimator], seed)
+    return pd.DataFrame({
+        "sample_id": [r.sample_id for r in records],
+        "dataset": [r.dataset for r in records],
+        "tags": [list(r.tags) for r in records],
+        "failed": ps.failed,
+        "pool_size": ps.pool_size,
+        "target_area": [r.target_area for r in records],
+        "expected_intersection": ps.inter[0],
+        "expected_union": ps.union[0],
+        "expected_iou": ps.iou[0],
+    })
+
+
+def _reason(error: str | None) -> str:
+    """The stable head of an error message ("TimeoutError: after 30 s" → "TimeoutError")."""
+    head = (error or "").split(":", 1)[0].strip()
+    return head[:80] or "unknown"
+
+
+def failure_summary(records: Sequence[SampleRecord]) -> dict:
+    """Failed samples and candidates, counted by stage and by reason (the error's prefix)."""
+    by_stage: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    sample_errors: Counter[str] = Counter()
+    candidates = 0
+    for r in records:
+        if r.error is not None:
+            sample_errors[_reason(r.error)] += 1
+        for c in r.candidates:
+            candidates += 1
+            if not c.ok:
+                by_stage[c.failed_stage] += 1
+                by_reason[f"{c.failed_stage}: {_reason(c.error)}"] += 1
+    return {
+        "samples": len(records),
+        "failed_samples": sum(_sample_failed(r) for r in records),
+        "sample_errors": dict(sample_errors.most_common()),
+        "candidates": candidates,
+        "failed_candidates": sum(by_stage.values()),
+        "by_stage": dict(by_stage.most_common()),
+        "by_reason": dict(by_reason.most_common()),
+    }

@@ -1,0 +1,127 @@
+"""Selectors: a score per candidate of one sample's pool; higher is preferred.
+
+Every selector gives failed candidates (any `failed_stage`) -inf, so a working candidate always
+wins over a failed one; among failed ones the tie is shared (they all count as an empty
+prediction anyway). A working candidate that lacks the score a selector reads (e.g. an executor
+that reports no confidence) gets `UNSCORED`: below every scored candidate, above failed ones,
+tied with the other unscored ones. A duplicate mask that was verified once (`duplicate_of`)
+inherits the score of the candidate it duplicates.
+
+Selectors see the whole pool. `consensus` in particular is pool-level: each candidate's mean IoU
+with the other working candidates of all M, computed once by the pipeline. A deployed system with
+budget N would compute it within its N candidates, which differs slightly; the exact best-of-N
+estimator needs scores that do not depend on the subset (see `estimators.monte_carlo_best_of_n`
+for subset-dependent selectors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from rescue.records import CandidateRecord
+
+UNSCORED = float(np.finfo(float).min)
+"""Score of a working candidate without the selector's score: last among the working ones."""
+
+Selector = Callable[..., np.ndarray]
+"""(candidates, *, key: str, seed: int) -> float scores, one per candidate, in pool order."""
+
+
+def _field_scores(candidates: Sequence[CandidateRecord], field: str) -> np.ndarray:
+    by_index = {c.index: c for c in candidates}
+    out = np.empty(len(candidates))
+    for k, c in enumerate(candidates):
+        if not c.ok:
+            out[k] = -np.inf
+            continue
+        value = getattr(c, field)
+        if value is None and c.duplicate_of is not None and c.duplicate_of in by_index:
+            value = getattr(by_index[c.duplicate_of], field)
+        out[k] = UNSCORED if value is None or not np.isfinite(value) else float(value)
+    return out
+
+
+def verifier(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """The verifier VLM's score of each candidate mask."""
+    return _field_scores(candidates, "verifier_score")
+
+
+def executor(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """The executor's own confidence (SAM3's mask score)."""
+    return _field_scores(candidates, "executor_score")
+
+
+def consensus(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """Pool-level mask consensus: mean IoU with the other working candidates (no model needed).
+
+    A lone working candidate (no other to agree with) has consensus None → 0.0, not UNSCORED.
+    """
+    s = _field_scores(candidates, "consensus")
+    s[s == UNSCORED] = 0.0
+    return s
+
+
+def first(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """The lowest hypothesis index wins: no selection, what a budget of one would give."""
+    return np.array([-float(c.index) if c.ok else -np.inf for c in candidates])
+
+
+def random(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """A random order of the working candidates, fixed by (seed, key) so reruns agree.
+
+    `key` is the sample id: each sample gets its own permutation, independent of record order.
+    """
+    digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    s = rng.permutation(len(candidates)).astype(float)
+    s[[not c.ok for c in candidates]] = -np.inf
+    return s
+
+
+def oracle(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
+    """True IoU with the ground truth: the upper bound of any selector."""
+    return np.array([float(c.iou) if c.ok else -np.inf for c in candidates])
+
+
+SELECTORS: dict[str, Selector] = {
+    "verifier": verifier,
+    "executor": executor,
+    "consensus": consensus,
+    "first": first,
+    "random": random,
+    "oracle": oracle,
+}
+
+
+def get(name: str) -> Selector:
+    try:
+        return SELECTORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown selector {name!r}; valid selectors: {', '.join(SELECTORS)}"
+        ) from None
+
+
+def scores(
+    name: str, candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0
+) -> np.ndarray:
+    """Scores of `candidates` under the selector called `name`."""
+    return get(name)(candidates, key=key, seed=seed)
+
+
+def select(
+    name: str, candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0
+) -> int | None:
+    """Position in `candidates` of the selector's pick over the whole pool (the single answer).
+
+    Ties go to the earliest candidate, so the answer is deterministic. None when the pool is
+    empty or every candidate failed.
+    """
+    if not candidates:
+        return None
+    s = scores(name, candidates, key=key, seed=seed)
+    best = int(np.argmax(np.where(np.isnan(s), -np.inf, s)))
+    return best if candidates[best].ok else None

@@ -20,8 +20,8 @@ from typing import Any
 class CandidateRecord:
     """Hypothesis `index` of a sample after plan, execute and verify.
 
-    A candidate that failed at any stage (`failed_stage` set) is scored as an empty prediction
-    (intersection 0, union = target area) and no selector prefers it over a working one.
+    A candidate without a mask (failed at plan or execute) is scored as an empty prediction
+    (intersection 0, union = target area) and no selector prefers it over one with a mask.
     """
 
     index: int
@@ -30,6 +30,7 @@ class CandidateRecord:
     text: str | None = None
     box: list[float] | None = None
     points: list[list[float]] | None = None
+    point_labels: list[int] | None = None
     prompt_key: str | None = None
     mask_key: str | None = None
     duplicate_of: int | None = None  # first index with the same mask (verified once)
@@ -44,7 +45,9 @@ class CandidateRecord:
 
     @property
     def ok(self) -> bool:
-        return self.failed_stage is None
+        """The candidate has a mask. A failed verification leaves the mask usable by every
+        selector but the verifier's, which ranks it below every scored candidate."""
+        return self.failed_stage not in ("plan", "execute")
 
 
 @dataclass

@@ -1,0 +1,352 @@
+"""plan → execute → verify for every sample, through the cache, with bounded concurrency.
+
+The pipeline owns the cache keys (what a model's answer depends on) and the dedupe rules:
+identical prompts are executed once and identical masks verified once per sample, while every
+hypothesis index keeps its own candidate record, duplicates included, so best-of-N is unbiased.
+
+Failures never stop a run. A model's answer, even a malformed one, is cached (asking again with
+the same seed gives the same answer); a transport failure that survived the client's retries is
+recorded on the candidate and not cached, so a resumed run retries exactly what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from rescue import masks, records
+from rescue.cache import Cache, make_key
+from rescue.datasets.base import Dataset, SampleError
+from rescue.hypothesis import Hypothesis, Prompt
+from rescue.metrics import iou, iou_counts
+from rescue.progress import StageBars
+from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
+from rescue.records import CandidateRecord, SampleRecord
+from rescue.sample import Sample
+
+
+@dataclass
+class CallStats:
+    """What the run asked of each model, and what the cache and dedupe saved.
+
+    `requests` counts calls into a model client (one plan call may carry n hypotheses, one
+    execute call all prompts of an image); `items` counts the hypotheses, prompts and masks
+    computed by a model; `cached` those served from the cache; `deduped` those skipped because
+    an identical prompt or mask of the same sample was already handled.
+    """
+
+    requests: Counter[str] = field(default_factory=Counter)
+    items: Counter[str] = field(default_factory=Counter)
+    cached: Counter[str] = field(default_factory=Counter)
+    deduped: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    samples: int = 0
+    failed_samples: int = 0
+
+    @property
+    def model_calls(self) -> int:
+        return sum(self.requests.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "failed_samples": self.failed_samples,
+                "model_calls": self.model_calls,
+                **{name: dict(getattr(self, name)) for name in
+                   ("requests", "items", "cached", "deduped", "failures")}}
+
+
+def _runs(indices: Sequence[int]) -> list[list[int]]:
+    """Split sorted indices into contiguous runs (one planner request each: seeds base+i..)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _truth_digest(sample: Sample) -> str:
+    return make_key({"gt": masks.digest(masks.encode(sample.gt.astype(np.uint8)))})
+
+
+class Pipeline:
+    """Runs the three stages for a set of samples and returns one `SampleRecord` each."""
+
+    def __init__(self, planner: Planner, executor: Executor, verifier: Verifier, cache: Cache, *,
+                 max_n: int, samples_in_flight: int = 8, progress: bool = True) -> None:
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        self.planner, self.executor, self.verifier = planner, executor, verifier
+        self.cache = cache
+        self.max_n = max_n
+        self.samples_in_flight = samples_in_flight
+        self.progress = progress
+        self.stats = CallStats()
+        self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
+                     "verifier": dict(verifier.identity())}
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.planner.simulated or self.executor.simulated or self.verifier.simulated)
+
+    # -- cache keys: everything that can change an answer ------------------------------------
+    def _key(self, role: str, model: Any, sample: Sample, **fields: Any) -> str:
+        base = {"role": role, "model": self._ids[role], "image": sample.image_sha256, **fields}
+        if model.simulated:  # a simulator reads the truth: the truth is an input
+            base["truth"] = _truth_digest(sample)
+        return make_key(base)
+
+    def plan_key(self, sample: Sample, index: int) -> str:
+        return self._key("planner", self.planner, sample, query=sample.query, index=index)
+
+    def execute_key(self, sample: Sample, prompt: Prompt) -> str:
+        return self._key("executor", self.executor, sample, prompt=prompt.to_json())
+
+    def verify_key(self, sample: Sample, mask_digest: str) -> str:
+        return self._key("verifier", self.verifier, sample, query=sample.query, mask=mask_digest)
+
+    # -- stages -------------------------------------------------------------------------------
+    async def _plan(self, sample: Sample) -> list[Hypothesis]:
+        found: dict[int, Hypothesis] = {}
+        missing: list[int] = []
+        for i in range(self.max_n):
+            hit = self.cache.require("plan", self.plan_key(sample, i),
+                                     f"hypothesis {i} of sample {sample.sample_id!r}")
+            if hit is None:
+                missing.append(i)
+            else:
+                found[i] = Hypothesis.from_json(hit)
+        self.stats.cached["plan"] += len(found)
+        self._bars.update("plan", len(found))
+        for run in _runs(missing):
+            self.stats.requests["plan"] += 1
+            try:
+                hyps = await self.planner.plan(sample, run)
+                if [h.index for h in hyps] != run:
+                    raise RuntimeError(f"planner returned indices {[h.index for h in hyps]}, "
+                                       f"asked for {run}")
+            except Exception as exc:  # transport failure after retries: record, do not cache
+                self.stats.failures["plan"] += len(run)
+                for i in run:
+                    found[i] = Hypothesis.invalid(i, "", f"request:{type(exc).__name__}: {exc}",
+                                                  transient=True)
+            else:
+                for h in hyps:
+                    self.cache.put("plan", self.plan_key(sample, h.index), h.to_json(),
+                                   f"{sample.sample_id}#{h.index}")
+                    found[h.index] = h
+                self.stats.items["plan"] += len(hyps)
+            self._bars.update("plan", len(run))
+        return [found[i] for i in range(self.max_n)]
+
+    async def _execute(self, sample: Sample, prompts: Iterable[Prompt]) -> dict[str, Segmentation]:
+        results: dict[str, Segmentation] = {}
+        missing: list[Prompt] = []
+        for p in prompts:
+            hit = self.cache.require("execute", self.execute_key(sample, p),
+                                     f"mask for prompt {p.to_json()} of sample {sample.sample_id!r}")
+            if hit is None:
+                missing.append(p)
+            else:
+                results[p.key] = Segmentation.from_json(hit)
+        self.stats.cached["execute"] += len(results)
+        self._bars.update("execute", len(results))
+        if missing:
+            self.stats.requests["execute"] += 1
+            try:
+                segs = await self.executor.segment(sample, missing)
+                if len(segs) != len(missing):
+                    raise RuntimeError(f"executor returned {len(segs)} results for "
+                                       f"{len(missing)} prompts")
+            except Exception as exc:
+                self.stats.failures["execute"] += len(missing)
+                for p in missing:
+                    results[p.key] = Segmentation(
+                        rle=None, error=f"request:{type(exc).__name__}: {exc}",
+                        meta={"transient": True})
+            else:
+                for p, seg in zip(missing, segs, strict=True):
+                    self.cache.put("execute", self.execute_key(sample, p), seg.to_json(),
+                                   f"{sample.sample_id} {p.key}")
+                    results[p.key] = seg
+                self.stats.items["execute"] += len(missing)
+            self._bars.update("execute", len(missing))
+        return results
+
+    async def _verify_one(self, sample: Sample, digest: str, mask: np.ndarray) -> Verdict:
+        key = self.verify_key(sample, digest)
+        hit = self.cache.require("verify", key, f"verdict on mask {digest} of sample "
+                                                f"{sample.sample_id!r}")
+        if hit is not None:
+            self.stats.cached["verify"] += 1
+            self._bars.update("verify")
+            return Verdict.from_json(hit)
+        self.stats.requests["verify"] += 1
+        try:
+            verdict = await self.verifier.verify(sample, mask)
+        except Exception as exc:
+            self.stats.failures["verify"] += 1
+            verdict = Verdict(score=None, error=f"request:{type(exc).__name__}: {exc}",
+                              meta={"transient": True})
+        else:
+            self.cache.put("verify", key, verdict.to_json(), f"{sample.sample_id} {digest}")
+            self.stats.items["verify"] += 1
+        self._bars.update("verify")
+        return verdict
+
+    # -- one sample ---------------------------------------------------------------------------
+    async def process(self, sample: Sample) -> SampleRecord:
+        hyps = await self._plan(sample)
+        valid = [h for h in hyps if h.valid]
+        unique_prompts = {h.prompt.key: h.prompt for h in valid if h.prompt is not None}
+        self.stats.deduped["execute"] += len(valid) - len(unique_prompts)
+        self._bars.grow("execute", len(unique_prompts))
+        segs = await self._execute(sample, unique_prompts.values())
+
+        decoded: dict[str, np.ndarray] = {}  # mask digest -> mask
+        rle_of: dict[str, masks.Rle] = {}
+        digest_of: dict[str, str] = {}  # prompt key -> mask digest
+        for pkey, seg in segs.items():
+            if seg.ok and seg.rle is not None:
+                d = masks.digest(seg.rle)
+                digest_of[pkey] = d
+                if d not in decoded:
+                    m = masks.decode(seg.rle)
+                    if m.shape != sample.gt.shape:
+                        digest_of.pop(pkey)
+                        segs[pkey] = Segmentation(rle=None, error=(
+                            f"execute:bad_mask_shape {m.shape} != image {sample.gt.shape}"))
+                        continue
+                    decoded[d], rle_of[d] = m, seg.rle
+        self.stats.deduped["verify"] += sum(1 for h in valid if h.prompt.key in digest_of) - len(decoded)
+        self._bars.grow("verify", len(decoded))
+        verdict_list = await asyncio.gather(
+            *(self._verify_one(sample, d, m) for d, m in decoded.items()))
+        verdicts = dict(zip(decoded, verdict_list, strict=True))
+        return self._record(sample, hyps, segs, digest_of, decoded, rle_of, verdicts)
+
+    def _record(self, sample: Sample, hyps: Sequence[Hypothesis],
+                segs: Mapping[str, Segmentation], digest_of: Mapping[str, str],
+                decoded: Mapping[str, np.ndarray], rle_of: Mapping[str, masks.Rle],
+                verdicts: Mapping[str, Verdict]) -> SampleRecord:
+        target_area = int(sample.target.sum())
+        counts = {d: iou_counts(m, sample.gt) for d, m in decoded.items()}
+        consensus = _consensus(hyps, digest_of, rle_of)
+        first_index: dict[str, int] = {}
+        cands: list[CandidateRecord] = []
+        for h in hyps:
+            c = CandidateRecord(index=h.index, intersection=0, union=target_area,
+                                iou=iou(0, target_area))
+            if h.prompt is not None:
+                pj = h.prompt.to_json()
+                c.text, c.box = pj.get("text"), pj.get("box")
+                c.points, c.point_labels = pj.get("points"), pj.get("point_labels")
+                c.prompt_key = h.prompt.key
+            if not h.valid:
+                c.failed_stage, c.error = "plan", h.error or "plan:empty_prompt"
+                cands.append(c)
+                continue
+            seg = segs[h.prompt.key]
+            c.executor_score = seg.score
+            d = digest_of.get(h.prompt.key)
+            if d is None:
+                c.failed_stage, c.error = "execute", seg.error or "execute:no_mask"
+                cands.append(c)
+                continue
+            c.mask_key, c.area = d, int(decoded[d].sum())
+            c.duplicate_of = first_index.setdefault(d, h.index)
+            if c.duplicate_of == h.index:
+                c.duplicate_of = None
+            c.intersection, c.union = counts[d]
+            c.iou = iou(*counts[d])
+            c.consensus = consensus.get(h.index)
+            v = verdicts[d]
+            c.verifier_score, c.verifier_source = v.score, v.source or None
+            if not v.ok:
+                c.failed_stage, c.error = "verify", v.error or "verify:no_score"
+            cands.append(c)
+        return SampleRecord(sample_id=sample.sample_id, dataset=sample.dataset, query=sample.query,
+                            height=sample.height, width=sample.width, target_area=target_area,
+                            simulated=self.simulated, candidates=cands, tags=list(sample.tags))
+
+    # -- many samples -------------------------------------------------------------------------
+    async def run(self, dataset: Dataset, sample_ids: Sequence[str],
+                  partial: Path | None = None,
+                  on_record: Callable[[SampleRecord], None] | None = None) -> list[SampleRecord]:
+        """Process `sample_ids`; each finished record is appended to `partial` (crash-safe)."""
+        sem = asyncio.Semaphore(self.samples_in_flight)
+        self._bars = StageBars(enabled=self.progress, plan_total=len(sample_ids) * self.max_n)
+        out: list[SampleRecord] = []
+
+        async def one(sid: str) -> None:
+            async with sem:
+                try:
+                    sample = await asyncio.to_thread(dataset.load, sid)
+                except SampleError as exc:
+                    rec = SampleRecord(sample_id=sid, dataset=dataset.name, query="", height=0,
+                                       width=0, target_area=0, simulated=self.simulated,
+                                       error=f"load:{exc}")
+                    self.stats.failed_samples += 1
+                    self._bars.update("plan", self.max_n)
+                else:
+                    rec = await self.process(sample)
+                self.stats.samples += 1
+                if partial is not None:
+                    records.append(partial, rec)
+                if on_record is not None:
+                    on_record(rec)
+                out.append(rec)
+
+        try:
+            await asyncio.gather(*(one(s) for s in sample_ids))
+        finally:
+            self._bars.close()
+        return sorted(out, key=lambda r: r.sample_id)
+
+    def masks_of(self, sample: Sample, record: SampleRecord) -> dict[int, np.ndarray]:
+        """Candidate masks of a record, read back from the execute cache (for overlays)."""
+        out: dict[int, np.ndarray] = {}
+        for c in record.candidates:
+            if c.mask_key is None:
+                continue
+            prompt = Prompt.from_json({"text": c.text, "box": c.box, "points": c.points or [],
+                                       "point_labels": c.point_labels or []})
+            hit = self.cache.get("execute", self.execute_key(sample, prompt))
+            if hit is not None and hit.get("rle") is not None:
+                out[c.index] = masks.decode(hit["rle"])
+        return out
+
+
+def _consensus(hyps: Sequence[Hypothesis], digest_of: Mapping[str, str],
+               rle_of: Mapping[str, masks.Rle]) -> dict[int, float]:
+    """Mean IoU of each working candidate with the pool's other working candidates.
+
+    Duplicates count as separate candidates: a mask proposed k times gets k-1 votes of IoU 1,
+    which is the point of voting.
+    """
+    owners = [(h.index, digest_of[h.prompt.key]) for h in hyps
+              if h.valid and h.prompt is not None and h.prompt.key in digest_of]
+    if len(owners) < 2:
+        return {i: 0.0 for i, _ in owners}
+    uniq = list(dict.fromkeys(d for _, d in owners))
+    coco = [{"size": rle_of[d]["size"], "counts": rle_of[d]["counts"].encode("ascii")}
+            for d in uniq]
+    pair = np.asarray(mask_utils.iou(coco, coco, [0] * len(coco)), dtype=float).reshape(
+        len(uniq), len(uniq))
+    empty = [masks.area(rle_of[d]) == 0 for d in uniq]
+    for a, ea in enumerate(empty):  # LISA: two empty masks agree perfectly
+        for b, eb in enumerate(empty):
+            if ea and eb:
+                pair[a, b] = 1.0
+    pos = {d: k for k, d in enumerate(uniq)}
+    idx = np.array([pos[d] for _, d in owners])
+    sims = pair[np.ix_(idx, idx)]
+    totals = (sims.sum(axis=1) - np.diag(sims)) / (len(owners) - 1)
+    return {i: float(t) for (i, _), t in zip(owners, totals, strict=True)}

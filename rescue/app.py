@@ -1,0 +1,195 @@
+"""From a composed Hydra config to a finished run directory.
+
+`run.py` hands the config here; each `mode` is one function. A run directory holds
+`records.jsonl` (every candidate of every sample), `metrics.csv`/`metrics.md` (every selector
+and N), `stats.json` (every model call, cache hit and dedupe), plots and overlays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rescue import records, selection
+from rescue.cache import Cache
+from rescue.datasets.base import Dataset
+from rescue.datasets.subset import select_ids
+from rescue.evaluation import evaluate
+from rescue.pipeline import Pipeline
+from rescue.protocols import aclose, preflight
+from rescue.records import SampleRecord
+
+log = logging.getLogger("rescue")
+
+
+class PreflightError(RuntimeError):
+    """An endpoint is down, slow, or serves another model; one line per problem."""
+
+
+@dataclass
+class Models:
+    planner: Any
+    executor: Any
+    verifier: Any
+
+    def all(self) -> dict[str, Any]:
+        return {"planner": self.planner, "executor": self.executor, "verifier": self.verifier}
+
+
+def build_models(cfg: DictConfig) -> Models:
+    return Models(planner=instantiate(cfg.planner), executor=instantiate(cfg.executor),
+                  verifier=instantiate(cfg.verifier))
+
+
+async def check_endpoints(models: Models) -> None:
+    results = await asyncio.gather(*(preflight(m) for m in models.all().values()))
+    problems = [f"{role}: {p}" for role, ps in zip(models.all(), results, strict=True) for p in ps]
+    if problems:
+        raise PreflightError("preflight failed:\n  " + "\n  ".join(problems))
+
+
+def n_values(cfg: DictConfig) -> list[int]:
+    grid = sorted({int(n) for n in cfg.n_grid})
+    bad = [n for n in grid if n < 1 or n > cfg.max_n]
+    if bad:
+        raise ValueError(f"n_grid values {bad} are outside 1..max_n={cfg.max_n}")
+    return grid
+
+
+def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord]) -> pd.DataFrame:
+    sel = cfg.selection
+    return evaluate(recs, n_values(cfg), list(sel.selectors), estimators=list(sel.estimators),
+                    bootstrap=int(sel.bootstrap), ci=float(sel.ci), seed=int(cfg.seed))
+
+
+async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,
+                    cache: Cache) -> tuple[list[SampleRecord], Pipeline]:
+    models = build_models(cfg)
+    try:
+        if not cfg.offline:
+            await check_endpoints(models)
+        pipe = Pipeline(models.planner, models.executor, models.verifier, cache,
+                        max_n=int(cfg.max_n),
+                        samples_in_flight=int(cfg.pipeline.samples_in_flight),
+                        progress=bool(cfg.pipeline.progress))
+        partial = out_dir / "records.partial.jsonl"
+        partial.unlink(missing_ok=True)
+        recs = await pipe.run(dataset, ids, partial=partial)
+        return recs, pipe
+    finally:
+        for m in models.all().values():
+            await aclose(m)
+
+
+def overlay_items(cfg: DictConfig, dataset: Dataset, pipe: Pipeline,
+                  recs: Sequence[SampleRecord]) -> list[Any]:
+    """A few samples drawn with their candidates (the primary selector's pick marked)."""
+    from rescue.reporting.overlays import OverlayItem
+
+    items = []
+    for rec in [r for r in recs if r.candidates][: int(cfg.report.overlays)]:
+        sample = dataset.load(rec.sample_id)
+        pos = selection.select(cfg.selection.primary, rec.candidates, key=rec.sample_id,
+                               seed=int(cfg.seed))
+        selected = rec.candidates[pos].index if pos is not None else None
+        items.append(OverlayItem(sample=sample, record=rec, masks=pipe.masks_of(sample, rec),
+                                 selected=selected))
+    return items
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Generate (or read back from the cache) every candidate, then evaluate and report."""
+    from rescue.reporting import write_report
+
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_values(cfg)  # fail before any model call on a bad grid
+    dataset: Dataset = instantiate(cfg.dataset)
+    ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
+                     shard=int(cfg.subset.shard), num_shards=int(cfg.subset.num_shards),
+                     seed=int(cfg.subset.seed))
+    log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
+    cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
+    t0 = time.perf_counter()
+    recs, pipe = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
+    gen_s = time.perf_counter() - t0
+    records.write(out_dir / "records.jsonl", recs)
+    (out_dir / "records.partial.jsonl").unlink(missing_ok=True)
+    stats = {"generation_seconds": round(gen_s, 3), "calls": pipe.stats.to_json(),
+             "cache": cache.stats(), "simulated": pipe.simulated,
+             "models": {k: dict(v) for k, v in pipe._ids.items()}}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
+    metrics = evaluate_records(cfg, recs)
+    items = overlay_items(cfg, dataset, pipe, recs) if int(cfg.report.overlays) > 0 else []
+    paths = write_report(out_dir, recs, metrics, items, simulated=pipe.simulated,
+                         primary=str(cfg.selection.primary))
+    _log_to_logger(cfg, metrics, paths, stats, simulated=pipe.simulated)
+    log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
+             out_dir)
+    return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths}
+
+
+def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path],
+                   stats: dict[str, Any], *, simulated: bool) -> None:
+    from rescue.reporting.tables import summary
+
+    logger = instantiate(cfg.logger)
+    tags = [str(cfg.task_name)] + (["simulated"] if simulated else [])
+    logger.start(OmegaConf.to_container(cfg, resolve=True), name=str(cfg.task_name), tags=tags)
+    try:
+        logger.log_metrics(metrics)
+        logger.log_images({k: v for k, v in paths.items() if str(v).endswith(".png")})
+        logger.log_summary({**summary(metrics, primary=str(cfg.selection.primary)),
+                            "model_calls": stats["calls"]["model_calls"]})
+    finally:
+        logger.finish()
+
+
+def evaluate_only(cfg: DictConfig) -> dict[str, Any]:
+    """Recompute metrics from an existing run's records (`records_from=<run dir>`)."""
+    from rescue.reporting import write_report
+
+    src = Path(cfg.records_from) / "records.jsonl"
+    if not src.is_file():
+        raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
+    recs = list(records.read(src))
+    out_dir = Path(cfg.paths.output_dir)
+    metrics = evaluate_records(cfg, recs)
+    simulated = any(r.simulated for r in recs)
+    paths = write_report(out_dir, recs, metrics, [], simulated=simulated,
+                         primary=str(cfg.selection.primary))
+    return {"records": recs, "metrics": metrics, "paths": paths}
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Dispatch on `cfg.mode`; returns the primary selector's gIoU at max N (for sweepers)."""
+    mode = str(cfg.mode)
+    if mode == "run":
+        result = run(cfg)
+    elif mode == "evaluate":
+        result = evaluate_only(cfg)
+    elif mode == "infer":
+        from rescue.infer import main as infer_main
+
+        return infer_main(cfg)
+    elif mode == "merge":
+        from rescue.merge import main as merge_main
+
+        return merge_main(cfg)
+    else:
+        raise ValueError(f"unknown mode={mode!r}; valid modes: run, evaluate, infer, merge")
+    m = result["metrics"]
+    head = m[(m.selector == cfg.selection.primary) & (m.estimator == "best_of_n")]
+    if "subset" in head:
+        head = head[head.subset == "all"]
+    return float(head.sort_values("n").giou.iloc[-1]) if len(head) else None

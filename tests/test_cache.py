@@ -1,0 +1,81 @@
+"""The cache: keys, torn lines, several writers, offline misses."""
+
+import json
+import multiprocessing as mp
+
+import pytest
+
+from rescue.cache import Cache, CacheMiss, make_key
+
+
+def test_key_is_canonical_and_sensitive():
+    a = make_key({"model": {"name": "q", "t": 0.7}, "index": 3})
+    assert a == make_key({"index": 3, "model": {"t": 0.7, "name": "q"}})
+    assert a != make_key({"index": 4, "model": {"name": "q", "t": 0.7}})
+    assert a != make_key({"index": 3, "model": {"name": "q", "t": 0.8}})
+
+
+def test_put_get_roundtrip_across_instances(tmp_path):
+    c = Cache(tmp_path)
+    c.put("plan", "k1", {"raw": "x", "n": 1}, "sample 1")
+    assert c.get("plan", "k1") == {"raw": "x", "n": 1}
+    fresh = Cache(tmp_path)
+    assert fresh.get("plan", "k1") == {"raw": "x", "n": 1}
+    assert fresh.get("plan", "nope") is None
+    assert fresh.stats() == {"plan.hit": 1, "plan.miss": 1}
+
+
+def test_torn_last_line_is_skipped_and_others_survive(tmp_path):
+    c = Cache(tmp_path)
+    for i in range(3):
+        c.put("execute", f"k{i}", {"i": i})
+    seg = next((tmp_path / "execute").glob("*.jsonl"))
+    with open(seg, "a") as f:
+        f.write('{"k": "k9", "v": {"i": 9')  # a writer killed mid-line
+    fresh = Cache(tmp_path)
+    assert [fresh.get("execute", f"k{i}") for i in range(3)] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert fresh.get("execute", "k9") is None
+
+
+def test_garbage_line_in_the_middle_is_skipped(tmp_path):
+    (tmp_path / "verify").mkdir()
+    (tmp_path / "verify" / "w.jsonl").write_text(
+        json.dumps({"k": "a", "v": 1}) + "\n" + "not json\n" + json.dumps({"k": "b", "v": 2}) + "\n")
+    c = Cache(tmp_path)
+    assert (c.get("verify", "a"), c.get("verify", "b")) == (1, 2)
+
+
+def test_offline_miss_names_what_is_missing(tmp_path):
+    c = Cache(tmp_path, offline=True)
+    with pytest.raises(CacheMiss, match="hypothesis 7 of sample 'img3'"):
+        c.require("plan", "abc", "hypothesis 7 of sample 'img3'")
+    with pytest.raises(RuntimeError, match="read-only"):
+        c.put("plan", "abc", {})
+
+
+def test_sees_entries_written_by_another_instance_meanwhile(tmp_path):
+    reader = Cache(tmp_path, rescan_interval=0.0)
+    assert reader.get("plan", "late") is None
+    Cache(tmp_path).put("plan", "late", {"v": 1})
+    assert reader.get("plan", "late") == {"v": 1}
+
+
+def _writer(root, worker, n):
+    c = Cache(root)
+    for i in range(n):
+        c.put("execute", f"w{worker}-{i}", {"worker": worker, "i": i, "pad": "x" * 200})
+
+
+def test_several_processes_share_one_directory(tmp_path):
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(str(tmp_path), w, 200))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    c = Cache(tmp_path)
+    for w in range(4):
+        for i in range(200):
+            assert c.get("execute", f"w{w}-{i}") == {"worker": w, "i": i, "pad": "x" * 200}
+    assert len(list((tmp_path / "execute").glob("*.jsonl"))) == 4

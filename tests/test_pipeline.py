@@ -1,0 +1,159 @@
+"""The pipeline with tiny in-test models: dedupe, failure records, caching, growing max_n."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from rescue import masks
+from rescue.cache import Cache, CacheMiss
+from rescue.datasets.base import SampleError
+from rescue.hypothesis import Hypothesis, Prompt
+from rescue.pipeline import Pipeline
+from rescue.protocols import Segmentation, Verdict
+from rescue.sample import Sample
+
+BOXES = [(10, 10, 30, 30), (10, 10, 30, 30), (0, 0, 20, 20), (30, 30, 60, 60)]
+
+
+class ListPlanner:
+    """Index i proposes BOXES[i % 4]; every index ≡ 5 (mod 8) is malformed."""
+
+    simulated = False
+
+    def __init__(self):
+        self.requests: list[list[int]] = []
+
+    def identity(self):
+        return {"name": "list-planner"}
+
+    async def plan(self, sample, indices):
+        self.requests.append(list(indices))
+        out = []
+        for i in indices:
+            if i % 8 == 5:
+                out.append(Hypothesis.invalid(i, "{bbox_2d: [", "parse:truncated"))
+            else:
+                out.append(Hypothesis(index=i, prompt=Prompt(text="thing", box=BOXES[i % 4])))
+        return out
+
+
+class BoxExecutor:
+    simulated = False
+
+    def __init__(self, fail_times=0):
+        self.prompts: list[Prompt] = []
+        self.fail_times = fail_times
+
+    def identity(self):
+        return {"backend": "box"}
+
+    async def segment(self, sample, prompts):
+        if self.fail_times:
+            self.fail_times -= 1
+            raise ConnectionError("executor down")
+        self.prompts.extend(prompts)
+        out = []
+        for p in prompts:
+            m = np.zeros(sample.gt.shape, bool)
+            x1, y1, x2, y2 = (int(v) for v in p.box)
+            m[y1:y2, x1:x2] = True
+            out.append(Segmentation(rle=masks.encode(m), score=0.5, box=p.box))
+        return out
+
+
+class AreaVerifier:
+    simulated = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def identity(self):
+        return {"name": "area"}
+
+    async def verify(self, sample, mask):
+        self.calls += 1
+        return Verdict(score=float(mask.mean()), source="parsed")
+
+
+class OneSample:
+    name = "one"
+
+    def __init__(self, bad=()):
+        self.bad = set(bad)
+
+    def sample_ids(self):
+        return ["a", "b"]
+
+    def load(self, sid):
+        if sid in self.bad:
+            raise SampleError(f"{sid}: image is corrupt")
+        img = np.full((64, 64, 3), 40 if sid == "a" else 90, np.uint8)
+        gt = np.zeros((64, 64), np.uint8)
+        gt[10:30, 10:30] = 1
+        return Sample(sample_id=sid, query="the square", image=img, gt=gt, dataset="one")
+
+
+def _run(tmp_path, planner, executor, verifier, max_n, offline=False, bad=()):
+    cache = Cache(tmp_path / "cache", offline=offline)
+    pipe = Pipeline(planner, executor, verifier, cache, max_n=max_n, progress=False)
+    recs = asyncio.run(pipe.run(OneSample(bad), ["a", "b"]))
+    return recs, pipe
+
+
+def test_dedupe_and_per_candidate_records(tmp_path):
+    p, e, v = ListPlanner(), BoxExecutor(), AreaVerifier()
+    recs, pipe = _run(tmp_path, p, e, v, max_n=8)
+    assert p.requests == [list(range(8))] * 2  # one request per sample, all indices
+    assert len(e.prompts) == 2 * 3  # 3 distinct boxes per sample
+    assert v.calls == 2 * 3
+    r = recs[0]
+    assert [c.index for c in r.candidates] == list(range(8))  # duplicates keep their index
+    assert r.candidates[5].failed_stage == "plan" and r.candidates[5].error == "parse:truncated"
+    assert r.candidates[0].iou == pytest.approx(1.0)
+    assert r.candidates[1].duplicate_of == 0 and r.candidates[4].duplicate_of == 0
+    assert (r.candidates[0].intersection, r.candidates[0].union) == (400, 400)
+    assert r.candidates[2].intersection == 100 and r.candidates[2].union == 700
+    # consensus: index 0 agrees perfectly with its two duplicates (1 and 4), partly with others
+    assert 0 < r.candidates[0].consensus < 1
+    assert pipe.stats.deduped["execute"] == 2 * 4 and pipe.stats.deduped["verify"] == 2 * 4
+    assert pipe.stats.model_calls == 2 + 2 + 6
+
+
+def test_growing_max_n_only_generates_new_indices(tmp_path):
+    _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), max_n=4)
+    p, e, v = ListPlanner(), BoxExecutor(), AreaVerifier()
+    recs, _ = _run(tmp_path, p, e, v, max_n=8)
+    assert p.requests == [[4, 5, 6, 7]] * 2
+    assert e.prompts == [] and v.calls == 0  # indices 4..7 repeat boxes already segmented
+    assert len(recs[0].candidates) == 8
+
+
+def test_transient_failure_is_recorded_not_cached_and_retried(tmp_path):
+    recs, pipe = _run(tmp_path, ListPlanner(), BoxExecutor(fail_times=2), AreaVerifier(), 8)
+    failed = [c for r in recs for c in r.candidates if c.failed_stage == "execute"]
+    assert len(failed) == 2 * 7 and all("executor down" in c.error for c in failed)
+    assert pipe.stats.failures["execute"] == 6
+    recs2, pipe2 = _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 8)
+    assert pipe2.stats.requests["plan"] == 0  # plans were cached
+    assert pipe2.stats.requests["execute"] == 2
+    assert not [c for r in recs2 for c in r.candidates if c.failed_stage == "execute"]
+
+
+def test_offline_rerun_makes_no_call_and_equal_records(tmp_path):
+    recs, _ = _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 8)
+    p, e, v = ListPlanner(), BoxExecutor(), AreaVerifier()
+    recs2, pipe = _run(tmp_path, p, e, v, 8, offline=True)
+    assert pipe.stats.model_calls == 0 and p.requests == [] and v.calls == 0
+    assert [r.to_json() for r in recs] == [r.to_json() for r in recs2]
+
+
+def test_offline_miss_is_an_error_naming_the_sample(tmp_path):
+    with pytest.raises(CacheMiss, match="hypothesis 0 of sample 'a'"):
+        _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 2, offline=True)
+
+
+def test_a_corrupt_sample_is_recorded_and_the_run_goes_on(tmp_path):
+    recs, pipe = _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 4, bad={"a"})
+    assert recs[0].error == "load:a: image is corrupt" and recs[0].candidates == []
+    assert len(recs[1].candidates) == 4 and pipe.stats.failed_samples == 1

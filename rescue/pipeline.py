@@ -150,8 +150,8 @@ class Pipeline:
         results: dict[str, Segmentation] = {}
         missing: list[Prompt] = []
         for p in prompts:
-            hit = self.cache.require("execute", self.execute_key(sample, p),
-                                     f"mask for prompt {p.to_json()} of sample {sample.sample_id!r}")
+            what = f"mask for prompt {p.to_json()} of sample {sample.sample_id!r}"
+            hit = self.cache.require("execute", self.execute_key(sample, p), what)
             if hit is None:
                 missing.append(p)
             else:
@@ -225,7 +225,8 @@ class Pipeline:
                             f"execute:bad_mask_shape {m.shape} != image {sample.gt.shape}"))
                         continue
                     decoded[d], rle_of[d] = m, seg.rle
-        self.stats.deduped["verify"] += sum(1 for h in valid if h.prompt.key in digest_of) - len(decoded)
+        with_mask = sum(1 for h in valid if h.prompt.key in digest_of)
+        self.stats.deduped["verify"] += with_mask - len(decoded)
         self._bars.grow("verify", len(decoded))
         verdict_list = await asyncio.gather(
             *(self._verify_one(sample, d, m) for d, m in decoded.items()))

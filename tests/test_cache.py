@@ -40,7 +40,7 @@ def test_torn_last_line_is_skipped_and_others_survive(tmp_path):
 def test_garbage_line_in_the_middle_is_skipped(tmp_path):
     (tmp_path / "verify").mkdir()
     (tmp_path / "verify" / "w.jsonl").write_text(
-        json.dumps({"k": "a", "v": 1}) + "\n" + "not json\n" + json.dumps({"k": "b", "v": 2}) + "\n")
+        json.dumps({"k": "a", "v": 1}) + "\nnot json\n" + json.dumps({"k": "b", "v": 2}) + "\n")
     c = Cache(tmp_path)
     assert (c.get("verify", "a"), c.get("verify", "b")) == (1, 2)
 

@@ -6,7 +6,8 @@ candidate are computed once for every (estimator, selector, N); the bootstrap th
 indices and reduces all of them in one matrix product.
 
 Accounting, stated once here and in the outputs:
-- A candidate that failed at any stage counts as an empty prediction: I = 0, U = target area.
+- A candidate without a mask (failed at plan or execute) counts as an empty prediction: I = 0,
+  U = target area. One whose verification failed keeps its mask and its I and U.
 - A sample whose whole record failed (`error` set, or no candidates) is not dropped: it scores
   IoU 0 with I = 0 and U = target area, and is counted in `num_failed_samples`.
 - N larger than every pool is skipped with a warning. A sample whose pool is smaller than N (but
@@ -163,6 +164,9 @@ def _usable_n(n_grid: Sequence[int], records: Sequence[SampleRecord]) -> list[in
     if not grid or grid[0] < 1:
         raise ValueError(f"n_grid must hold integers >= 1, got {list(n_grid)}")
     max_m = max((len(r.candidates) for r in records if not _sample_failed(r)), default=0)
+    if max_m == 0:  # every sample failed: report zeros at every N rather than an empty table
+        log.warning("every one of %d samples failed; all metrics are 0", len(records))
+        return grid
     skipped = [n for n in grid if n > max_m]
     if skipped:
         log.warning("skipping N=%s: larger than every pool (largest M=%d)", skipped, max_m)
@@ -268,7 +272,11 @@ def _reason(error: str | None) -> str:
 
 
 def failure_summary(records: Sequence[SampleRecord]) -> dict:
-    """Failed samples and candidates, counted by stage and by reason (the error's prefix)."""
+    """Failed samples and candidates, counted by stage and by reason (the error's prefix).
+
+    `failed_candidates` counts every candidate with a `failed_stage`, including failed
+    verifications, whose masks still count; `candidates_without_mask` only plan/execute failures.
+    """
     by_stage: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     sample_errors: Counter[str] = Counter()
@@ -278,7 +286,7 @@ def failure_summary(records: Sequence[SampleRecord]) -> dict:
             sample_errors[_reason(r.error)] += 1
         for c in r.candidates:
             candidates += 1
-            if not c.ok:
+            if c.failed_stage is not None:
                 by_stage[c.failed_stage] += 1
                 by_reason[f"{c.failed_stage}: {_reason(c.error)}"] += 1
     return {
@@ -287,6 +295,7 @@ def failure_summary(records: Sequence[SampleRecord]) -> dict:
         "sample_errors": dict(sample_errors.most_common()),
         "candidates": candidates,
         "failed_candidates": sum(by_stage.values()),
+        "candidates_without_mask": sum(not c.ok for r in records for c in r.candidates),
         "by_stage": dict(by_stage.most_common()),
         "by_reason": dict(by_reason.most_common()),
     }

@@ -1,11 +1,11 @@
 """Selectors: a score per candidate of one sample's pool; higher is preferred.
 
-Every selector gives failed candidates (any `failed_stage`) -inf, so a working candidate always
-wins over a failed one; among failed ones the tie is shared (they all count as an empty
-prediction anyway). A working candidate that lacks the score a selector reads (e.g. an executor
-that reports no confidence) gets `UNSCORED`: below every scored candidate, above failed ones,
-tied with the other unscored ones. A duplicate mask that was verified once (`duplicate_of`)
-inherits the score of the candidate it duplicates.
+Every selector gives failed candidates (no mask: failed at plan or execute, `not c.ok`) -inf, so
+a working candidate always wins over a failed one; among failed ones the tie is shared (they all
+count as an empty prediction anyway). A working candidate that lacks the score a selector reads
+(its verification failed, or an executor reports no confidence) gets `UNSCORED`: below every
+scored candidate, above failed ones, tied with the other unscored ones. A duplicate mask that
+was verified once (`duplicate_of`) inherits the score of the candidate it duplicates.
 
 Selectors see the whole pool. `consensus` in particular is pool-level: each candidate's mean IoU
 with the other working candidates of all M, computed once by the pipeline. A deployed system with

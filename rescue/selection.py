@@ -17,6 +17,7 @@ for subset-dependent selectors).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,16 +32,19 @@ Selector = Callable[..., np.ndarray]
 
 
 def _field_scores(candidates: Sequence[CandidateRecord], field: str) -> np.ndarray:
-    by_index = {c.index: c for c in candidates}
+    by_index: dict[int, CandidateRecord] | None = None
     out = np.empty(len(candidates))
     for k, c in enumerate(candidates):
         if not c.ok:
             out[k] = -np.inf
             continue
         value = getattr(c, field)
-        if value is None and c.duplicate_of is not None and c.duplicate_of in by_index:
-            value = getattr(by_index[c.duplicate_of], field)
-        out[k] = UNSCORED if value is None or not np.isfinite(value) else float(value)
+        if value is None and c.duplicate_of is not None:
+            if by_index is None:
+                by_index = {c.index: c for c in candidates}
+            if c.duplicate_of in by_index:
+                value = getattr(by_index[c.duplicate_of], field)
+        out[k] = UNSCORED if value is None or not math.isfinite(value) else float(value)
     return out
 
 

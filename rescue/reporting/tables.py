@@ -1,0 +1,248 @@
+"""Metrics and failure tables a researcher reads: CSV for code, markdown for eyes.
+
+The metrics frame has one row per (estimator, selector, N) — optionally per `subset` — with
+gIoU/cIoU as fractions in [0, 1] and bootstrap bounds. The markdown shows them as percentages,
+rows N and columns selector, so "how does quality grow with N" reads down a column.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rescue.records import SampleRecord
+
+SELECTOR_ORDER = ("verifier", "executor", "consensus", "first", "random", "oracle")
+ESTIMATOR_ORDER = ("best_of_n", "prefix")
+ESTIMATOR_TITLES = {
+    "best_of_n": "best-of-N: expected pick from a uniformly random N-subset of the max_n "
+                 "cached candidates",
+    "prefix": "prefix: the first N candidates (what a deployed system with budget N does)",
+}
+METRIC_TITLES = {"giou": "gIoU", "ciou": "cIoU"}
+CIOU_NOTE = ("cIoU@N = E[ΣI] / E[ΣU]: the selection weights are applied to intersection and "
+             "union separately, each summed over samples, then divided.")
+SIMULATED_NOTE = ("**SIMULATED models.** These records were made with simulated planner/verifier "
+                  "that read the ground truth: the numbers measure the framework, not a model.")
+REQUIRED_COLUMNS = ("estimator", "selector", "n", "giou", "ciou")
+FAILURE_COLUMNS = ["stage", "reason", "count", "fraction", "samples", "example"]
+
+
+def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    """Known names in their canonical order, then unknown ones alphabetically."""
+    vals = set(values)
+    return [v for v in order if v in vals] + sorted(vals - set(order))
+
+
+def with_subset(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The frame with a `subset` column ("all" when the evaluation reported no subsets)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"metrics table lacks columns {missing}; has {list(metrics.columns)}")
+    if "subset" in metrics.columns:
+        return metrics
+    return metrics.assign(subset="all")
+
+
+def subset_order(metrics: pd.DataFrame) -> list[str]:
+    return ordered(with_subset(metrics)["subset"].astype(str).unique(), ("all",))
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{100.0 * float(v):.1f}"
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+    value = _pct(row[metric])
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return value
+    return f"{value} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _metric_table(block: pd.DataFrame, metric: str) -> list[str]:
+    selectors = ordered(block["selector"].astype(str).unique(), SELECTOR_ORDER)
+    ns = sorted(int(n) for n in block["n"].unique())
+    lines = ["| N | " + " | ".join(selectors) + " |",
+             "|---:|" + "|".join("---:" for _ in selectors) + "|"]
+    for n in ns:
+        at_n = block[block["n"] == n].set_index("selector")
+        # bold the best non-oracle selector: the oracle is a bound, not a contender
+        contenders = at_n.drop(index="oracle", errors="ignore")[metric].dropna()
+        best = contenders.idxmax() if len(contenders) else None
+        cells = []
+        for s in selectors:
+            if s not in at_n.index:
+                cells.append("")
+                continue
+            text = _cell(at_n.loc[s], metric)
+            cells.append(f"**{text}**" if s == best and len(contenders) > 1 else text)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def metrics_markdown(metrics: pd.DataFrame, simulated: bool = False) -> str:
+    """Every (subset, estimator) as a gIoU and a cIoU table; best_of_n before prefix."""
+    df = with_subset(metrics)
+    out = ["# RESCue metrics", ""]
+    if simulated:
+        out += [f"> {SIMULATED_NOTE}", ""]
+    out += ["Values are percentages; `[lo, hi]` is the bootstrap confidence interval over samples. "
+            "gIoU = mean per-sample IoU; cIoU = ΣI / ΣU over the dataset. "
+            "**Bold**: best selector at that N (the oracle, an upper bound, is not a contender).",
+            "", CIOU_NOTE, ""]
+    for subset in subset_order(df):
+        sub = df[df["subset"].astype(str) == subset]
+        for est in ordered(sub["estimator"].astype(str).unique(), ESTIMATOR_ORDER):
+            block = sub[sub["estimator"].astype(str) == est]
+            heading = f"## {est}" + ("" if subset == "all" else f" — subset `{subset}`")
+            out += [heading, "", f"_{ESTIMATOR_TITLES.get(est, est)}._", ""]
+            if "num_samples" in block.columns:
+                n_samples = int(block["num_samples"].max())
+                failed = (int(block["num_failed_samples"].max())
+                          if "num_failed_samples" in block.columns else 0)
+                out += [f"Samples: {n_samples} (failed entirely: {failed}).", ""]
+            for metric in ("giou", "ciou"):
+                out += [f"### {METRIC_TITLES[metric]} (%)", ""]
+                out += _metric_table(block, metric)
+                out.append("")
+    return "\n".join(out)
+
+
+def write_metrics(metrics: pd.DataFrame, out_dir: Path | str,
+                  simulated: bool = False) -> dict[str, Path]:
+    """metrics.csv (exact values, every column) and metrics.md (readable tables)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "metrics.csv", out / "metrics.md"
+    metrics.to_csv(csv_path, index=False)
+    md_path.write_text(metrics_markdown(metrics, simulated=simulated), encoding="utf-8")
+    return {"metrics_csv": csv_path, "metrics_md": md_path}
+
+
+def reason_code(error: str | None) -> str:
+    """The stable head of an error message: "parse:no_json: got 'hi'" → "parse:no_json".
+
+    Cut at the first colon followed by a space, so "stage:code" prefixes stay whole and
+    "TimeoutError: after 30 s" becomes "TimeoutError".
+    """
+    text = (error or "").strip()
+    head = text.split(": ", 1)[0].strip().rstrip(":")
+    return " ".join(head.split())[:80] or "unknown"
+
+
+def failure_table(records: Sequence[SampleRecord]) -> pd.DataFrame:
+    """Failed candidates counted by (stage, reason), most frequent first.
+
+    A sample that failed as a whole (no candidates) counts once under stage "sample".
+    `fraction` is of all candidates; `samples` is how many samples the failure touched.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    touched: dict[tuple[str, str], set[str]] = {}
+    example: dict[tuple[str, str], str] = {}
+    total = 0
+    for r in records:
+        failures = [("sample", r.error)] if r.error is not None else []
+        for c in r.candidates:
+            total += 1
+            if c.failed_stage is not None:
+                failures.append((c.failed_stage, c.error))
+        for stage, error in failures:
+            key = (str(stage), reason_code(error))
+            counts[key] += 1
+            touched.setdefault(key, set()).add(r.sample_id)
+            example.setdefault(key, (error or "")[:300])
+    rows = [(stage, reason, n, n / total if total else math.nan, len(touched[(stage, reason)]),
+             example[(stage, reason)])
+            for (stage, reason), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return pd.DataFrame(rows, columns=FAILURE_COLUMNS).astype({"count": int, "samples": int})
+
+
+def write_failures(records: Sequence[SampleRecord], out_dir: Path | str) -> Path:
+    path = Path(out_dir) / "failures.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    failure_table(records).to_csv(path, index=False)
+    return path
+
+
+def _value(block: pd.DataFrame, selector: str, n: int, metric: str) -> float | None:
+    hit = block[(block["selector"] == selector) & (block["n"] == n)]
+    if hit.empty or pd.isna(hit[metric].iloc[0]):
+        return None
+    return float(hit[metric].iloc[0])
+
+
+def summary(metrics: pd.DataFrame, primary: str = "verifier") -> dict[str, Any]:
+    """Headline numbers for logs and W&B, from best-of-N over all samples.
+
+    Keys: `giou@1`, `giou@<max>`, `giou@max` (and cIoU) for the primary selector, `gain@max`
+    (gIoU@max − gIoU@1), `<selector>/giou@max` for every selector (oracle included), and
+    `prefix/giou@max` when the prefix estimator is present.
+    """
+    df = with_subset(metrics)
+    df = df[df["subset"].astype(str) == "all"] if (df["subset"] == "all").any() else df
+    est = "best_of_n" if (df["estimator"] == "best_of_n").any() else None
+    if est is None:
+        raise ValueError("metrics table has no best_of_n rows to summarise")
+    block = df[df["estimator"] == est]
+    if primary not in set(block["selector"]):
+        raise ValueError(f"primary selector {primary!r} not in the metrics table "
+                         f"(has {sorted(set(block['selector']))})")
+    max_n = int(block["n"].max())
+    out: dict[str, Any] = {"primary": primary, "max_n": max_n}
+    if "num_samples" in block.columns:
+        out["num_samples"] = int(block["num_samples"].max())
+    if "num_failed_samples" in block.columns:
+        out["num_failed_samples"] = int(block["num_failed_samples"].max())
+    for metric in ("giou", "ciou"):
+        at1 = _value(block, primary, 1, metric)
+        at_max = _value(block, primary, max_n, metric)
+        out[f"{metric}@1"] = at1
+        out[f"{metric}@{max_n}"] = at_max
+        out[f"{metric}@max"] = at_max
+        for sel in ordered(block["selector"].unique(), SELECTOR_ORDER):
+            out[f"{sel}/{metric}@max"] = _value(block, sel, max_n, metric)
+    if out["giou@1"] is not None and out["giou@max"] is not None:
+        out["gain@max"] = out["giou@max"] - out["giou@1"]
+    prefix = df[df["estimator"] == "prefix"]
+    if not prefix.empty and primary in set(prefix["selector"]):
+        pmax = int(prefix["n"].max())
+        out["prefix/giou@max"] = _value(prefix, primary, pmax, "giou")
+        out["prefix/ciou@max"] = _value(prefix, primary, pmax, "ciou")
+    return out
+
+
+def failure_counts(records: Sequence[SampleRecord]) -> dict[str, Any]:
+    """Totals for summary.json: candidates, failed candidates, failed ones per stage."""
+    by_stage: Counter[str] = Counter()
+    candidates = 0
+    for r in records:
+        candidates += len(r.candidates)
+        by_stage.update(str(c.failed_stage) for c in r.candidates if c.failed_stage is not None)
+    return {"num_records": len(records), "num_candidates": candidates,
+            "num_failed_candidates": sum(by_stage.values()),
+            "num_failed_records": sum(r.error is not None for r in records),
+            "failed_by_stage": dict(by_stage.most_common())}
+
+
+def json_ready(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain JSON values (NaN → None, numpy scalars → Python)."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out[k] = json_ready(v)
+        elif hasattr(v, "item") and not isinstance(v, str | bytes):
+            v = v.item()
+            out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out

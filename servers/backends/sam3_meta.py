@@ -1,0 +1,235 @@
+"""Meta's `sam3` package behind the backend seam (GPU; `pip install -e '.[sam3]'`).
+
+Text and box prompts go through `Sam3Processor` (promptable concept segmentation: every
+instance of the phrase / of the boxed exemplar, each with sigmoid × presence score). Points go
+through the SAM1-style interactive predictor (`model.predict_inst`), which needs the model built
+with `enable_inst_interactivity=True`. The image is encoded once (`set_image`); each prompt runs
+on a shallow copy of that state, so the cached encoding is never mutated by a prompt.
+
+Written against facebookresearch/sam3 (sam3/model/sam3_image_processor.py, model_builder.py,
+sam1_task_predictor.py); it cannot run without a GPU and the gated `facebook/sam3` weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rescue.hypothesis import Prompt
+from servers.backends.base import (
+    BackendInfo,
+    Instance,
+    PromptResult,
+    SegmentOptions,
+    best_first,
+    instance_from_mask,
+)
+
+BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def find_bpe_file(explicit: str | None = None) -> str:
+    """The CLIP BPE vocabulary: `explicit`, else the copy inside `sam3`, else `open_clip`'s.
+
+    The sam3 wheel (0.1.4) ships without its assets; open_clip_torch ships the same file.
+    """
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"bpe_path {explicit} does not exist")
+        return explicit
+    for pkg, rel in (("sam3", os.path.join("assets", BPE_NAME)),
+                     ("sam3", os.path.join("..", "assets", BPE_NAME)),
+                     ("open_clip", BPE_NAME)):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            path = os.path.normpath(os.path.join(root, rel))
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"{BPE_NAME} not found in sam3 or open_clip; pip install "
+                            f"open_clip_torch or pass -o bpe_path=/path/to/{BPE_NAME}")
+
+
+@dataclass
+class Sam3State:
+    processor_state: dict
+    height: int
+    width: int
+
+
+class Sam3MetaBackend:
+    name = "sam3"
+
+    def __init__(self, checkpoint: str | None = None, load_from_hf: bool = True,
+                 bpe_path: str | None = None, device: str = "cuda", resolution: int = 1008,
+                 confidence_threshold: float = 0.5, enable_points: bool = True,
+                 box_mode: str = "concept", dtype: str = "bfloat16", compile: bool = False
+                 ) -> None:
+        if box_mode not in ("concept", "instance"):
+            raise ValueError("box_mode is 'concept' (box as an exemplar of the concept, via the "
+                             "processor) or 'instance' (SAM1-style box, via predict_inst)")
+        if box_mode == "instance" and not enable_points:
+            raise ValueError("box_mode=instance needs enable_points=true (the interactive "
+                             "predictor)")
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError("dtype is bfloat16, float16 or float32")
+        self.checkpoint = checkpoint
+        self.load_from_hf = bool(load_from_hf)
+        self.bpe_path = bpe_path
+        self.device = device
+        self.resolution = int(resolution)
+        self.confidence_threshold = float(confidence_threshold)
+        self.enable_points = bool(enable_points)
+        self.box_mode = box_mode
+        self.dtype = dtype
+        self.compile = bool(compile)
+        self._model: Any = None
+        self._processor: Any = None
+        self._torch: Any = None
+        self._version = "not loaded"
+        # one GPU, one model: prompts and encodes run one at a time; predict_inst also keeps
+        # per-call features on the predictor object, which is not safe to share across threads
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        try:
+            import torch
+            from sam3.model.sam3_image_processor import Sam3Processor
+            from sam3.model_builder import build_sam3_image_model
+        except ImportError as exc:
+            raise ImportError(f"the sam3 backend needs torch and Meta's sam3 package: install "
+                              f"torch for your platform, then pip install -e '.[sam3]' ({exc})"
+                              ) from exc
+        self._torch = torch
+        try:
+            import sam3
+
+            self._version = str(getattr(sam3, "__version__", "unknown"))
+        except Exception:
+            self._version = "unknown"
+        model = build_sam3_image_model(
+            bpe_path=find_bpe_file(self.bpe_path), device=self.device, eval_mode=True,
+            checkpoint_path=self.checkpoint,
+            load_from_HF=self.load_from_hf and self.checkpoint is None,
+            enable_segmentation=True, enable_inst_interactivity=self.enable_points,
+            compile=self.compile)
+        self._processor = Sam3Processor(model, resolution=self.resolution, device=self.device,
+                                        confidence_threshold=self.confidence_threshold)
+        self._model = model
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            backend=self.name, model="facebook/sam3" if self.checkpoint is None else
+            os.path.basename(self.checkpoint),
+            backend_version=f"sam3 {self._version}", device=self.device,
+            capabilities={"text": True, "box": True, "points": self.enable_points,
+                          "multimask": self.enable_points},
+            identity={"backend": self.name, "checkpoint": self.checkpoint or "facebook/sam3",
+                      "resolution": self.resolution,
+                      "confidence_threshold": self.confidence_threshold,
+                      "box_mode": self.box_mode, "dtype": self.dtype, "sam3": self._version})
+
+    def _autocast(self) -> Any:
+        torch = self._torch
+        if self.dtype == "float32" or not str(self.device).startswith("cuda"):
+            return nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, self.dtype))
+
+    def encode(self, image: np.ndarray) -> Sam3State:
+        from PIL import Image
+
+        self.load()
+        # a PIL image: set_image reads (H, W) from .size; from an ndarray it would take the
+        # last two axes, wrong for (H, W, 3)
+        pil = Image.fromarray(np.ascontiguousarray(image), "RGB")
+        with self._lock, self._torch.inference_mode(), self._autocast():
+            st = self._processor.set_image(pil)
+        return Sam3State(processor_state=st, height=int(image.shape[0]),
+                         width=int(image.shape[1]))
+
+    def segment(self, state: Sam3State, prompts: Sequence[Prompt],
+                options: SegmentOptions) -> list[PromptResult]:
+        self.load()
+        out = []
+        with self._lock, self._torch.inference_mode(), self._autocast():
+            for p in prompts:
+                try:
+                    out.append(self._one(state, p, options))
+                except Exception as exc:  # one prompt's failure is that prompt's error
+                    if "out of memory" in str(exc).lower():
+                        raise
+                    out.append(PromptResult.failed(f"sam3 failed: {type(exc).__name__}: {exc}"))
+        return out
+
+    def _one(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
+        if p.points or (p.box is not None and p.text is None and self.box_mode == "instance"):
+            if not self.enable_points:
+                return PromptResult.failed("point prompts need the interactive predictor: start "
+                                           "the sam3 backend with -o enable_points=true")
+            return self._interactive(state, p, options)
+        return self._concept(state, p, options)
+
+    def _fresh(self, state: Sam3State) -> dict:
+        # shallow copies: set_text_prompt updates backbone_out and the prompt lives in the
+        # state; the cached encoding (the tensors) is shared, never written
+        st = dict(state.processor_state)
+        st["backbone_out"] = dict(st["backbone_out"])
+        for key in ("geometric_prompt", "boxes", "masks", "masks_logits", "scores"):
+            st.pop(key, None)
+        for key in ("language_features", "language_mask", "language_embeds"):
+            st["backbone_out"].pop(key, None)
+        return st
+
+    def _concept(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
+        proc = self._processor
+        st = self._fresh(state)
+        if p.box is None:
+            assert p.text is not None
+            st = proc.set_text_prompt(prompt=p.text, state=st)
+        else:
+            if p.text is not None:
+                # text features first, then one grounding pass with text and box together
+                # (set_text_prompt would run a grounding pass of its own)
+                st["backbone_out"].update(
+                    self._model.backbone.forward_text([p.text], device=self.device))
+            x1, y1, x2, y2 = p.box
+            w, h = state.width, state.height
+            cxcywh = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+            st = proc.add_geometric_prompt(box=cxcywh, label=True, state=st)
+        scores = st["scores"].float().cpu().numpy().reshape(-1)
+        if scores.size == 0:
+            return PromptResult(instances=[])
+        order = np.argsort(-scores)[: options.max_instances]
+        idx = self._torch.as_tensor(order, dtype=self._torch.long, device=st["masks"].device)
+        masks = st["masks"][idx].squeeze(1).cpu().numpy().astype(bool)
+        return PromptResult(instances=best_first(
+            [instance_from_mask(m, float(s)) for m, s in zip(masks, scores[order], strict=True)],
+            options.max_instances))
+
+    def _interactive(self, state: Sam3State, p: Prompt, options: SegmentOptions
+                     ) -> PromptResult:
+        coords = np.asarray(p.points, dtype=np.float32).reshape(-1, 2) if p.points else None
+        labels = np.asarray(p.point_labels, dtype=np.int32) if p.points else None
+        box = np.asarray(p.box, dtype=np.float32) if p.box is not None else None
+        # one click is ambiguous: ask for SAM's three masks and keep the best (SAM's advice);
+        # several prompts together are not, one mask is better there
+        ambiguous = box is None and coords is not None and len(coords) == 1
+        masks, scores, _ = self._model.predict_inst(
+            state.processor_state, point_coords=coords, point_labels=labels, box=box,
+            multimask_output=bool(options.multimask or ambiguous))
+        masks = np.asarray(masks).reshape(-1, state.height, state.width) > 0
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        insts: list[Instance] = [instance_from_mask(m, float(s))
+                                 for m, s in zip(masks, scores, strict=True)]
+        limit = options.max_instances if options.multimask else 1
+        return PromptResult(instances=best_first(insts, limit))

@@ -27,6 +27,10 @@ MIN_GRABCUT_PX = 64
 the box itself is returned as the mask instead."""
 
 
+MIN_PART = 0.2
+"""A connected part of GrabCut's foreground is kept when at least this fraction of the largest."""
+
+
 def _clip_box(box: Box, width: int, height: int) -> tuple[float, float, float, float] | None:
     vals = [float(v) for v in box]
     if not all(np.isfinite(vals)):
@@ -96,15 +100,16 @@ def _truncation(fg: np.ndarray, box: tuple[int, int, int, int],
 
 
 def _keep_components(fg: np.ndarray, seeds: Sequence[tuple[int, int]]) -> np.ndarray:
-    """The largest connected component plus any component holding a positive point.
+    """Components of at least `MIN_PART` of the largest one, plus any holding a positive point.
 
-    GrabCut often adds specks of similarly coloured texture; a referring target is one blob
-    (or, for points, the blobs the user pointed at).
+    GrabCut often adds specks of similarly coloured texture; a referring target is one blob or
+    a few comparable ones (a box around "all green shapes"), or the blobs a user pointed at.
     """
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
     if n <= 2:
         return fg
-    keep = {int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1}
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = {int(i) + 1 for i in np.flatnonzero(areas >= MIN_PART * areas.max())}
     for x, y in seeds:
         if 0 <= y < fg.shape[0] and 0 <= x < fg.shape[1] and labels[y, x] > 0:
             keep.add(int(labels[y, x]))

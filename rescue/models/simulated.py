@@ -1,0 +1,272 @@
+"""In-process stand-ins for the planner, verifier and executor that read the ground truth.
+
+They exist so the whole pipeline (cache, multi-N evaluation, reports) runs on a laptop with no
+model: the planner finds the right object with probability `p_correct`, the verifier's score is a
+noisy monotone function of the true IoU. Results made with them measure the framework, never a
+model (`simulated = True`, and the pipeline marks every record).
+
+Every output is a pure function of its inputs and a seed: hypothesis i of a sample depends on
+(base_seed, image sha256, query, i) only, so asking for indices 16..31 gives exactly what indices
+16..31 of a request for 0..31 gave, like a real sampler seeded with base_seed + i.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from rescue import masks
+from rescue.hypothesis import Hypothesis, Prompt
+from rescue.protocols import Segmentation, Verdict
+from rescue.sample import Box, Sample
+
+SCALE = 1000
+"""Qwen3-VL grounds on a relative 0..1000 grid; the simulated raw text does too."""
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(blob).digest()[:16], "little"))
+
+
+def _check_prob(**probs: float) -> None:
+    for name, p in probs.items():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def true_iou(sample: Sample, mask: np.ndarray) -> tuple[float, int, int]:
+    """(IoU, intersection, union) of `mask` with the sample's target, IGNORE pixels excluded;
+    IoU is 1 when both are empty (LISA's rule)."""
+    pred = np.asarray(mask, bool) & ~sample.ignore
+    gt = sample.target
+    inter = int((pred & gt).sum())
+    union = int((pred | gt).sum())
+    return (inter / union if union else 1.0), inter, union
+
+
+def _phrase(query: str) -> str:
+    """The planner's short noun phrase: the query without its leading article/quantifier."""
+    words = query.strip().split()
+    if words and words[0].lower() in {"the", "all", "a", "an", "every"}:
+        words = words[1:]
+    return " ".join(words) or query.strip()
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+class SimulatedPlanner:
+    """Grounding hypotheses drawn around the true target(s), a distractor, or nowhere.
+
+    Per hypothesis: with `p_invalid` a malformed output (recorded invalid); else the box of a
+    target with `p_correct` (for several targets: one of them, or their union box, half and
+    half), of a distractor with `p_distractor`, otherwise a random box. Each box edge moves by
+    a normal jitter of `box_jitter` × the box's width or height. With `p_text` the hypothesis is
+    a phrase only (no box: an executor that needs geometry reports a failure); otherwise the
+    prompt carries phrase and box, and with `p_point` a positive point at the box centre.
+    """
+
+    simulated = True
+
+    def __init__(self, p_correct: float = 0.6, p_distractor: float = 0.3,
+                 box_jitter: float = 0.08, p_invalid: float = 0.05, p_text: float = 0.0,
+                 p_point: float = 0.3, base_seed: int = 0) -> None:
+        _check_prob(p_correct=p_correct, p_distractor=p_distractor, p_invalid=p_invalid,
+                    p_text=p_text, p_point=p_point)
+        if p_correct + p_distractor > 1.0:
+            raise ValueError(f"p_correct + p_distractor must be <= 1, got "
+                             f"{p_correct + p_distractor}")
+        if box_jitter < 0:
+            raise ValueError(f"box_jitter must be >= 0, got {box_jitter}")
+        self.p_correct, self.p_distractor = float(p_correct), float(p_distractor)
+        self.box_jitter, self.p_invalid = float(box_jitter), float(p_invalid)
+        self.p_text, self.p_point = float(p_text), float(p_point)
+        self.base_seed = int(base_seed)
+
+    def identity(self) -> Mapping[str, Any]:
+        return {"simulator": "SimulatedPlanner", "version": 1, "p_correct": self.p_correct,
+                "p_distractor": self.p_distractor, "box_jitter": self.box_jitter,
+                "p_invalid": self.p_invalid, "p_text": self.p_text, "p_point": self.p_point,
+                "base_seed": self.base_seed}
+
+    async def plan(self, sample: Sample, indices: Sequence[int]) -> list[Hypothesis]:
+        return [self.hypothesis(sample, int(i)) for i in indices]
+
+    def hypothesis(self, sample: Sample, index: int) -> Hypothesis:
+        rng = _rng("planner", self.base_seed, sample.image_sha256, sample.query, index)
+        phrase = _phrase(sample.query)
+        if rng.random() < self.p_invalid:
+            return self._malformed(rng, index, phrase)
+
+        u = rng.random()
+        if u < self.p_correct and sample.target_boxes:
+            source = "target"
+            boxes = sample.target_boxes
+            if len(boxes) > 1 and rng.random() < 0.5:
+                box, source = _union(boxes), "target_union"
+            else:
+                box = boxes[int(rng.integers(len(boxes)))]
+        elif u < self.p_correct + self.p_distractor and sample.distractors:
+            source = "distractor"
+            box = sample.distractors[int(rng.integers(len(sample.distractors)))]
+        else:
+            source = "random"
+            side = min(sample.width, sample.height)
+            w, h = rng.uniform(0.08, 0.5, size=2) * side
+            cx, cy = rng.uniform(0, sample.width), rng.uniform(0, sample.height)
+            box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        meta = {"simulated": True, "source": source}
+
+        if rng.random() < self.p_text:
+            raw = _fence([{"label": phrase}])
+            return Hypothesis(index=index, prompt=Prompt(text=phrase), raw=raw, label=phrase,
+                              meta=meta)
+
+        w, h = box[2] - box[0], box[3] - box[1]
+        j = rng.normal(0.0, self.box_jitter, size=4) * np.array([w, h, w, h])
+        x1, y1, x2, y2 = (np.array(box, float) + j).tolist()
+        rel = [_to_rel(x1, sample.width), _to_rel(y1, sample.height),
+               _to_rel(x2, sample.width), _to_rel(y2, sample.height)]
+        rel = [min(rel[0], rel[2]), min(rel[1], rel[3]), max(rel[0], rel[2]), max(rel[1], rel[3])]
+        item: dict[str, Any] = {"bbox_2d": rel}
+        pix_box = (rel[0] * sample.width / SCALE, rel[1] * sample.height / SCALE,
+                   rel[2] * sample.width / SCALE, rel[3] * sample.height / SCALE)
+        points: tuple[tuple[float, float], ...] = ()
+        if rng.random() < self.p_point:
+            pt = [(rel[0] + rel[2]) // 2, (rel[1] + rel[3]) // 2]
+            item["point_2d"] = pt
+            points = ((pt[0] * sample.width / SCALE, pt[1] * sample.height / SCALE),)
+        item["label"] = phrase
+        prompt = Prompt(text=phrase, box=pix_box, points=points,
+                        point_labels=(1,) * len(points))
+        return Hypothesis(index=index, prompt=prompt, raw=_fence([item]), label=phrase,
+                          meta=meta)
+
+    @staticmethod
+    def _malformed(rng: np.random.Generator, index: int, phrase: str) -> Hypothesis:
+        kind = int(rng.integers(4))
+        box = [int(v) for v in np.sort(rng.integers(0, SCALE, size=4))]
+        if kind == 0:  # cut off mid-answer (max_tokens)
+            raw = _fence([{"bbox_2d": box, "label": phrase}])[: int(rng.integers(8, 24))]
+            reason = "malformed JSON: truncated output"
+        elif kind == 1:
+            raw = _fence([])
+            reason = "no grounding: empty list"
+        elif kind == 2:
+            raw = _fence([{"bbox_2d": [box[0], "NaN", box[2]], "label": phrase}])
+            reason = "bad bbox_2d: expected 4 finite numbers"
+        else:
+            raw = f"I think the {phrase} is the object near the middle of the image."
+            reason = "malformed JSON: no JSON found in output"
+        return Hypothesis.invalid(index, raw, reason, simulated=True, source="invalid")
+
+
+def _to_rel(v: float, size: int) -> int:
+    return int(min(SCALE, max(0, round(v / size * SCALE))))
+
+
+def _fence(items: list[dict[str, Any]]) -> str:
+    return "```json\n" + json.dumps(items) + "\n```"
+
+
+class SimulatedVerifier:
+    """Score = clip(true IoU + bias + noise · N(0, 1), 0, 1).
+
+    Monotone in expectation (a clipped shifted normal's mean rises with its location), and the
+    noise is a pure function of (seed, image, query, mask), so a mask is judged alike every time.
+    """
+
+    simulated = True
+
+    def __init__(self, noise: float = 0.15, bias: float = 0.0, seed: int = 0) -> None:
+        if noise < 0 or not math.isfinite(noise) or not math.isfinite(bias):
+            raise ValueError(f"noise must be finite and >= 0, bias finite; got {noise}, {bias}")
+        self.noise, self.bias, self.seed = float(noise), float(bias), int(seed)
+
+    def identity(self) -> Mapping[str, Any]:
+        return {"simulator": "SimulatedVerifier", "version": 1, "noise": self.noise,
+                "bias": self.bias, "seed": self.seed}
+
+    async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
+        return self.judge(sample, mask)
+
+    def judge(self, sample: Sample, mask: np.ndarray) -> Verdict:
+        mask = np.asarray(mask, bool)
+        if mask.shape != sample.gt.shape:
+            return Verdict(score=None, source="simulated",
+                           error=f"mask shape {mask.shape} != image {sample.gt.shape}")
+        iou, _, _ = true_iou(sample, mask)
+        digest = masks.digest(masks.encode(mask))
+        eps = _rng("verifier", self.seed, sample.image_sha256, sample.query, digest).normal()
+        score = float(np.clip(iou + self.bias + self.noise * eps, 0.0, 1.0))
+        answer = "yes" if score >= 0.5 else "no"
+        reasoning = (f"simulated verifier: true IoU {iou:.2f} + noise "
+                     f"({self.noise:g} × {eps:+.2f}) + bias {self.bias:g}")
+        return Verdict(score=round(score, 6), answer=answer, reasoning=reasoning,
+                       raw=f"<think>{reasoning}</think>{answer}", source="simulated",
+                       meta={"simulated": True, "true_iou": round(iou, 6)})
+
+
+class SimulatedExecutor:
+    """Executor for fast tests: the true target inside the prompt's box, degraded.
+
+    When the box holds little of the target (a distractor or random box), the mask is the
+    ellipse inscribed in the box instead: a plausible wrong object. Degradation grows or
+    shrinks the mask by up to `noise` × its size. Score = 1 − |relative change| + noise, so it
+    mildly tracks quality. Phrase-only prompts fail as the classical executor's do.
+    """
+
+    simulated = True
+
+    def __init__(self, noise: float = 0.1, seed: int = 0) -> None:
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.noise, self.seed = float(noise), int(seed)
+
+    def identity(self) -> Mapping[str, Any]:
+        return {"simulator": "SimulatedExecutor", "version": 1, "noise": self.noise,
+                "seed": self.seed}
+
+    async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
+        return [self.segment_one(sample, p) for p in prompts]
+
+    def segment_one(self, sample: Sample, prompt: Prompt) -> Segmentation:
+        if prompt.box is None:
+            return Segmentation(rle=None, error="simulated executor needs a box; "
+                                                f"text-only prompt {prompt.text!r}")
+        x1, y1, x2, y2 = (float(v) for v in prompt.box)
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            return Segmentation(rle=None, error=f"non-finite box {prompt.box}")
+        h, w = sample.gt.shape
+        ix1, iy1 = int(max(0, math.floor(min(x1, x2)))), int(max(0, math.floor(min(y1, y2))))
+        ix2, iy2 = int(min(w, math.ceil(max(x1, x2)))), int(min(h, math.ceil(max(y1, y2))))
+        if ix2 - ix1 < 2 or iy2 - iy1 < 2:
+            return Segmentation(rle=None, error=f"degenerate box after clipping: {prompt.box}")
+        rng = _rng("executor", self.seed, sample.image_sha256, prompt.key)
+        inside = np.zeros((h, w), bool)
+        inside[iy1:iy2, ix1:ix2] = True
+        mask = sample.target & inside
+        box_area = (ix2 - ix1) * (iy2 - iy1)
+        if mask.sum() < 0.3 * box_area * math.pi / 4:
+            e = np.zeros((h, w), np.uint8)
+            cv2.ellipse(e, ((ix1 + ix2) / 2, (iy1 + iy2) / 2), (ix2 - ix1, iy2 - iy1), 0, 1, -1)
+            mask = e.astype(bool)
+        change = float(rng.uniform(-1, 1)) * self.noise
+        r = round(abs(change) * math.sqrt(mask.sum()) / 2)
+        if r > 0:
+            k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            op = cv2.dilate if change > 0 else cv2.erode
+            mask = op(mask.astype(np.uint8), k).astype(bool)
+        score = float(np.clip(1.0 - abs(change) + 0.1 * rng.normal(), 0.0, 1.0))
+        return Segmentation(rle=masks.encode(mask), score=round(score, 6), box=masks.bbox(mask),
+                            meta={"simulated": True})
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from rescue.sample import IGNORE, Sample
 log = logging.getLogger(__name__)
 
 TILE = 300  # longest side of one tile's picture, pixels
-CAPTION_H = 46
+CAPTION_H = 50
+MIN_CELL_W = 250  # room for a caption beside tall images
 PAD = 10
 COLUMNS = 5
 BG = (246, 246, 246)
@@ -180,30 +180,37 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
     for s in shown:
         c = s.candidate
         mask = masks.get(c.index)
+        bad_shape = mask is not None and np.shape(mask) != sample.gt.shape
+        if bad_shape:
+            log.warning("%s #%d: mask shape %s != image %s; not drawn", record.sample_id,
+                        c.index, np.shape(mask), sample.gt.shape)
+            mask = None
         line1 = [(f"#{c.index}  verifier {_fmt(c.verifier_score)}", INK),
                  (f"   exec {_fmt(c.executor_score)}", MUTED)]
         line2 = [(f"IoU {c.iou:.2f}", _iou_color(c.iou))]
         if s.copies > 1:
             line2.append((f"   same mask x{s.copies}", MUTED))
         if mask is None:
-            line2.append(("   mask not loaded", SIMULATED_RGB))
+            line2.append(("   bad mask shape" if bad_shape else "   mask not loaded",
+                          SIMULATED_RGB))
+        elif c.area == 0:
+            line2.append(("   empty mask", MUTED))
         tiles.append((_candidate_tile(small, gt_small, mask, c, scale), [line1, line2],
                       s.selected))
 
     cols = min(COLUMNS, len(tiles))
     rows = -(-len(tiles) // cols)
-    cell_w, cell_h = tw + PAD, th + CAPTION_H + PAD
+    inner_w = max(tw, MIN_CELL_W)
+    cell_w, cell_h = inner_w + PAD, th + CAPTION_H + PAD
     width = cols * cell_w + PAD
     title_font, body_font, small_font = _font(20), _font(15), _font(13)
-    chars = max(20, int(width / 10.5))
-    query_lines = textwrap.wrap(f"“{record.query or sample.query}”", chars)[:3] or ["“”"]
-    header_h = PAD + 26 * len(query_lines) + 24 + PAD
-    canvas = Image.new("RGB", (width, header_h + rows * cell_h + PAD), BG)
-    draw = ImageDraw.Draw(canvas)
-    y = PAD
-    for line in query_lines:
-        draw.text((PAD, y), line, fill=INK, font=title_font)
-        y += 26
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sim_label = "SIMULATED models" if record.simulated else ""
+    sim_w = measure.textlength(sim_label, font=body_font) + 2 * PAD if sim_label else 0
+    query_lines = _wrap(measure, f"“{record.query or sample.query}”", title_font,
+                        width - 2 * PAD - sim_w)
+    if len(query_lines) > 3:
+        query_lines = [*query_lines[:2], query_lines[2] + " …"]
     working = [c for c in record.candidates if c.ok]
     distinct = {c.duplicate_of if c.duplicate_of is not None else c.index for c in working}
     meta = (f"{record.sample_id} · {record.dataset or sample.dataset} · "
@@ -211,28 +218,35 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
             f"failed, {len(distinct)} distinct masks · showing top {len(shown)} by verifier score")
     if selected is not None:
         meta += f" · selected #{selected}"
-    draw.text((PAD, y), meta, fill=MUTED, font=small_font)
-    legend = [("candidate mask", PRED_RGB), ("ground truth", GT_RGB),
-              ("prompt box, points", BOX_RGB)]
-    lx = width - PAD - sum(draw.textlength(t, font=small_font) + 34 for t, _ in legend)
-    for text, color in legend:
+    meta_lines = [(line, MUTED) for line in _wrap(measure, meta, small_font, width - 2 * PAD)]
+    if record.error:
+        meta_lines += [(line, SIMULATED_RGB) for line in _wrap(
+            measure, f"sample failed: {record.error[:300]}", small_font, width - 2 * PAD)[:2]]
+    header_h = PAD + 26 * len(query_lines) + 17 * (len(meta_lines) + 1) + PAD
+    canvas = Image.new("RGB", (width, header_h + rows * cell_h + PAD), BG)
+    draw = ImageDraw.Draw(canvas)
+    y = PAD
+    for line in query_lines:
+        draw.text((PAD, y), line, fill=INK, font=title_font)
+        y += 26
+    if sim_label:
+        draw.text((width - sim_w + PAD, PAD + 3), sim_label, fill=SIMULATED_RGB, font=body_font)
+    for line, color in meta_lines:
+        draw.text((PAD, y), line, fill=color, font=small_font)
+        y += 17
+    lx = PAD
+    for text, color in (("candidate mask", PRED_RGB), ("ground truth (outline on candidates)",
+                                                       GT_RGB), ("prompt box, points", BOX_RGB)):
         draw.rectangle((lx, y + 2, lx + 12, y + 14), fill=color, outline=INK)
         draw.text((lx + 17, y), text, fill=INK, font=small_font)
         lx += draw.textlength(text, font=small_font) + 34
-    if record.simulated:
-        label = "SIMULATED models"
-        tw_label = draw.textlength(label, font=body_font)
-        draw.text((width - PAD - tw_label, PAD), label, fill=SIMULATED_RGB, font=body_font)
-    if record.error:
-        draw.text((PAD, y + 14), f"sample failed: {record.error[:120]}", fill=SIMULATED_RGB,
-                  font=small_font)
     for k, (img, caption, is_selected) in enumerate(tiles):
         x0 = PAD + (k % cols) * cell_w
         y0 = header_h + (k // cols) * cell_h
         if is_selected:
-            draw.rectangle((x0 - 5, y0 - 5, x0 + tw + 4, y0 + th + CAPTION_H - 4),
+            draw.rectangle((x0 - 5, y0 - 5, x0 + inner_w + 4, y0 + th + CAPTION_H - 1),
                            fill=SELECTED_BG, outline=SELECTED_RGB, width=5)
-        canvas.paste(Image.fromarray(img), (x0, y0))
+        canvas.paste(Image.fromarray(img), (x0 + (inner_w - tw) // 2, y0))
         cy = y0 + th + 4
         for line in caption:
             cx = x0 + 2
@@ -246,6 +260,18 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
             draw.rectangle((x0, y0, x0 + bw + 10, y0 + 19), fill=SELECTED_RGB)
             draw.text((x0 + 5, y0 + 2), badge, fill=INK, font=small_font)
     return np.asarray(canvas)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+          max_width: float) -> list[str]:
+    """Greedy word wrap by rendered width."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= max_width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _slug(text: str) -> str:

@@ -1,0 +1,183 @@
+"""W&B logger: a real offline run read back from its .wandb log, mode rules, never fatal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reporting_fakes import NS, SELECTORS, metrics_frame, overlay_item
+
+from rescue.reporting import NullLogger, log_report, summary, write_report
+from rescue.reporting.logger import Logger
+from rescue.reporting.wandb_logger import WandbLogger, default_mode
+from rescue.reporting.wandb_offline import raw_records, read_run
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Offline, silent, and every W&B directory inside tmp_path."""
+    home = tmp_path / "wandb_home"
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("env", "mode"), [
+    ({}, "offline"),
+    ({"WANDB_API_KEY": "x" * 40}, "online"),
+    ({"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "offline"}, "offline"),
+    ({"WANDB_MODE": "disabled"}, "disabled"),
+    ({"WANDB_MODE": ""}, "offline"),
+])
+def test_default_mode(env: dict[str, str], mode: str) -> None:
+    assert default_mode(env) == mode
+
+
+def test_explicit_mode_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert WandbLogger().mode == "online"
+    assert WandbLogger(mode="offline").mode == "offline"
+
+
+def test_loggers_satisfy_the_protocol() -> None:
+    assert isinstance(WandbLogger(), Logger) and isinstance(NullLogger(), Logger)
+
+
+def test_real_offline_run_holds_config_metrics_images_and_summary(wandb_env: Path) -> None:
+    out = wandb_env / "run"
+    df = metrics_frame(subsets=("all", "long"))
+    items = [overlay_item("a"), overlay_item("b", selected=None)]
+    paths = write_report(out, [items[0].record], df, items, simulated=True)
+    logger = WandbLogger(project="rescue-test", dir=out, group="study-1", tags=("demo",))
+    config = {"max_n": 16, "planner": {"model": "sim", "temperature": 0.7}}
+    logger.start(config, name="demo-run", tags=["run"], simulated=True)
+    log_report(logger, paths, df, items)
+    logger.finish()
+    logger.finish()  # twice is harmless
+
+    assert logger.errors == []
+    assert logger.run_dir is not None and logger.run_dir.parent == out / "wandb"
+    assert logger.run_dir.name.startswith("offline-run-")
+    run = read_run(logger.run_dir)
+    assert run.exited and run.project == "rescue-test" and run.group == "study-1"
+    assert run.name == "demo-run" and run.job_type == "run"
+    assert run.tags == ["demo", "run", "simulated"]
+    assert run.config["max_n"] == 16 and run.config["planner"]["temperature"] == 0.7
+
+    head = summary(df)
+    assert run.summary["giou@max"] == pytest.approx(head["giou@max"])
+    assert run.summary["oracle/giou@max"] == pytest.approx(head["oracle/giou@max"])
+    assert run.summary["simulated"] is True and run.summary["num_candidates"] == 7
+
+    # one history row per N carrying every selector's series, keyed for `n` as x axis
+    by_n = {row["n"]: row for row in run.history if "n" in row}
+    assert sorted(by_n) == list(NS)
+    for sel in SELECTORS:
+        want = df[(df.subset == "all") & (df.estimator == "best_of_n") & (df.selector == sel)
+                  & (df.n == 4)].giou.item()
+        assert by_n[4][f"best_of_n/{sel}/giou"] == pytest.approx(want)
+        assert f"long/prefix/{sel}/ciou" in by_n[4]
+    logged = {k for row in run.history for k in row}
+    assert {"metrics_table", "plots/iou_vs_n", "plots/ciou_vs_n", "overlays/00_a",
+            "samples", "charts/best_of_n/giou_vs_n_table"} <= logged  # custom chart data
+    samples = next(row["samples"] for row in run.history if "samples" in row)
+    assert samples["count"] == 2 and samples["_type"] == "images/separated"
+
+    files = logger.run_dir / "files"
+    tables = list((files / "media" / "table").glob("metrics_table_*.table.json"))
+    table = next(row["metrics_table"] for row in run.history if "metrics_table" in row)
+    assert len(tables) == 1 and table["nrows"] == len(df) and table["_type"] == "table-file"
+    assert len(list((files / "media" / "images").rglob("*.png"))) >= 5
+    assert len(list((files / "media" / "images" / "mask").rglob("*.png"))) >= 2
+    assert set(logger.timings) == {"import_s", "init_s", "finish_s"}
+
+
+def test_two_runs_in_one_process_each_get_their_own_directory(wandb_env: Path) -> None:
+    dirs = []
+    for k in range(2):
+        logger = WandbLogger(dir=wandb_env / f"job{k}", group="sweep")
+        logger.start({"k": k}, name=f"job{k}")
+        logger.log_summary({"giou@max": 0.1 * k, "skipped": float("nan")})
+        logger.finish()
+        dirs.append(logger.run_dir)
+    runs = [read_run(d) for d in dirs]
+    assert [r.config["k"] for r in runs] == [0, 1]
+    assert runs[1].summary["giou@max"] == pytest.approx(0.1)
+    assert "skipped" not in runs[1].summary and runs[0].run_id != runs[1].run_id
+
+
+def test_simulated_summary_tags_the_run(wandb_env: Path) -> None:
+    logger = WandbLogger(dir=wandb_env)
+    logger.start({}, name="x")
+    logger.log_summary({"simulated": True})
+    logger.finish()
+    assert "simulated" in read_run(logger.run_dir).tags
+
+
+def _fake_wandb(monkeypatch: pytest.MonkeyPatch, init: object) -> None:
+    fake = types.ModuleType("wandb")
+    fake.Settings = lambda **kw: kw  # type: ignore[attr-defined]
+    fake.init = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+
+def test_a_failing_wandb_init_never_crashes_the_run(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def init(**kwargs: object) -> None:
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    _fake_wandb(monkeypatch, init)
+    logger = WandbLogger(mode="online")
+    with caplog.at_level(logging.WARNING):
+        logger.start({"a": 1}, name="x")
+        logger.log_metrics(metrics_frame())
+        logger.log_summary({"giou@max": 0.5})
+        logger.finish()
+    assert logger.errors == ["start: ConnectionError: api.wandb.ai unreachable"]
+    assert "W&B start failed" in caplog.text and "the run goes on" in caplog.text
+
+
+def test_a_failing_log_call_is_a_warning_and_finish_still_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    finished = []
+
+    class Run:
+        id, dir, tags = "r1", "/nonexistent/offline-run-x/files", ()
+
+        def define_metric(self, *a: object, **k: object) -> None:
+            return None
+
+        def log(self, data: dict) -> None:
+            raise RuntimeError("disk full")
+
+        def finish(self) -> None:
+            finished.append(True)
+
+    _fake_wandb(monkeypatch, lambda **kw: Run())
+    logger = WandbLogger(mode="offline")
+    logger.start({}, name="x")
+    logger.log_images({"p": Path(__file__)})
+    logger.log_metrics(pd.DataFrame({"estimator": [], "selector": [], "n": [], "giou": [],
+                                     "ciou": []}))
+    logger.finish()
+    assert finished == [True]
+    assert [e.split(":")[0] for e in logger.errors] == ["log_images", "log_metrics"]
+
+
+def test_offline_reader_rejects_a_non_wandb_file(tmp_path: Path) -> None:
+    bad = tmp_path / "run-x.wandb"
+    bad.write_bytes(b"not a log")
+    with pytest.raises(ValueError, match="not a W&B transaction log"):
+        list(raw_records(bad))
+    with pytest.raises(FileNotFoundError):
+        read_run(tmp_path / "missing_dir")

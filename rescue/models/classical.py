@@ -99,20 +99,28 @@ def _truncation(fg: np.ndarray, box: tuple[int, int, int, int],
     return float(edge.mean()) if edge.size else 0.0
 
 
-def _keep_components(fg: np.ndarray, seeds: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Components of at least `MIN_PART` of the largest one, plus any holding a positive point.
+def _keep_components(fg: np.ndarray, seeds: Sequence[tuple[int, int]],
+                     vetoes: Sequence[tuple[int, int]] = (), reach: int = 3) -> np.ndarray:
+    """Components of at least `MIN_PART` of the largest one, plus any holding a positive point,
+    minus any within `reach` px of a negative point (unless a positive point holds it too).
 
     GrabCut often adds specks of similarly coloured texture; a referring target is one blob or
-    a few comparable ones (a box around "all green shapes"), or the blobs a user pointed at.
+    a few comparable ones (a box around "all green shapes"), or the blobs a user pointed at. A
+    negative click only pins a small disc to background, and GrabCut keeps the rest of a blob
+    whose colour the foreground model likes; the user meant "not that object", so it goes.
     """
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
-    if n <= 2:
+    if n <= 1:
         return fg
+    h, w = fg.shape
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = {int(i) + 1 for i in np.flatnonzero(areas >= MIN_PART * areas.max())}
-    for x, y in seeds:
-        if 0 <= y < fg.shape[0] and 0 <= x < fg.shape[1] and labels[y, x] > 0:
-            keep.add(int(labels[y, x]))
+    pinned = {int(labels[y, x]) for x, y in seeds if 0 <= y < h and 0 <= x < w} - {0}
+    vetoed: set[int] = set()
+    for x, y in vetoes:
+        window = labels[max(0, y - reach):y + reach + 1, max(0, x - reach):x + reach + 1]
+        vetoed |= {int(v) for v in np.unique(window)} - {0}
+    keep = (keep | pinned) - (vetoed - pinned)
     return np.isin(labels, sorted(keep))
 
 
@@ -126,7 +134,8 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
     just outside the box is only *probable* background, so an object the box clips slightly is
     recovered instead of being learnt as background (with slack 0 a box 8% too tight loses the
     whole object in ~1 case in 10); and points paint discs, label 1 sure foreground, label 0 sure
-    background. Points without a box get a padded box around the positive points. Only a crop
+    background (and the blob a negative point lands on is dropped, see `_keep_components`).
+    Points without a box get a padded box around the positive points. Only a crop
     around the box (`context` × its size on each side: the local background GrabCut models) is
     processed, downscaled so its long side is at most `max_side`; the mask is upsampled back.
 
@@ -180,6 +189,7 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
         init[0, :] = init[-1, :] = init[:, 0] = init[:, -1] = cv2.GC_PR_BGD
     radius = max(2, round(0.02 * max(wh, ww)))
     seeds: list[tuple[int, int]] = []
+    vetoes: list[tuple[int, int]] = []
     for (px, py), lab in zip(prompt.points, prompt.point_labels, strict=False):
         if not (np.isfinite(px) and np.isfinite(py)):
             continue
@@ -187,8 +197,7 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
         if not (0 <= x < ww and 0 <= y < wh):
             continue
         cv2.circle(init, (x, y), radius, cv2.GC_FGD if lab == 1 else cv2.GC_BGD, -1)
-        if lab == 1:
-            seeds.append((x, y))
+        (seeds if lab == 1 else vetoes).append((x, y))
 
     n_fg = int(np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD)).sum())
     n_bg = int(np.isin(init, (cv2.GC_BGD, cv2.GC_PR_BGD)).sum())
@@ -203,7 +212,7 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
         fgd = np.zeros((1, 65), np.float64)
         cv2.grabCut(work, init, None, bgd, fgd, int(iterations), cv2.GC_INIT_WITH_MASK)
         fg = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
-        fg = _keep_components(fg, seeds)
+        fg = _keep_components(fg, seeds, vetoes, radius + 2)
         score_scale = 1.0
 
     score = score_scale * _separation(work, fg) * (1.0 - _truncation(fg, (wx1, wy1, wx2, wy2),

@@ -237,7 +237,13 @@ class SimulatedExecutor:
                 "seed": self.seed}
 
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
-        return [self.segment_one(sample, p) for p in prompts]
+        out = []
+        for p in prompts:
+            try:
+                out.append(self.segment_one(sample, p))
+            except Exception as exc:  # one bad prompt never fails the others
+                out.append(Segmentation(rle=None, error=f"{type(exc).__name__}: {exc}"))
+        return out
 
     def segment_one(self, sample: Sample, prompt: Prompt) -> Segmentation:
         if prompt.box is None:
@@ -258,7 +264,7 @@ class SimulatedExecutor:
         box_area = (ix2 - ix1) * (iy2 - iy1)
         if mask.sum() < 0.3 * box_area * math.pi / 4:
             e = np.zeros((h, w), np.uint8)
-            cv2.ellipse(e, ((ix1 + ix2) / 2, (iy1 + iy2) / 2), (ix2 - ix1, iy2 - iy1), 0, 1, -1)
+            cv2.ellipse(e, (((ix1 + ix2) / 2, (iy1 + iy2) / 2), (ix2 - ix1, iy2 - iy1), 0), 1, -1)
             mask = e.astype(bool)
         change = float(rng.uniform(-1, 1)) * self.noise
         r = round(abs(change) * math.sqrt(mask.sum()) / 2)

@@ -1,0 +1,215 @@
+"""What the planner and verifier clients share: an OpenAI chat endpoint as vLLM serves it.
+
+vLLM fills every sampling field a request omits from the model's generation_config, so a
+request that leaves one out silently changes with the server's model folder. `Sampling` sends
+every field explicitly: the OpenAI ones as arguments, vLLM's own (top_k, min_p,
+repetition_penalty) in `extra_body`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import openai
+from PIL import Image
+
+from rescue.models.http import Endpoint, RetryPolicy, check_openai_endpoint, plain
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 512
+    extra: Mapping[str, Any] = field(default_factory=dict)  # more vLLM fields, sent verbatim
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Sampling | None) -> Sampling:
+        if isinstance(cfg, Sampling):
+            return cfg
+        d = dict(plain(cfg) or {})
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown sampling fields {sorted(unknown)}; put vLLM-only "
+                             "fields under sampling.extra")
+        return cls(**d)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        return d
+
+    def request_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `chat.completions.create` (seed and n are added by callers)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "max_tokens": self.max_tokens,
+            "extra_body": {"top_k": self.top_k, "min_p": self.min_p,
+                           "repetition_penalty": self.repetition_penalty, **dict(self.extra)},
+        }
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How an image travels in a request. JPEG at high quality keeps requests small; `max_side`
+    downsizes large photos before sending (relative coordinates are unaffected)."""
+
+    format: str = "jpeg"  # jpeg | png
+    quality: int = 90
+    max_side: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | ImageEncoding | None) -> ImageEncoding:
+        if isinstance(cfg, ImageEncoding):
+            return cfg
+        enc = cls(**dict(plain(cfg) or {}))
+        if enc.format not in ("jpeg", "png"):
+            raise ValueError(f"image.format must be jpeg or png, got {enc.format!r}")
+        return enc
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def sent_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the image as sent."""
+        if self.max_side is None or max(width, height) <= self.max_side:
+            return width, height
+        s = self.max_side / max(width, height)
+        return max(1, round(width * s)), max(1, round(height * s))
+
+    def data_url(self, image: np.ndarray) -> str:
+        pil = Image.fromarray(np.ascontiguousarray(image))
+        w, h = self.sent_size(pil.width, pil.height)
+        if (w, h) != (pil.width, pil.height):
+            pil = pil.resize((w, h), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        if self.format == "png":
+            pil.save(buf, format="PNG")
+            mime = "image/png"
+        else:
+            pil.convert("RGB").save(buf, format="JPEG", quality=int(self.quality))
+            mime = "image/jpeg"
+        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt as data: optional system text and a user text with `{name}` placeholders.
+
+    Only the declared placeholders are replaced (plain string replacement), so templates may
+    contain JSON examples with braces without escaping.
+    """
+
+    user: str
+    system: str = ""
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | PromptTemplate | str,
+                    required: tuple[str, ...] = ()) -> PromptTemplate:
+        if isinstance(cfg, PromptTemplate):
+            t = cfg
+        elif isinstance(cfg, str):
+            t = cls(user=cfg)
+        else:
+            d = dict(plain(cfg))
+            t = cls(user=str(d["user"]), system=str(d.get("system") or ""),
+                    name=str(d.get("name") or ""))
+        missing = [p for p in required if "{" + p + "}" not in t.user]
+        if missing:
+            raise ValueError(f"prompt template {t.name or '<inline>'} lacks placeholders "
+                             f"{['{' + p + '}' for p in missing]}")
+        return t
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "system": self.system, "user": self.user}
+
+    def render(self, **fields: str) -> str:
+        text = self.user
+        for key, value in fields.items():
+            text = text.replace("{" + key + "}", value)
+        return text
+
+    def messages(self, images: list[str], **fields: str) -> list[dict[str, Any]]:
+        """Chat messages: the images first (Qwen-VL's own examples put them before the text)."""
+        msgs: list[dict[str, Any]] = []
+        if self.system:
+            msgs.append({"role": "system", "content": self.system})
+        content = [image_part(u) for u in images] + [text_part(self.render(**fields))]
+        msgs.append({"role": "user", "content": content})
+        return msgs
+
+
+class ChatEndpoint:
+    """An AsyncOpenAI client (created per event loop) behind an `Endpoint`.
+
+    The client's own retries are off: `Endpoint` retries, so every attempt is counted once.
+    """
+
+    def __init__(self, role: str, model: str, base_url: str, *, api_key: str | None = "EMPTY",
+                 timeout_s: float = 120.0, max_concurrency: int = 8,
+                 retry: Mapping[str, Any] | RetryPolicy | None = None,
+                 preflight_timeout_s: float = 10.0):
+        if not base_url:
+            raise ValueError(f"{role}: base_url is empty")
+        self.role = role
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key or "EMPTY"
+        self.timeout_s = float(timeout_s)
+        self.preflight_timeout_s = float(preflight_timeout_s)
+        self.endpoint = Endpoint(role, self.base_url, max_concurrency=max_concurrency,
+                                 retry=retry)
+        self._client: openai.AsyncOpenAI | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
+                                              timeout=self.timeout_s, max_retries=0)
+            self._loop = loop
+        return self._client
+
+    async def create(self, what: str, **kwargs: Any) -> Any:
+        """One chat completion (retried on transient failures); the parsed response."""
+        async def once() -> Any:
+            return await self.client().chat.completions.create(model=self.model, **kwargs)
+
+        return await self.endpoint.call(once, what=what)
+
+    async def preflight(self) -> list[str]:
+        return await check_openai_endpoint(self.role, self.base_url, self.model,
+                                           timeout_s=self.preflight_timeout_s,
+                                           api_key=self.api_key)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is gone: nothing to close
+                await self._client.close()
+            self._client = None
+            self._loop = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"role": self.role, "model": self.model, **self.endpoint.stats()}

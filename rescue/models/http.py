@@ -1,0 +1,249 @@
+"""Plumbing shared by the HTTP model clients: retries, per-endpoint limits, counters, preflight.
+
+A run makes thousands of calls to three servers that are busy, restarted or briefly overloaded;
+a transient failure must cost a retry, not a sample. Only what can succeed on a second try is
+retried (timeouts, dropped connections, 5xx, 429); a 4xx is a bug in the request and fails at once.
+Every request is counted per endpoint so a run can report how many calls each stage made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import openai
+
+T = TypeVar("T")
+
+ENV_VARS = {"planner": "PLANNER_API_BASE", "verifier": "VERIFIER_API_BASE",
+            "executor": "EXECUTOR_API_BASE"}
+"""Environment variables that override each role's endpoint (resolved in the YAML via oc.env)."""
+
+
+def plain(value: Any) -> Any:
+    """An OmegaConf node (or anything else) as plain Python containers."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: delay_k = min(max_delay, base * 2**k) * (1 ± jitter)."""
+
+    attempts: int = 6
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    jitter: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | RetryPolicy | None) -> RetryPolicy:
+        if isinstance(cfg, RetryPolicy):
+            return cfg
+        return cls(**dict(plain(cfg) or {}))
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        d = min(self.max_delay_s, self.base_delay_s * (2.0 ** retry))
+        return max(0.0, d * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))
+
+
+class EndpointError(RuntimeError):
+    """A call that failed for good: a non-retryable answer, or every retry used up.
+
+    `partial` may carry results that did succeed before the failure (e.g. other chunks of the
+    same sample), so a caller can keep them.
+    """
+
+    def __init__(self, endpoint: str, message: str, *, attempts: int = 1,
+                 status: int | None = None, retryable: bool = False, partial: Any = None,
+                 retry_after_s: float | None = None):
+        super().__init__(f"{endpoint}: {message}")
+        self.endpoint = endpoint
+        self.attempts = attempts
+        self.status = status
+        self.retryable = retryable
+        self.partial = partial
+        self.retry_after_s = retry_after_s
+
+
+def status_of(exc: BaseException) -> int | None:
+    if isinstance(exc, openai.APIStatusError):
+        return int(exc.status_code)
+    if isinstance(exc, httpx.HTTPStatusError):
+        return int(exc.response.status_code)
+    if isinstance(exc, EndpointError):
+        return exc.status
+    return None
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds a server asked us to wait (Retry-After on 429/503), if it said."""
+    if isinstance(exc, EndpointError):
+        return exc.retry_after_s
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Timeouts, connection errors, 5xx and 429 may pass on a retry; other errors will not."""
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError | asyncio.TimeoutError):
+        return True  # openai.APITimeoutError is an APIConnectionError
+    if isinstance(exc, EndpointError):
+        return exc.retryable
+    status = status_of(exc)
+    return status is not None and (status >= 500 or status == 429)
+
+
+def describe(exc: BaseException) -> str:
+    status = status_of(exc)
+    text = str(exc).strip().replace("\n", " ")
+    if len(text) > 300:
+        text = text[:300] + "..."
+    kind = type(exc).__name__
+    return f"{kind} (HTTP {status}): {text}" if status is not None else f"{kind}: {text}"
+
+
+class Endpoint:
+    """One served model as the client sees it: at most `max_concurrency` requests in flight,
+    retries with backoff, and counters.
+
+    The semaphore is created per event loop, so one client object survives several
+    `asyncio.run` calls (tests, notebooks) without binding to a dead loop.
+    """
+
+    def __init__(self, name: str, url: str, *, max_concurrency: int = 8,
+                 retry: RetryPolicy | Mapping[str, Any] | None = None,
+                 rng: random.Random | None = None):
+        if max_concurrency < 1:
+            raise ValueError(f"{name}: max_concurrency must be >= 1, got {max_concurrency}")
+        self.name = name
+        self.url = url
+        self.max_concurrency = int(max_concurrency)
+        self.retry = RetryPolicy.from_config(retry)
+        self._rng = rng or random.Random()
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
+        self._counts = {"calls": 0, "requests": 0, "retries": 0, "failures": 0, "ok": 0,
+                        "max_in_flight": 0}
+        self._seconds = 0.0
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._sem_loop = loop
+        return self._sem
+
+    def count(self, key: str, k: int = 1) -> None:
+        self._counts[key] = self._counts.get(key, 0) + k
+
+    async def call(self, fn: Callable[[], Awaitable[T]], what: str = "request") -> T:
+        """Run `fn` (one HTTP request) under the concurrency limit, retrying transient failures.
+
+        Raises EndpointError when the failure is permanent or the retries are used up.
+        """
+        self._counts["calls"] += 1
+        attempts = self.retry.attempts
+        for attempt in range(attempts):
+            async with self._semaphore():
+                self._counts["requests"] += 1
+                self._in_flight += 1
+                self._counts["max_in_flight"] = max(self._counts["max_in_flight"],
+                                                    self._in_flight)
+                t0 = time.perf_counter()
+                try:
+                    result = await fn()
+                except Exception as exc:
+                    error: BaseException | None = exc
+                else:
+                    error = None
+                finally:
+                    self._in_flight -= 1
+                    self._seconds += time.perf_counter() - t0
+            if error is None:
+                self._counts["ok"] += 1
+                return result
+            retryable = is_retryable(error)
+            if not retryable or attempt == attempts - 1:
+                self._counts["failures"] += 1
+                tail = f" after {attempt + 1} attempts" if retryable else ""
+                raise EndpointError(self.url, f"{what} failed{tail}: {describe(error)}",
+                                    attempts=attempt + 1, status=status_of(error),
+                                    retryable=retryable) from error
+            self._counts["retries"] += 1
+            wait = self.retry.delay(attempt, self._rng)
+            asked = retry_after(error)
+            if asked is not None:
+                wait = max(wait, min(asked, self.retry.max_delay_s))
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stats(self) -> dict[str, Any]:
+        return {"endpoint": self.url, **self._counts, "seconds": round(self._seconds, 3)}
+
+
+# --- preflight -----------------------------------------------------------------------------
+
+
+def _down(role: str, url: str, exc: BaseException) -> str:
+    env = ENV_VARS.get(role)
+    hint = f"; start the server or point {env} at it" if env else ""
+    return f"endpoint {url} is down or unreachable ({describe(exc)}){hint}"
+
+
+def _slow(url: str, timeout_s: float) -> str:
+    return f"endpoint {url} did not answer within {timeout_s:g}s (overloaded or stuck?)"
+
+
+async def get_json(role: str, url: str, timeout_s: float,
+                   headers: Mapping[str, str] | None = None) -> tuple[Any, list[str]]:
+    """GET `url` once for a preflight check: (json, []) or (None, [one clear problem]).
+
+    Problems are phrased without the role (the caller prefixes it)."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, headers=dict(headers or {})) as client:
+            resp = await client.get(url)
+    except httpx.TimeoutException:
+        return None, [_slow(url, timeout_s)]
+    except httpx.TransportError as exc:
+        return None, [_down(role, url, exc)]
+    if resp.status_code != 200:
+        return None, [f"GET {url} answered HTTP {resp.status_code}: "
+                      f"{resp.text[:200].strip()}"]
+    try:
+        return resp.json(), []
+    except ValueError:
+        return None, [f"GET {url} did not answer JSON: {resp.text[:200].strip()!r}"]
+
+
+async def check_openai_endpoint(role: str, base_url: str, model: str, *,
+                                timeout_s: float = 10.0, api_key: str | None = None) -> list[str]:
+    """The endpoint answers /models in time and serves `model`; one message per problem."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/models"
+    body, problems = await get_json(role, url, timeout_s, headers)
+    if problems:
+        return problems
+    try:
+        served = [str(m["id"]) for m in body["data"]]
+    except (KeyError, TypeError):
+        return [f"{url} is not an OpenAI-compatible model list: {str(body)[:200]}"]
+    if model not in served:
+        return [f"endpoint {base_url} does not serve model {model!r}; it serves "
+                f"{served}. Set {role}.model to one of them, or restart the server with "
+                f"--served-model-name {model}"]
+    return []

@@ -1,0 +1,191 @@
+"""Planner client: a VLM behind vLLM's OpenAI API samples grounding hypotheses.
+
+Hypothesis i is drawn with seed base_seed + i. vLLM (V1 engine) gives child k of a request with
+`n` and `seed` the seed `seed + k`, so indices i..j go in one request with n = j - i + 1 and
+seed = base_seed + i: the image is prefilled once for all of them, and raising max_n from 16 to
+64 later asks only for 16..63 with the same per-index seeds. Only contiguous runs share a
+request (the caller passes the indices it is missing); `max_hypotheses_per_request` splits long
+runs so no single request holds up a server.
+
+Coordinates: `coords: relative_1000` (Qwen3-VL) maps 0-1000 to the original image whatever
+size was sent. `coords: absolute` (Qwen2.5-VL) means pixels of the image the model saw; give
+`resize: {kind: smart_resize, factor: 28, min_pixels: ..., max_pixels: ...}` matching the
+server's processor so they map back (without `resize`, the sent image's pixels are assumed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rescue.hypothesis import Hypothesis
+from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
+from rescue.models.grounding import COORDS, MULTI_OBJECT, Frame, frame_for, parse_grounding
+from rescue.models.http import EndpointError, RetryPolicy, plain
+from rescue.sample import Sample
+
+GROUNDING_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string"},
+            "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4,
+                        "maxItems": 4},
+            "point_2d": {"type": "array", "items": {"type": "number"}, "minItems": 2,
+                         "maxItems": 2},
+        },
+        "required": ["label", "bbox_2d"],
+    },
+}
+"""JSON schema for `structured_output: true` (sent as response_format json_schema)."""
+
+
+def contiguous_runs(indices: Sequence[int], max_len: int) -> list[tuple[int, int]]:
+    """(start, count) runs covering the distinct indices, each at most `max_len` long."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(int(v) for v in indices)):
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < max_len:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+class OpenAIPlanner:
+    """Planner over an OpenAI-compatible chat endpoint (vLLM serving Qwen3-VL-Instruct)."""
+
+    simulated = False
+
+    def __init__(self, model: str, base_url: str, prompt: Mapping[str, Any] | str, *,
+                 api_key: str | None = "EMPTY", timeout_s: float = 120.0,
+                 max_concurrency: int = 16, sampling: Mapping[str, Any] | None = None,
+                 base_seed: int = 0, max_hypotheses_per_request: int = 16,
+                 coords: str = "relative_1000", resize: Mapping[str, Any] | None = None,
+                 image: Mapping[str, Any] | None = None, structured_output: bool = False,
+                 multi_object: str = "first", out_of_image_tolerance: float = 0.05,
+                 min_box_px: float = 1.0, retry: Mapping[str, Any] | RetryPolicy | None = None,
+                 preflight_timeout_s: float = 10.0):
+        if coords not in COORDS:
+            raise ValueError(f"planner.coords must be one of {COORDS}, got {coords!r}")
+        if multi_object not in MULTI_OBJECT:
+            raise ValueError(f"planner.multi_object must be one of {MULTI_OBJECT}, "
+                             f"got {multi_object!r}")
+        if max_hypotheses_per_request < 1:
+            raise ValueError("planner.max_hypotheses_per_request must be >= 1")
+        self.model = model
+        self.template = PromptTemplate.from_config(prompt, required=("query",))
+        self.sampling = Sampling.from_config(sampling)
+        self.base_seed = int(base_seed)
+        self.max_per_request = int(max_hypotheses_per_request)
+        self.coords = coords
+        self.resize = plain(resize)
+        self.image = ImageEncoding.from_config(image)
+        self.structured_output = bool(structured_output)
+        self.multi_object = multi_object
+        self.tolerance = float(out_of_image_tolerance)
+        self.min_box_px = float(min_box_px)
+        self.chat = ChatEndpoint("planner", model, base_url, api_key=api_key,
+                                 timeout_s=timeout_s, max_concurrency=max_concurrency,
+                                 retry=retry, preflight_timeout_s=preflight_timeout_s)
+        if coords == "absolute" and self.resize is not None:
+            frame_for(64, 64, coords, self.resize)  # fail on a bad rule now, not per sample
+
+    @property
+    def base_url(self) -> str:
+        return self.chat.base_url
+
+    def identity(self) -> Mapping[str, Any]:
+        """Everything that changes a hypothesis; not the URL (the same model on another host
+        shares the cache) and not the request grouping (per-index seeds do not depend on it)."""
+        return {
+            "kind": "openai_chat_planner",
+            "model": self.model,
+            "prompt": self.template.to_json(),
+            "sampling": self.sampling.to_json(),
+            "coords": self.coords,
+            "resize": self.resize,
+            "image": self.image.to_json(),
+            "structured_output": GROUNDING_SCHEMA if self.structured_output else None,
+            "multi_object": self.multi_object,
+            "out_of_image_tolerance": self.tolerance,
+            "min_box_px": self.min_box_px,
+        }
+
+    def messages(self, sample: Sample, image_url: str) -> list[dict[str, Any]]:
+        return self.template.messages([image_url], query=sample.query)
+
+    async def plan(self, sample: Sample, indices: Sequence[int]) -> list[Hypothesis]:
+        """One Hypothesis per index in `indices`, in order (seed of index i: base_seed + i).
+
+        Raises EndpointError (with the hypotheses that did arrive in `.partial`) when a
+        request still fails after its retries.
+        """
+        if not indices:
+            return []
+        url = await asyncio.to_thread(self.image.data_url, sample.image)
+        frame = frame_for(sample.width, sample.height, self.coords, self.resize,
+                          self.image.sent_size(sample.width, sample.height))
+        messages = self.messages(sample, url)
+        runs = contiguous_runs(indices, self.max_per_request)
+        outs = await asyncio.gather(*(self._request(messages, start, count, frame)
+                                      for start, count in runs), return_exceptions=True)
+        by_index: dict[int, Hypothesis] = {}
+        errors: list[BaseException] = []
+        for out in outs:
+            if isinstance(out, BaseException):
+                errors.append(out)
+                if isinstance(out, EndpointError) and isinstance(out.partial, list):
+                    by_index.update((h.index, h) for h in out.partial)
+            else:
+                by_index.update((h.index, h) for h in out)
+        if errors:
+            first = errors[0]
+            if not isinstance(first, Exception):
+                raise first
+            if isinstance(first, EndpointError):
+                first.partial = [by_index[i] for i in sorted(by_index)]
+                raise first
+            raise EndpointError(self.base_url, f"plan failed: {first!r}",
+                                partial=[by_index[i] for i in sorted(by_index)]) from first
+        return [by_index[int(i)] for i in indices]
+
+    async def _request(self, messages: list[dict[str, Any]], start: int, count: int,
+                       frame: Frame) -> list[Hypothesis]:
+        seed = self.base_seed + start
+        kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
+        if self.structured_output:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "grounding", "schema": GROUNDING_SCHEMA}}
+        resp = await self.chat.create(f"plan n={count} seed={seed}", messages=messages,
+                                      n=count, seed=seed, **kwargs)
+        hyps: dict[int, Hypothesis] = {}
+        for choice in resp.choices or []:
+            k = int(choice.index)
+            if not 0 <= k < count or start + k in hyps:
+                continue
+            content = choice.message.content if choice.message is not None else None
+            h = parse_grounding(start + k, content, frame, multi_object=self.multi_object,
+                                tolerance=self.tolerance, min_box_px=self.min_box_px,
+                                finish_reason=choice.finish_reason)
+            h.meta["seed"] = self.base_seed + start + k
+            hyps[start + k] = h
+        missing = [start + k for k in range(count) if start + k not in hyps]
+        if missing:  # a server that returned fewer choices than asked: retry on resume
+            raise EndpointError(self.base_url, f"plan n={count} seed={seed} returned "
+                                f"{len(hyps)} valid choices; indices {missing} missing",
+                                partial=[hyps[i] for i in sorted(hyps)])
+        return [hyps[start + k] for k in range(count)]
+
+    async def preflight(self) -> list[str]:
+        return await self.chat.preflight()
+
+    async def aclose(self) -> None:
+        await self.chat.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return self.chat.stats()

@@ -1,0 +1,181 @@
+"""Verifier client: a (thinking) VLM behind vLLM's OpenAI API judges one candidate mask.
+
+The mask is drawn over the image (`overlay`), the model is asked a yes/no question (or, with
+`scale: rating`, for a 0..rating_max rating), and the score comes from the answer token's
+`top_logprobs` (see `answers`); when no usable logprobs arrive the final answer text is parsed
+instead. The reasoning text is kept in the Verdict, so the cache holds it for analysis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rescue.models import answers
+from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
+from rescue.models.http import RetryPolicy
+from rescue.models.overlay import OverlayStyle, describe, render_views
+from rescue.protocols import Verdict
+from rescue.sample import Sample
+
+SCALES = ("yes_no", "rating")
+
+
+def _extra(message: Any, name: str) -> str | None:
+    value = getattr(message, name, None)
+    if value is None:
+        value = (getattr(message, "model_extra", None) or {}).get(name)
+    return value if isinstance(value, str) else None
+
+
+def _token_logprobs(choice: Any) -> list[answers.TokenLogprob]:
+    content = getattr(getattr(choice, "logprobs", None), "content", None) or []
+    out = []
+    for t in content:
+        top = tuple((str(a.token), float(a.logprob)) for a in (t.top_logprobs or []))
+        out.append(answers.TokenLogprob(str(t.token), float(t.logprob), top))
+    return out
+
+
+class OpenAIVerifier:
+    """Verifier over an OpenAI-compatible chat endpoint (vLLM serving Qwen3-VL-Thinking)."""
+
+    simulated = False
+
+    def __init__(self, model: str, base_url: str, prompt: Mapping[str, Any] | str, *,
+                 api_key: str | None = "EMPTY", timeout_s: float = 600.0,
+                 max_concurrency: int = 16, sampling: Mapping[str, Any] | None = None,
+                 seed: int = 0, logprobs: bool = True, top_logprobs: int = 20,
+                 scale: str = "yes_no", rating_max: int = 10,
+                 overlay: Mapping[str, Any] | None = None, image: Mapping[str, Any] | None = None,
+                 empty_mask_score: float | None = 0.0,
+                 retry: Mapping[str, Any] | RetryPolicy | None = None,
+                 preflight_timeout_s: float = 10.0):
+        if scale not in SCALES:
+            raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
+        if logprobs and not 1 <= int(top_logprobs) <= 20:
+            raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
+                             f"--max-logprobs is 20), got {top_logprobs}")
+        if rating_max < 1:
+            raise ValueError(f"verifier.rating_max must be >= 1, got {rating_max}")
+        self.model = model
+        self.template = PromptTemplate.from_config(prompt, required=("query",))
+        self.sampling = Sampling.from_config(sampling)
+        self.seed = int(seed)
+        self.logprobs = bool(logprobs)
+        self.top_logprobs = int(top_logprobs)
+        self.scale = scale
+        self.rating_max = int(rating_max)
+        self.overlay = OverlayStyle.from_config(overlay)
+        self.image = ImageEncoding.from_config(image)
+        self.empty_mask_score = None if empty_mask_score is None else float(empty_mask_score)
+        self.chat = ChatEndpoint("verifier", model, base_url, api_key=api_key,
+                                 timeout_s=timeout_s, max_concurrency=max_concurrency,
+                                 retry=retry, preflight_timeout_s=preflight_timeout_s)
+
+    @property
+    def base_url(self) -> str:
+        return self.chat.base_url
+
+    def identity(self) -> Mapping[str, Any]:
+        return {
+            "kind": "openai_chat_verifier",
+            "model": self.model,
+            "prompt": self.template.to_json(),
+            "sampling": self.sampling.to_json(),
+            "seed": self.seed,
+            "logprobs": self.top_logprobs if self.logprobs else None,
+            "scale": self.scale,
+            "rating_max": self.rating_max if self.scale == "rating" else None,
+            "overlay": self.overlay.to_json(),
+            "image": self.image.to_json(),
+            "empty_mask_score": self.empty_mask_score,
+        }
+
+    def _prompt_fields(self, sample: Sample) -> dict[str, str]:
+        return {"query": sample.query,
+                "views": describe(self.overlay.views, self.overlay.color_name),
+                "max": str(self.rating_max)}
+
+    def render(self, sample: Sample, mask: np.ndarray) -> list[dict[str, Any]]:
+        """The chat messages for one candidate (overlay drawn, images encoded)."""
+        views = render_views(sample.image, mask, self.overlay)
+        urls = [self.image.data_url(img) for _, img in views]
+        return self.template.messages(urls, **self._prompt_fields(sample))
+
+    async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
+        """Score one candidate mask; raises EndpointError only for transport failures."""
+        m = np.asarray(mask, dtype=bool)
+        if self.empty_mask_score is not None and not m.any():
+            return Verdict(score=self.empty_mask_score, answer="", source="rule",
+                           meta={"rule": "empty_mask"})
+        messages = await asyncio.to_thread(self.render, sample, m)
+        kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
+        if self.logprobs:
+            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
+        resp = await self.chat.create("verify", messages=messages, n=1, seed=self.seed,
+                                      **kwargs)
+        if not resp.choices:
+            return Verdict(score=None, source="", error="verify:no_choice server returned none")
+        return self.read(resp.choices[0])
+
+    def read(self, choice: Any) -> Verdict:
+        """The Verdict in one response choice (pure; exposed for tests and re-scoring)."""
+        msg = choice.message
+        content = getattr(msg, "content", None)
+        reply = answers.split_reasoning(content, _extra(msg, "reasoning"),
+                                        _extra(msg, "reasoning_content"))
+        raw = content or ""
+        meta: dict[str, Any] = {"finish_reason": choice.finish_reason,
+                                "reasoning_placement": reply.placement}
+        tokens = _token_logprobs(choice)
+        if tokens:
+            meta["tokens"] = len(tokens)
+            score = self._logprob_score(tokens, reply, meta)
+            if score is not None:
+                return Verdict(score=score, answer=reply.answer, reasoning=reply.reasoning,
+                               raw=raw, source="logprobs", meta=meta)
+        if self.scale == "yes_no":
+            parsed = answers.parse_yes_no(reply.answer)
+        else:
+            parsed = answers.parse_rating(reply.answer, self.rating_max)
+        if parsed is not None:
+            return Verdict(score=parsed, answer=reply.answer, reasoning=reply.reasoning,
+                           raw=raw, source="parsed", meta=meta)
+        why = ("reasoning unfinished" if reply.placement == "unfinished" or
+               (choice.finish_reason == "length" and not reply.answer) else
+               f"answer {reply.answer[:80]!r}")
+        return Verdict(score=None, answer=reply.answer, reasoning=reply.reasoning, raw=raw,
+                       source="", error=f"verify:unparseable {why} "
+                       f"(finish_reason={choice.finish_reason})", meta=meta)
+
+    def _logprob_score(self, tokens: list[answers.TokenLogprob], reply: answers.Reply,
+                       meta: dict[str, Any]) -> float | None:
+        texts = [t.token for t in tokens]
+        start = answers.reasoning_end(texts, reply)
+        is_answer = answers.is_yes_no if self.scale == "yes_no" else answers.is_digit_token
+        i = answers.answer_index(texts, start, is_answer)
+        if i is None:
+            return None
+        meta["answer_token"] = i
+        if self.scale == "rating":
+            return answers.rating_score(tokens, i, self.rating_max)
+        yn = answers.yes_no_score(tokens[i])
+        if yn is None:
+            return None
+        meta.update(p_yes=yn.p_yes, p_no=yn.p_no)
+        if yn.bounded:
+            meta["bounded"] = True
+        return yn.score
+
+    async def preflight(self) -> list[str]:
+        return await self.chat.preflight()
+
+    async def aclose(self) -> None:
+        await self.chat.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return self.chat.stats()

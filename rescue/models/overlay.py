@@ -1,0 +1,140 @@
+"""Draw a candidate mask over the image so a VLM can judge it.
+
+The verifier sees the mask, not numbers: a translucent tint plus a solid outline (the tint
+shows extent, the outline shows the boundary where the tint is faint on similar colours).
+Small objects are hard to judge at full-image scale, so an optional zoomed crop around the mask
+is a second view (SAM 3 Agent checks masks the same way). Which views are sent is configuration,
+and the prompt is told what each one shows (`describe`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from rescue.models.http import plain
+
+VIEWS = ("overlay", "crop", "image")
+
+_DESCRIPTIONS = {
+    "overlay": "the whole image with the candidate region tinted {color} and outlined",
+    "crop": "a zoomed-in view around the candidate region (same tint and outline)",
+    "image": "the original image without any marking",
+}
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    views: tuple[str, ...] = ("overlay",)
+    color: tuple[int, int, int] = (255, 0, 0)
+    color_name: str = "red"
+    alpha: float = 0.4
+    outline_px: int | None = None  # None: about 0.4% of the longer side, at least 2 px
+    crop_context: float = 0.5  # context added around the mask box, as a fraction of its size
+    crop_min_px: int = 32  # the crop is at least this large (in source pixels)
+    crop_size: int = 512  # the crop is resized so its longer side is this (zoom for small masks)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | OverlayStyle | None) -> OverlayStyle:
+        if isinstance(cfg, OverlayStyle):
+            return cfg
+        d = dict(plain(cfg) or {})
+        if "views" in d:
+            d["views"] = tuple(d["views"])
+        if "color" in d:
+            d["color"] = tuple(int(c) for c in d["color"])
+        style = cls(**d)
+        bad = [v for v in style.views if v not in VIEWS]
+        if bad or not style.views:
+            raise ValueError(f"overlay.views must be a non-empty list from {VIEWS}, got "
+                             f"{list(style.views)}")
+        if not 0.0 <= style.alpha <= 1.0:
+            raise ValueError(f"overlay.alpha must be in [0, 1], got {style.alpha}")
+        return style
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["views"] = list(self.views)
+        d["color"] = list(self.color)
+        d["extra"] = dict(self.extra)
+        return d
+
+
+def _outline(shape: tuple[int, int], style: OverlayStyle) -> int:
+    if style.outline_px is not None:
+        return max(1, int(style.outline_px))
+    return max(2, round(0.004 * max(shape)))
+
+
+def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle) -> np.ndarray:
+    """The image with `mask` tinted and outlined; a copy, (H, W, 3) uint8."""
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != image.shape[:2]:
+        raise ValueError(f"mask shape {m.shape} != image shape {image.shape[:2]}")
+    out = image.astype(np.float32)
+    color = np.array(style.color, dtype=np.float32)
+    out[m] = (1.0 - style.alpha) * out[m] + style.alpha * color
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if m.any():
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in style.color),
+                         _outline(m.shape, style))
+    return out
+
+
+def crop_box(mask: np.ndarray, style: OverlayStyle) -> tuple[int, int, int, int] | None:
+    """(x1, y1, x2, y2) of the zoom view: the mask's box grown by `crop_context`, or None for an
+    empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    h, w = mask.shape
+    x1, x2, y1, y2 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    side = max(x2 - x1, y2 - y1)
+    pad = style.crop_context * side
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    half_w = max((x2 - x1) / 2.0 + pad, style.crop_min_px / 2.0)
+    half_h = max((y2 - y1) / 2.0 + pad, style.crop_min_px / 2.0)
+    bx1, bx2 = max(0, int(np.floor(cx - half_w))), min(w, int(np.ceil(cx + half_w)))
+    by1, by2 = max(0, int(np.floor(cy - half_h))), min(h, int(np.ceil(cy + half_h)))
+    return bx1, by1, bx2, by2
+
+
+def render_views(image: np.ndarray, mask: np.ndarray,
+                 style: OverlayStyle) -> list[tuple[str, np.ndarray]]:
+    """The configured views, in order. An empty mask has no crop view (the full overlay is
+    sent in its place, so the number of images stays what the prompt describes)."""
+    overlay = draw_overlay(image, mask, style)
+    views: list[tuple[str, np.ndarray]] = []
+    for name in style.views:
+        if name == "overlay":
+            views.append((name, overlay))
+        elif name == "image":
+            views.append((name, np.ascontiguousarray(image)))
+        else:
+            box = crop_box(np.asarray(mask, dtype=bool), style)
+            if box is None:
+                views.append((name, overlay))
+                continue
+            x1, y1, x2, y2 = box
+            crop = overlay[y1:y2, x1:x2]
+            scale = style.crop_size / max(crop.shape[:2])
+            size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+            interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+            views.append((name, cv2.resize(crop, size, interpolation=interp)))
+    return views
+
+
+def describe(views: Sequence[str], color_name: str = "red") -> str:
+    """A sentence per image for the prompt's `{views}` placeholder."""
+    if len(views) == 1:
+        return "The image shows " + _DESCRIPTIONS[views[0]].format(color=color_name) + "."
+    parts = [f"Image {i + 1} shows " + _DESCRIPTIONS[v].format(color=color_name) + "."
+             for i, v in enumerate(views)]
+    return " ".join(parts)

@@ -1,0 +1,327 @@
+"""Executor client for the SAM server (protocol: servers/README.md).
+
+All prompts of one image go in one `POST /v1/segment` (chunked at `max_prompts_per_request`), so
+the server encodes the image once. The image travels as lossless PNG the first time; the
+server's digest of PNG pixels equals `Sample.image_sha256`, so later requests for the same
+image send only the digest, and a `404 image_not_found` (evicted from the server's LRU) is
+answered by re-sending the bytes.
+
+SAM3 may return several instances for one prompt (a phrase finds every instance). Which mask a
+hypothesis gets is `instance_policy`:
+    top1          the best-scoring instance
+    union_in_box  union of the instances lying mostly (>= in_box_fraction of their area) inside
+                  the prompt's box; top1 when none does or the prompt has no box
+    union         union of all instances
+An answer with no instance is an empty mask (score 0): the backend looked and found nothing,
+which is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+
+from rescue import masks
+from rescue.hypothesis import Prompt
+from rescue.models.http import Endpoint, EndpointError, RetryPolicy, describe, get_json, plain
+from rescue.protocols import Segmentation
+from rescue.sample import Sample
+
+INSTANCE_POLICIES = ("top1", "union_in_box", "union")
+PROMPT_PARTS = ("text", "box", "points")
+KNOWN_IMAGES = 4096
+"""Digests of images this client has sent, remembered to send the digest instead of bytes."""
+
+
+def png_b64(image: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def reduce_prompt(prompt: Prompt, parts: Sequence[str]) -> Prompt:
+    """The prompt with only the configured parts (e.g. box only for a box-prompted SAM)."""
+    return Prompt(text=prompt.text if "text" in parts else None,
+                  box=prompt.box if "box" in parts else None,
+                  points=prompt.points if "points" in parts else (),
+                  point_labels=prompt.point_labels if "points" in parts else ()).canonical()
+
+
+def _fraction_in_box(mask: np.ndarray, box: Sequence[float]) -> float:
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    h, w = mask.shape
+    x1, y1 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x2, y2 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+    if x2 <= x1 or y2 <= y1:
+        return 0.0
+    return float(mask[y1:y2, x1:x2].sum()) / area
+
+
+def choose_instances(result: Mapping[str, Any], prompt: Prompt, policy: str,
+                     height: int, width: int, in_box_fraction: float = 0.5) -> Segmentation:
+    """One Segmentation from a server result (`{"instances": [...], "error": ...}`)."""
+    if result.get("error"):
+        return Segmentation(rle=None, error=f"execute:prompt {result['error']}",
+                            meta={"prompt": prompt.to_json()})
+    inst = sorted(result.get("instances") or [], key=lambda i: -float(i.get("score") or 0.0))
+    if not inst:
+        return Segmentation(rle=masks.empty(height, width), score=0.0, box=None,
+                            meta={"instances": 0})
+    meta: dict[str, Any] = {"instances": len(inst)}
+    chosen = inst[:1]
+    if policy == "union":
+        chosen = inst
+    elif policy == "union_in_box" and prompt.box is not None and len(inst) > 1:
+        decoded = [masks.decode(i["rle"]) for i in inst]
+        inside = [i for i, m in zip(inst, decoded, strict=True)
+                  if _fraction_in_box(m, prompt.box) >= in_box_fraction]
+        chosen = inside or inst[:1]
+        if not inside:
+            meta["policy_fallback"] = "top1"
+    if len(chosen) == 1:
+        one = chosen[0]
+        rle = {"size": [int(v) for v in one["rle"]["size"]], "counts": one["rle"]["counts"]}
+        if tuple(rle["size"]) != (height, width):
+            return Segmentation(rle=None, error=f"execute:bad_mask_size {rle['size']} != "
+                                f"{[height, width]}", meta=meta)
+        box = one.get("box")
+        return Segmentation(rle=rle, score=float(one.get("score") or 0.0),
+                            box=tuple(box) if box is not None else None, meta=meta)
+    union = np.zeros((height, width), dtype=bool)
+    for i in chosen:
+        m = masks.decode(i["rle"])
+        if m.shape != (height, width):
+            return Segmentation(rle=None, error=f"execute:bad_mask_size {list(m.shape)} != "
+                                f"{[height, width]}", meta=meta)
+        union |= m
+    meta["merged"] = len(chosen)
+    return Segmentation(rle=masks.encode(union), score=max(float(i.get("score") or 0.0)
+                                                           for i in chosen),
+                        box=masks.bbox(union), meta=meta)
+
+
+class SamClient:
+    """Executor over HTTP: the project's SAM server (any backend)."""
+
+    simulated = False
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = 120.0,
+                 max_concurrency: int = 4, max_prompts_per_request: int = 64,
+                 instance_policy: str = "union_in_box", in_box_fraction: float = 0.5,
+                 prompt_parts: Sequence[str] = PROMPT_PARTS, max_instances: int = 16,
+                 multimask: bool = False, info: Mapping[str, Any] | None = None,
+                 retry: Mapping[str, Any] | RetryPolicy | None = None,
+                 preflight_timeout_s: float = 10.0):
+        if not base_url:
+            raise ValueError("executor: base_url is empty")
+        if instance_policy not in INSTANCE_POLICIES:
+            raise ValueError(f"executor.instance_policy must be one of {INSTANCE_POLICIES}, got "
+                             f"{instance_policy!r}")
+        parts = tuple(plain(prompt_parts))
+        bad = [p for p in parts if p not in PROMPT_PARTS]
+        if bad or not parts:
+            raise ValueError(f"executor.prompt_parts must be a non-empty subset of "
+                             f"{PROMPT_PARTS}, got {list(parts)}")
+        self.base_url = base_url.rstrip("/")
+        self.token = token or None
+        self.timeout_s = float(timeout_s)
+        self.max_prompts = int(max_prompts_per_request)
+        self.instance_policy = instance_policy
+        self.in_box_fraction = float(in_box_fraction)
+        self.prompt_parts = parts
+        self.max_instances = int(max_instances)
+        self.multimask = bool(multimask)
+        self.pinned = dict(plain(info)) if info else None
+        self.preflight_timeout_s = float(preflight_timeout_s)
+        self.endpoint = Endpoint("executor", self.base_url, max_concurrency=max_concurrency,
+                                 retry=retry)
+        self._info: dict[str, Any] | None = None
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @staticmethod
+    def _server_identity(info: Mapping[str, Any]) -> dict[str, Any]:
+        return {"protocol": info.get("protocol"), "backend": info.get("backend"),
+                "model": info.get("model"), "identity": info.get("identity")}
+
+    def _fetch_info_sync(self) -> dict[str, Any]:
+        url = self.base_url + "/v1/info"
+        try:
+            resp = httpx.get(url, timeout=self.preflight_timeout_s, headers=self._headers)
+            resp.raise_for_status()
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            raise EndpointError(self.base_url, (
+                f"cannot read the executor's identity from {url} ({describe(exc)}). Start the "
+                "server, or pin `executor.info` to the identity recorded in a previous run's "
+                "stats.json (models.executor.server) to work from the cache alone")) from exc
+
+    def identity(self) -> Mapping[str, Any]:
+        """The server's backend identity (GET /v1/info, or the pinned `info`) and this client's
+        mask policy; not the URL."""
+        if self.pinned is not None:
+            server = self._server_identity(self.pinned)
+        else:
+            if self._info is None:
+                self._info = self._fetch_info_sync()
+            server = self._server_identity(self._info)
+        return {"kind": "sam_server", "server": server, "instance_policy": self.instance_policy,
+                "in_box_fraction": self.in_box_fraction if self.instance_policy ==
+                "union_in_box" else None, "prompt_parts": list(self.prompt_parts),
+                "max_instances": self.max_instances, "multimask": self.multimask}
+
+    # -- transport ----------------------------------------------------------------------------
+    def client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers)
+            self._loop = loop
+        return self._client
+
+    async def _post(self, payload: dict[str, Any]) -> httpx.Response:
+        return await self.client().post(self.base_url + "/v1/segment", json=payload)
+
+    def _error(self, resp: httpx.Response) -> EndpointError:
+        try:
+            detail = resp.json().get("detail") or {}
+        except ValueError:
+            detail = {}
+        code = detail.get("code", "") if isinstance(detail, dict) else ""
+        message = detail.get("message", "") if isinstance(detail, dict) else str(detail)
+        if code == "invalid_prompts" and isinstance(detail, dict):
+            message += f" {detail.get('errors')}"
+        status = resp.status_code
+        after = resp.headers.get("retry-after")
+        return EndpointError(self.base_url, f"POST /v1/segment: HTTP {status} {code}: "
+                             f"{(message or resp.text)[:300]}", status=status,
+                             retryable=status >= 500 or status == 429,
+                             retry_after_s=float(after) if after and after.isdigit() else None)
+
+    async def _segment_chunk(self, sample: Sample, prompts: Sequence[Prompt],
+                             png: list[str]) -> list[dict[str, Any]]:
+        digest = sample.image_sha256
+        body: dict[str, Any] = {"prompts": [p.to_json() for p in prompts], "strict": False,
+                                "multimask": self.multimask, "max_instances": self.max_instances}
+
+        async def image_bytes() -> str:
+            if not png:
+                png.append(await asyncio.to_thread(png_b64, sample.image))
+            return png[0]
+
+        async def once() -> dict[str, Any]:
+            if digest in self._known:
+                resp = await self._post({**body, "image": {"sha256": digest}})
+                if resp.status_code == 404 and _code(resp) == "image_not_found":
+                    self._known.pop(digest, None)
+                    self.endpoint.count("resends")
+                    resp = await self._post({**body, "image": {"b64": await image_bytes()}})
+            else:
+                resp = await self._post({**body, "image": {"b64": await image_bytes()}})
+            if resp.status_code != 200:
+                raise self._error(resp)
+            data = resp.json()
+            if data.get("image_sha256") == digest:
+                self._remember(digest)
+            return data
+
+        data = await self.endpoint.call(once, what=f"segment {len(prompts)} prompts")
+        results = data.get("results") or []
+        if len(results) != len(prompts):
+            raise EndpointError(self.base_url, f"server answered {len(results)} results for "
+                                f"{len(prompts)} prompts")
+        return results
+
+    def _remember(self, digest: str) -> None:
+        self._known[digest] = None
+        self._known.move_to_end(digest)
+        while len(self._known) > KNOWN_IMAGES:
+            self._known.popitem(last=False)
+
+    # -- the Executor protocol ----------------------------------------------------------------
+    async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
+        """One Segmentation per prompt, in order; raises EndpointError on transport failure."""
+        reduced = [reduce_prompt(p, self.prompt_parts) for p in prompts]
+        unique: dict[str, Prompt] = {}
+        for r in reduced:
+            if not r.empty:
+                unique.setdefault(r.key, r)
+        todo = list(unique.values())
+        limit = self.max_prompts
+        if self._info and self._info.get("max_prompts"):
+            limit = min(limit, int(self._info["max_prompts"]))
+        chunks = [todo[k:k + limit] for k in range(0, len(todo), limit)]
+        png: list[str] = []
+        answers: dict[str, dict[str, Any]] = {}
+        if chunks:  # the first request carries the image; the rest refer to it by digest
+            first = await self._segment_chunk(sample, chunks[0], png)
+            answers.update(zip((p.key for p in chunks[0]), first, strict=True))
+            rest = await asyncio.gather(*(self._segment_chunk(sample, c, png)
+                                          for c in chunks[1:]))
+            for chunk, res in zip(chunks[1:], rest, strict=True):
+                answers.update(zip((p.key for p in chunk), res, strict=True))
+        out: list[Segmentation] = []
+        for r in reduced:
+            if r.empty:
+                out.append(Segmentation(rle=None, error=(
+                    f"execute:empty_prompt nothing left of the prompt with prompt_parts="
+                    f"{list(self.prompt_parts)}")))
+            else:
+                out.append(choose_instances(answers[r.key], r, self.instance_policy,
+                                            sample.height, sample.width, self.in_box_fraction))
+        return out
+
+    async def preflight(self) -> list[str]:
+        """Server up and ready; its identity matches a pinned `info`; nothing else."""
+        health, problems = await get_json("executor", self.base_url + "/health",
+                                          self.preflight_timeout_s)
+        if problems:
+            return problems
+        if not (isinstance(health, dict) and health.get("ready")):
+            return [f"SAM server {self.base_url} is not ready: {health}"]
+        info, problems = await get_json("executor", self.base_url + "/v1/info",
+                                        self.preflight_timeout_s, self._headers)
+        if problems:
+            return problems
+        self._info = dict(info)
+        if self.pinned is not None and (self._server_identity(self.pinned) !=
+                                        self._server_identity(self._info)):
+            return [f"SAM server {self.base_url} has identity "
+                    f"{self._server_identity(self._info)}, but executor.info pins "
+                    f"{self._server_identity(self.pinned)}"]
+        return []
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(RuntimeError):  # its event loop is gone
+                await self._client.aclose()
+            self._client = None
+            self._loop = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"role": "executor", **self.endpoint.stats()}
+
+
+def _code(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        return ""
+    return str(detail.get("code", "")) if isinstance(detail, dict) else ""

@@ -1,0 +1,381 @@
+"""An OpenAI-compatible stand-in for vLLM: /v1/models and /v1/chat/completions, vLLM's wire format.
+
+It answers from scripted policies (`scripts.py`) instead of a model, so the real clients can be
+tested end to end over real HTTP: `choices` of length n with `index`, `message` with `reasoning`
+/ `reasoning_content` (or the reasoning left in `content` up to `</think>`, as vLLM does without
+a reasoning parser), `logprobs.content[].top_logprobs` covering every generated token reasoning
+included, `usage`, and vLLM's error JSON (404 for an unknown model, 400 for too many logprobs).
+
+Faults are deterministic: whether a request fails depends on (seed, the request body, how many
+times that same body was seen), never on arrival order, so a concurrent client meets the same
+faults in every run and a retry of the same body eventually passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import math
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+REASONING_PLACEMENTS = ("reasoning", "reasoning_content", "both", "content", "content_open")
+"""Where a thinking model's reasoning goes: vLLM >= 0.11 with a parser (`reasoning`), older vLLM
+(`reasoning_content`), both fields, no parser (`content` = "reasoning</think>\\n\\nanswer", the
+template having opened <think>), or no parser with the opening tag generated (`content_open`)."""
+
+
+@dataclass
+class Completion:
+    """One scripted choice: the final answer text, optional reasoning, and the distribution
+    (token -> probability) at the answer token, the first token of `answer_token` in `text`."""
+
+    text: str
+    reasoning: str | None = None
+    answer_token: str | None = None
+    answer_dist: Mapping[str, float] | None = None
+    finish_reason: str = "stop"
+
+
+@dataclass
+class ChatRequest:
+    """What a policy sees: the body, the prompt's text, the decoded images, n and seed."""
+
+    body: dict[str, Any]
+    text: str
+    images: list[np.ndarray]
+    n: int
+    seed: int | None
+
+
+class Policy(Protocol):
+    def __call__(self, request: ChatRequest) -> list[Completion]: ...
+
+
+@dataclass
+class Faults:
+    """A `fraction` of chat requests fail, as one of `kinds`: "500" (HTTP 500), "503" (with
+    Retry-After), "timeout" (answer after `sleep_s`), "drop" (connection closed mid-response)."""
+
+    fraction: float = 0.0
+    kinds: tuple[str, ...] = ("500", "timeout", "drop")
+    seed: int = 0
+    sleep_s: float = 3.0
+
+    def decide(self, body_key: str, attempt: int) -> str | None:
+        if self.fraction <= 0:
+            return None
+        h = hashlib.sha256(f"{self.seed}|{body_key}|{attempt}".encode()).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64
+        if u >= self.fraction:
+            return None
+        return self.kinds[h[8] % len(self.kinds)]
+
+
+_TOKEN = re.compile(r"</think>|<think>|\n+|[ ]?[A-Za-z]+|[ ]?\d|[ ]?[^\sA-Za-z\d]|[ ]+")
+
+
+def tokenize(text: str) -> list[str]:
+    """A Qwen-like split: words with their leading space, single digits, punctuation, newlines,
+    and the think tags as single tokens. Concatenating the tokens gives back `text`."""
+    tokens = _TOKEN.findall(text)
+    assert "".join(tokens) == text, "stand-in tokenizer lost characters"
+    return tokens
+
+
+_FILLERS = (" the", " a", ",", ".", " of", " and", " is", " to", " in", " it", " that", " on",
+            " this", " with", " for", " as", " at", " be", " by", " an", " or")
+
+
+def _lp_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def logprobs_content(tokens: list[str], answer_at: int | None, dist: Mapping[str, float] | None,
+                     k: int) -> list[dict[str, Any]]:
+    """vLLM's `logprobs.content`: per token the sampled token and the top-k alternatives."""
+    out = []
+    for i, tok in enumerate(tokens):
+        if i == answer_at and dist:
+            ranked = sorted(((t, math.log(p)) for t, p in dist.items() if p > 0),
+                            key=lambda x: -x[1])
+            sampled = dict(ranked).get(tok, -20.0)
+            top = [_lp_entry(t, lp) for t, lp in ranked[:k]]
+        else:
+            sampled = -0.05
+            top = [_lp_entry(tok, sampled)]
+            fill = [f for f in _FILLERS if f != tok][: max(0, k - 1)]
+            top += [_lp_entry(f, -4.0 - j * 0.25) for j, f in enumerate(fill)]
+        out.append({**_lp_entry(tok, sampled), "top_logprobs": top[:k]})
+    return out
+
+
+def _decode_data_url(url: str) -> np.ndarray | None:
+    if not url.startswith("data:"):
+        return None
+    try:
+        raw = base64.b64decode(url.split(",", 1)[1])
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except Exception:
+        return None
+
+
+def _read_messages(messages: list[dict[str, Any]]) -> tuple[str, list[np.ndarray]]:
+    texts, images = [], []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content or []:
+            if part.get("type") == "text":
+                texts.append(part.get("text", ""))
+            elif part.get("type") == "image_url":
+                img = _decode_data_url(part["image_url"]["url"])
+                if img is not None:
+                    images.append(img)
+    return "\n".join(texts), images
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    """vLLM's ErrorResponse: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status}}, status_code=status)
+
+
+class _Drop(Response):
+    """Starts a response promising more bytes than it sends, then fails: the server closes the
+    connection mid-body, which a client sees as a dropped connection."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"4096")]})
+        await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-', "more_body": True})
+        raise ConnectionAbortedError("stand-in fault: connection dropped")
+
+
+@dataclass
+class StandIn:
+    """The stand-in server's state: served models and their policies, faults, counters."""
+
+    models: Mapping[str, Policy]
+    reasoning_placement: str = "reasoning"
+    faults: Faults = field(default_factory=Faults)
+    delay_s: float = 0.0  # every chat answer waits this long (slow mode)
+    models_delay_s: float = 0.0  # /v1/models waits this long (slow preflight)
+    max_logprobs: int = 20
+    max_model_len: int = 32768
+    requests: list[dict[str, Any]] = field(default_factory=list)  # chat bodies that got an answer
+    received: Counter[str] = field(default_factory=Counter)  # per path, faults included
+    faults_served: Counter[str] = field(default_factory=Counter)
+    _seen: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.reasoning_placement not in REASONING_PLACEMENTS:
+            raise ValueError(f"reasoning_placement must be one of {REASONING_PLACEMENTS}")
+
+    def chat_requests(self, model: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if model is None or r.get("model") == model]
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="vLLM stand-in")
+
+        @app.get("/health")
+        async def health() -> Response:
+            self.received["/health"] += 1
+            return Response(status_code=200)
+
+        @app.get("/v1/models")
+        async def models() -> JSONResponse:
+            self.received["/v1/models"] += 1
+            if self.models_delay_s:
+                await asyncio.sleep(self.models_delay_s)
+            now = int(time.time())
+            data = [{"id": name, "object": "model", "created": now, "owned_by": "vllm",
+                     "root": name, "parent": None, "max_model_len": self.max_model_len,
+                     "permission": [{"id": f"modelperm-{uuid.uuid4().hex}",
+                                     "object": "model_permission", "created": now,
+                                     "allow_create_engine": False, "allow_sampling": True,
+                                     "allow_logprobs": True, "allow_search_indices": False,
+                                     "allow_view": True, "allow_fine_tuning": False,
+                                     "organization": "*", "group": None,
+                                     "is_blocking": False}]}
+                    for name in self.models]
+            return JSONResponse({"object": "list", "data": data})
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            self.received["/v1/chat/completions"] += 1
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return _error(400, "invalid JSON body", "BadRequestError")
+            key = hashlib.sha256(raw).hexdigest()
+            with self._lock:
+                attempt = self._seen[key]
+                self._seen[key] += 1
+            fault = self.faults.decide(key, attempt)
+            if fault is not None:
+                self.faults_served[fault] += 1
+                if fault == "500":
+                    return _error(500, "stand-in fault: internal error", "InternalServerError")
+                if fault == "503":
+                    return JSONResponse({"error": {"message": "overloaded", "type":
+                                                   "ServiceUnavailableError", "param": None,
+                                                   "code": 503}}, status_code=503,
+                                        headers={"Retry-After": "0"})
+                if fault == "drop":
+                    return _Drop()
+                await asyncio.sleep(self.faults.sleep_s)  # "timeout": the client gives up first
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            model = body.get("model")
+            if model not in self.models:
+                return _error(404, f"The model `{model}` does not exist.", "NotFoundError",
+                              "model")
+            top_k = int(body.get("top_logprobs") or 0)
+            if body.get("logprobs") and top_k > self.max_logprobs:
+                return _error(400, f"Requested top_logprobs={top_k} exceeds max_logprobs "
+                              f"{self.max_logprobs}", "BadRequestError", "top_logprobs")
+            resp = await asyncio.to_thread(self._complete, body)
+            with self._lock:
+                self.requests.append(body)
+            return JSONResponse(resp)
+
+        return app
+
+    def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        text, images = _read_messages(body.get("messages") or [])
+        n = int(body.get("n") or 1)
+        req = ChatRequest(body=body, text=text, images=images, n=n, seed=body.get("seed"))
+        completions = list(self.models[body["model"]](req))
+        assert len(completions) == n, "a policy must return n completions"
+        want_lp = bool(body.get("logprobs"))
+        k = int(body.get("top_logprobs") or 0)
+        prompt_tokens = len(tokenize(text)) + 256 * len(images)
+        choices, completion_tokens = [], 0
+        for index, c in enumerate(completions):
+            choice, n_tokens = self._choice(index, c, want_lp, k)
+            choices.append(choice)
+            completion_tokens += n_tokens
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": body["model"], "choices": choices,
+            "service_tier": None, "system_fingerprint": None,
+            "usage": {"prompt_tokens": prompt_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None},
+            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
+        }
+
+    def _choice(self, index: int, c: Completion, want_lp: bool,
+                k: int) -> tuple[dict[str, Any], int]:
+        placement = self.reasoning_placement
+        if c.reasoning is None:
+            generated = c.text
+            content: str | None = c.text
+            fields: dict[str, Any] = {"reasoning": None} if placement != "reasoning_content" \
+                else {"reasoning_content": None}
+        else:
+            opener = "<think>" if placement == "content_open" else ""
+            generated = opener + c.reasoning + "</think>\n\n" + c.text
+            if placement in ("content", "content_open"):
+                content, fields = generated, {"reasoning": None}
+            else:
+                content = "\n\n" + c.text
+                fields = {"reasoning": c.reasoning} if placement == "reasoning" else (
+                    {"reasoning_content": c.reasoning} if placement == "reasoning_content" else
+                    {"reasoning": c.reasoning, "reasoning_content": c.reasoning})
+        tokens = tokenize(generated)
+        logprobs = None
+        if want_lp:
+            answer_at = None
+            if c.answer_token is not None:
+                start = generated.rfind("</think>")
+                start = 0 if start < 0 else start + len("</think>")
+                pos = 0
+                for i, t in enumerate(tokens):
+                    if pos >= start and t == c.answer_token:
+                        answer_at = i
+                        break
+                    pos += len(t)
+            logprobs = {"content": logprobs_content(tokens, answer_at, c.answer_dist, max(k, 1))}
+        message = {"role": "assistant", "content": content, "refusal": None,
+                   "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
+                   **fields}
+        return ({"index": index, "message": message, "logprobs": logprobs,
+                 "finish_reason": c.finish_reason, "stop_reason": None, "token_ids": None},
+                len(tokens))
+
+
+class ServerThread:
+    """A uvicorn server for `app` on 127.0.0.1 and a free port, in a daemon thread."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1"):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.host, self.port = self._sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="critical", access_log=False,
+                                timeout_graceful_shutdown=1, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run,
+                                        kwargs={"sockets": [self._sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A port nothing listens on (for 'endpoint down' tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(standin: StandIn) -> ServerThread:
+    return ServerThread(standin.app()).start()
+
+
+Judge = Callable[[ChatRequest], float]

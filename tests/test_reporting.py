@@ -76,6 +76,16 @@ def test_markdown_cells_are_percent_with_interval_and_bold_best_non_oracle() -> 
     assert f"**{100 * oracle.giou:.1f}" not in md
 
 
+def test_markdown_bolds_nothing_when_every_selector_ties() -> None:
+    df = metrics_frame()
+    df.loc[df.n == 1, ["giou", "giou_lo", "giou_hi"]] = [0.5, 0.4, 0.6]
+    df.loc[(df.n == 2) & df.selector.isin(["verifier", "consensus"]), "giou"] = 0.9
+    rows = [line for line in metrics_markdown(df).splitlines() if line.startswith("| ")]
+    giou_rows = rows[1:1 + len(NS)]  # best_of_n gIoU table, after its header row
+    assert giou_rows[0].startswith("| 1 |") and "**" not in giou_rows[0]
+    assert giou_rows[1].count("**90.0") == 2
+
+
 def test_markdown_has_a_section_per_subset_all_first() -> None:
     md = metrics_markdown(metrics_frame(subsets=("long", "all", "short")))
     heads = [line for line in md.splitlines() if line.startswith("## ")]

@@ -76,14 +76,16 @@ def _metric_table(block: pd.DataFrame, metric: str) -> list[str]:
         at_n = block[block["n"] == n].set_index("selector")
         # bold the best non-oracle selector: the oracle is a bound, not a contender
         contenders = at_n.drop(index="oracle", errors="ignore")[metric].dropna()
-        best = contenders.idxmax() if len(contenders) else None
+        top = contenders.max() if len(contenders) else None
+        # ties share the bold; when every contender ties (e.g. N = 1) nobody is best
+        best = set() if contenders.nunique() < 2 else set(contenders.index[contenders == top])
         cells = []
         for s in selectors:
             if s not in at_n.index:
                 cells.append("")
                 continue
             text = _cell(at_n.loc[s], metric)
-            cells.append(f"**{text}**" if s == best and len(contenders) > 1 else text)
+            cells.append(f"**{text}**" if s in best else text)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 

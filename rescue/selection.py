@@ -74,15 +74,18 @@ def first(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0
 
 
 def random(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """A random order of the working candidates, fixed by (seed, key) so reruns agree.
+    """A uniformly random working candidate, in exact expectation: every working candidate ties.
 
-    `key` is the sample id: each sample gets its own permutation, independent of record order.
+    Ties share their probability evenly in the estimators, so random@N is the pool's mean IoU at
+    every N with no sampling noise. The single answer (`select`) draws a seeded permutation.
     """
+    return np.array([0.0 if c.ok else -np.inf for c in candidates])
+
+
+def _permutation(n: int, key: str, seed: int) -> np.ndarray:
+    """A permutation fixed by (seed, key); `key` is the sample id, so record order is irrelevant."""
     digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    s = rng.permutation(len(candidates)).astype(float)
-    s[[not c.ok for c in candidates]] = -np.inf
-    return s
+    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n)
 
 
 def oracle(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
@@ -127,5 +130,7 @@ def select(
     if not candidates:
         return None
     s = scores(name, candidates, key=key, seed=seed)
+    if name == "random":  # break the all-way tie by a seeded draw, not by position
+        s = np.where(np.isfinite(s), _permutation(len(candidates), key, seed).astype(float), s)
     best = int(np.argmax(np.where(np.isnan(s), -np.inf, s)))
     return best if candidates[best].ok else None

@@ -177,18 +177,15 @@ def test_limiting_cases():
     assert np.ptp(df[(df.estimator == "prefix") & (df.n == 1)].giou) < 1e-12
 
 
-def test_random_selector_is_uninformative():
-    # one fixed permutation per sample: its pick at N = M is a uniformly random candidate, so over
-    # many samples the gain over the pool mean (N = 1) is noise, within 5 standard errors
+def test_random_selector_is_the_pool_mean_at_every_n():
     rng = np.random.default_rng(5)
     recs = [_record(f"s{s}", 20, [_cand(k, int(rng.integers(0, 21)), 20 + int(rng.integers(0, 9)))
-                                  for k in range(7)]) for s in range(2000)]
-    top = per_sample_table(recs, 7, "random").expected_iou.to_numpy()
+                                  for k in range(7)]) for s in range(50)]
     mean = per_sample_table(recs, 1, "random").expected_iou.to_numpy()
-    gain = top - mean
-    assert abs(gain.mean()) <= 5 * gain.std(ddof=1) / np.sqrt(len(gain))
+    for n in (2, 4, 7):
+        np.testing.assert_allclose(per_sample_table(recs, n, "random").expected_iou, mean)
     oracle_gain = per_sample_table(recs, 7, "oracle").expected_iou.to_numpy() - mean
-    assert oracle_gain.mean() > 20 * gain.std(ddof=1) / np.sqrt(len(gain))
+    assert oracle_gain.mean() > 0.1
 
 
 def test_n_beyond_every_pool_is_skipped_and_short_pools_are_clamped(caplog):

@@ -165,6 +165,22 @@ def _peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+_BEARER = HTTPBearer(auto_error=False, description="required when the server has a token")
+
+
+async def _authorize(request: Request,
+                     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+                     ) -> None:
+    # module level: FastAPI resolves these annotations in the module's namespace
+    token = request.app.state.runtime.settings.token
+    if token is None:
+        return
+    given = creds.credentials if creds is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "unauthorized"},
     404: {"model": ErrorResponse, "description": "image_not_found"},
@@ -207,7 +223,6 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
     )
     app.state.runtime = rt
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
-    bearer = HTTPBearer(auto_error=False, description="required when the server has a token")
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -226,15 +241,6 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
                         f"request does not match the schema: {where}: {first.get('msg', '')}",
                         errors=errors).response()
 
-    async def authorize(
-            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if settings.token is None:
-            return
-        given = creds.credentials if creds is not None else ""
-        if not hmac.compare_digest(given.encode(), settings.token.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
-                           headers={"WWW-Authenticate": "Bearer"})
-
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
         if rt.load_error is not None:
@@ -246,7 +252,7 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
         return JSONResponse(body.model_dump())
 
     @app.get("/v1/info", response_model=InfoResponse, responses={401: _ERRORS[401]},
-             dependencies=[Depends(authorize)])
+             dependencies=[Depends(_authorize)])
     async def info() -> InfoResponse:
         bi = backend.info()
         s = rt.stats
@@ -351,7 +357,7 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
                        "segment": round((t4 - t3) * 1e3, 3), "total": round(total, 3)})
 
     @app.post("/v1/segment", response_model=SegmentResponse, responses=_ERRORS,
-              dependencies=[Depends(authorize)])
+              dependencies=[Depends(_authorize)])
     async def segment(req: SegmentRequest) -> SegmentResponse:
         t_start = time.perf_counter()
         rt.stats.requests += 1

@@ -218,3 +218,34 @@ def test_bad_settings_are_refused():
         ClassicalExecutor(iterations=0)
     with pytest.raises(ValueError):
         ClassicalExecutor(max_concurrency=0)
+
+
+@pytest.mark.parametrize("text,colour", [
+    ("the red star left of the blue circle", "red"), ("shape above the red star", None),
+    ("largest Green shape", "green"), ("all purple shapes", "purple"), (None, None),
+    ("the cup on the red table", None), ("grey cat", "grey")])
+def test_head_colour(text, colour):
+    assert classical.head_colour(text) == colour
+
+
+def test_colour_word_steers_the_score():
+    """Two equally clean discs, red and blue: the phrase's colour word decides which mask
+    scores higher; without a colour word (or with the prior off) both score alike."""
+    rng = np.random.default_rng(2)
+    img = rng.normal(120, 10, (128, 128, 3))
+    yy, xx = np.mgrid[:128, :128]
+    red = (xx - 36) ** 2 + (yy - 64) ** 2 <= 18 ** 2
+    blue = (xx - 92) ** 2 + (yy - 64) ** 2 <= 18 ** 2
+    img[red], img[blue] = (215, 40, 40), (45, 85, 215)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    rbox, bbox = (14, 42, 58, 86), (70, 42, 114, 86)
+
+    def score(box, text, prior=True):
+        return grabcut_segment(img, Prompt(text=text, box=box), colour_prior=prior).score
+
+    assert score(rbox, "the red disc") > 2 * score(bbox, "the red disc")
+    assert score(bbox, "the blue disc") > 2 * score(rbox, "the blue disc")
+    assert score(rbox, "the disc") == pytest.approx(score(bbox, "the disc"), abs=0.1)
+    assert score(bbox, "the red disc", prior=False) == score(bbox, "the disc")
+    assert classical.colour_agreement(img[red], "red") == pytest.approx(1.0)
+    assert classical.colour_agreement(img[red], "blue") < 0.2

@@ -8,6 +8,7 @@ not simulated: its masks are real (if modest) segmentations.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,53 @@ the box itself is returned as the mask instead."""
 
 MIN_PART = 0.2
 """A connected part of GrabCut's foreground is kept when at least this fraction of the largest."""
+
+
+COLOUR_WORDS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 50),
+    "green": (40, 160, 60), "blue": (40, 80, 220), "purple": (140, 60, 180),
+    "pink": (240, 140, 180), "brown": (140, 90, 50), "black": (20, 20, 20),
+    "white": (240, 240, 240), "grey": (128, 128, 128), "gray": (128, 128, 128),
+}
+"""Prototype sRGB colours of basic colour terms (generic, not any dataset's palette)."""
+
+_RELATION = re.compile(r"\b(left of|right of|above|below|under|over|behind|near|next to|beside|"
+                       r"between|in front of|on top of|on|with|of|to|from|that|which)\b")
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    px = np.clip(np.asarray(rgb, np.float32).reshape(1, -1, 3) / 255.0, 0, 1)
+    return cv2.cvtColor(px, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+
+
+_COLOUR_LAB = _lab(np.array(list(COLOUR_WORDS.values())))
+
+
+def head_colour(text: str | None) -> str | None:
+    """The colour word describing the phrase's head object: the first one before any relation
+    word ("the red star left of the blue circle" -> red; "the shape above the red star" -> None).
+    """
+    if not text:
+        return None
+    head = _RELATION.split(text.lower(), maxsplit=1)[0]
+    for word in re.findall(r"[a-z]+", head):
+        if word in COLOUR_WORDS:
+            return word
+    return None
+
+
+def colour_agreement(pixels: np.ndarray, colour: str, tau: float = 15.0) -> float:
+    """In (0, 1]: 1 when `colour` is the basic colour term nearest (CIELAB) to the pixels' mean,
+    decaying with how much farther it is than the nearest one.
+
+    The one bit of the query a box-and-colour segmenter can check; it lets the executor's score
+    prefer a clean mask *of the named colour* over a cleaner mask of another object.
+    """
+    if pixels.size == 0:
+        return 0.0
+    d = np.linalg.norm(_COLOUR_LAB - _lab(pixels.reshape(-1, 3).mean(0)), axis=1)
+    gap = float(d[list(COLOUR_WORDS).index(colour)] - d.min())
+    return float(np.exp(-gap / tau))
 
 
 def _clip_box(box: Box, width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -126,7 +174,7 @@ def _keep_components(fg: np.ndarray, seeds: Sequence[tuple[int, int]],
 
 def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
                     max_side: int = 512, context: float = 0.5,
-                    slack: float = 0.3) -> Segmentation:
+                    slack: float = 0.3, colour_prior: bool = True) -> Segmentation:
     """Segment what `prompt`'s box (or points) outlines with GrabCut.
 
     Initialisation is GC_INIT_WITH_RECT's (inside the box = probable foreground, outside = sure
@@ -139,10 +187,13 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
     around the box (`context` × its size on each side: the local background GrabCut models) is
     processed, downscaled so its long side is at most `max_side`; the mask is upsampled back.
 
-    Score in [0, 1]: separation × (1 − truncation), where separation measures how distinct
-    the mask's colours are from the ring just outside it (see `_separation`) and truncation is
-    the fraction of the box border the mask runs along. High means "a clean, distinct object
-    that the box encloses": it does not know which object the query meant.
+    Score in [0, 1]: separation × (1 − truncation) × colour, where separation measures how
+    distinct the mask's colours are from the ring just outside it (see `_separation`),
+    truncation is the fraction of the box border the mask runs along, and colour (with
+    `colour_prior`, when the prompt's phrase names a colour for its head object) is how well the
+    mask's mean colour fits that word (`colour_agreement`), else 1. High means "a clean,
+    distinct object that the box encloses, of the colour asked for"; beyond a colour word it
+    does not know which object the query meant.
     """
     height, width = image.shape[:2]
     positives = [p for p, lab in zip(prompt.points, prompt.point_labels, strict=False) if lab == 1]
@@ -217,6 +268,11 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
 
     score = score_scale * _separation(work, fg) * (1.0 - _truncation(fg, (wx1, wy1, wx2, wy2),
                                                                       (wh, ww)))
+    colour = head_colour(prompt.text) if colour_prior else None
+    if colour is not None:
+        agreement = colour_agreement(work[fg], colour)
+        score *= agreement
+        meta["colour"] = {"word": colour, "agreement": round(agreement, 4)}
     if scale < 1.0 and fg.any():
         up = cv2.resize(fg.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
         fg_crop = up >= 0.5
@@ -235,7 +291,7 @@ class ClassicalExecutor:
     simulated = False
 
     def __init__(self, iterations: int = 5, max_side: int = 512, max_concurrency: int = 2,
-                 context: float = 0.5, slack: float = 0.3) -> None:
+                 context: float = 0.5, slack: float = 0.3, colour_prior: bool = True) -> None:
         if iterations < 1 or max_side < 8 or max_concurrency < 1 or context < 0 or slack < 0:
             raise ValueError("iterations >= 1, max_side >= 8, max_concurrency >= 1, "
                              "context >= 0 and slack >= 0 required")
@@ -243,12 +299,14 @@ class ClassicalExecutor:
         self.max_side = int(max_side)
         self.context = float(context)
         self.slack = float(slack)
+        self.colour_prior = bool(colour_prior)
         self.max_concurrency = int(max_concurrency)
         self._sem: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     def identity(self) -> Mapping[str, Any]:
         return {"backend": "grabcut", "iterations": self.iterations, "max_side": self.max_side,
-                "context": self.context, "slack": self.slack, "opencv": cv2.__version__}
+                "context": self.context, "slack": self.slack, "colour_prior": self.colour_prior,
+                "opencv": cv2.__version__}
 
     def _semaphore(self) -> asyncio.Semaphore:
         # one per event loop: a semaphore is bound to the loop it first waits on
@@ -262,7 +320,7 @@ class ClassicalExecutor:
             try:
                 return await asyncio.to_thread(grabcut_segment, image, prompt,
                                                self.iterations, self.max_side, self.context,
-                                               self.slack)
+                                               self.slack, self.colour_prior)
             except Exception as exc:  # one bad prompt never fails the others
                 return _error(prompt, f"grabcut failed: {type(exc).__name__}: {exc}")
 

@@ -148,6 +148,7 @@ class SamClient:
         self.endpoint = Endpoint("executor", self.base_url, max_concurrency=max_concurrency,
                                  retry=retry)
         self._info: dict[str, Any] | None = None
+        self._unresolved: str | None = None  # set once an identity without the server was given
         self._known: OrderedDict[str, None] = OrderedDict()
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,13 +177,22 @@ class SamClient:
 
     def identity(self) -> Mapping[str, Any]:
         """The server's backend identity (GET /v1/info, or the pinned `info`) and this client's
-        mask policy; not the URL."""
+        mask policy; not the URL.
+
+        When the server cannot be reached (a config check, an offline run without a pinned
+        `info`) the identity says so instead of raising, and this client then refuses to
+        segment: masks must never be cached under a key that does not name their backend.
+        """
         if self.pinned is not None:
             server = self._server_identity(self.pinned)
         else:
             if self._info is None:
-                self._info = self._fetch_info_sync()
-            server = self._server_identity(self._info)
+                try:
+                    self._info = self._fetch_info_sync()
+                except EndpointError as exc:
+                    self._unresolved = str(exc)
+            server = (self._server_identity(self._info) if self._info is not None
+                      else {"unresolved": True})
         return {"kind": "sam_server", "server": server, "instance_policy": self.instance_policy,
                 "in_box_fraction": self.in_box_fraction if self.instance_policy ==
                 "union_in_box" else None, "prompt_parts": list(self.prompt_parts),
@@ -258,6 +268,10 @@ class SamClient:
     # -- the Executor protocol ----------------------------------------------------------------
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
         """One Segmentation per prompt, in order; raises EndpointError on transport failure."""
+        if self._unresolved is not None:
+            raise EndpointError(self.base_url, "this client's identity() was taken while the "
+                                f"server was unreachable ({self._unresolved}); cache keys would "
+                                "not name the backend, so it will not segment")
         reduced = [reduce_prompt(p, self.prompt_parts) for p in prompts]
         unique: dict[str, Prompt] = {}
         for r in reduced:

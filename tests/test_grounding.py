@@ -227,5 +227,5 @@ def test_bad_policy_or_coords_is_a_config_error():
         parse_grounding(0, "[]", REL, multi_object="largest")
     with pytest.raises(ValueError, match="coords"):
         Frame(W, H, coords="normalized")
-    with pytest.raises(ValueError, match="resize.kind"):
+    with pytest.raises(ValueError, match=r"resize\.kind"):
         frame_for(W, H, "absolute", {"kind": "bilinear"})

@@ -210,7 +210,7 @@ def test_verifier_ignores_yes_and_no_inside_the_reasoning(stand, samples):
 
 def test_verifier_sums_spellings_and_bounds_a_missing_side(stand, samples):
     script = VerifierScript(lambda r: 0.999999, spellings={"{}": 0.7, " {}": 0.2, "{l}": 0.1})
-    si, url = stand(models={"verifier": script})
+    _, url = stand(models={"verifier": script})
     v = run(_verifier(url, top_logprobs=3).verify(samples[0], samples[0].target))
     # top-3 are Yes, " Yes", "yes": no "No" listed -> bounded by the smallest listed probability
     assert v.source == "logprobs" and v.meta.get("bounded") is True

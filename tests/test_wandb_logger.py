@@ -116,6 +116,18 @@ def test_two_runs_in_one_process_each_get_their_own_directory(wandb_env: Path) -
     assert "skipped" not in runs[1].summary and runs[0].run_id != runs[1].run_id
 
 
+def test_disabled_mode_logs_nothing_and_raises_nothing(wandb_env: Path) -> None:
+    df = metrics_frame()
+    items = [overlay_item()]
+    paths = write_report(wandb_env / "r", [], df, items)
+    logger = WandbLogger(mode="disabled", dir=wandb_env / "r")
+    logger.start({"a": 1}, name="x", simulated=True)
+    log_report(logger, paths, df, items)
+    logger.finish()
+    assert logger.errors == [] and logger.run_dir is None
+    assert not (wandb_env / "r" / "wandb").exists()
+
+
 def test_simulated_summary_tags_the_run(wandb_env: Path) -> None:
     logger = WandbLogger(dir=wandb_env)
     logger.start({}, name="x")

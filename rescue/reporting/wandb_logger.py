@@ -21,6 +21,7 @@ import pandas as pd
 
 from rescue.reporting.overlays import OverlayItem, mask_layers
 from rescue.reporting.tables import ESTIMATOR_ORDER, SELECTOR_ORDER, ordered, with_subset
+from rescue.reporting.wandb_offline import has_exited
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class WandbLogger:
     def __init__(self, project: str = "rescue", entity: str | None = None,
                  mode: str | None = None, dir: str | Path | None = None,
                  group: str | None = None, tags: Sequence[str] = (), job_type: str = "run",
-                 settings: Mapping[str, Any] | None = None) -> None:
+                 settings: Mapping[str, Any] | None = None,
+                 flush_timeout_s: float = 30.0) -> None:
         self.project = project
         self.entity = entity
         self.mode = mode or default_mode()
@@ -87,6 +89,7 @@ class WandbLogger:
         self.job_type = job_type
         # console capture off: Hydra already logs to the run dir and tqdm bars stay intact
         self.settings = {"console": "off", **(settings or {})}
+        self.flush_timeout_s = flush_timeout_s
         self.timings: dict[str, float] = {}
         self.errors: list[str] = []
         self.run_dir: Path | None = None
@@ -116,7 +119,7 @@ class WandbLogger:
             self._run = wandb.init(reinit=True, **kwargs)
         t2 = time.perf_counter()
         self.timings.update(import_s=t1 - t0, init_s=t2 - t1)
-        self.run_dir = Path(self._run.dir).parent
+        self.run_dir = None if self.mode == "disabled" else Path(self._run.dir).parent
         self._run.define_metric("n")
         log.info("W&B %s run %s in %s (started in %.2f s)", self.mode, self._run.id,
                  self.run_dir, t2 - t0)
@@ -206,6 +209,22 @@ class WandbLogger:
         t0 = time.perf_counter()
         run, self._run = self._run, None
         run.finish()
-        self.timings["finish_s"] = time.perf_counter() - t0
-        if self.mode == "offline":
+        if self.mode == "offline" and self.run_dir is not None:
+            self._wait_for_log(self.run_dir)
             log.info("W&B offline run saved; upload it with: wandb sync %s", self.run_dir)
+        self.timings["finish_s"] = time.perf_counter() - t0
+
+    def _wait_for_log(self, run_dir: Path) -> None:
+        """wandb's `finish()` can return before its writer flushes the offline log; wait for it.
+
+        Without this a process that reads the run (or exits) right away can miss the summary.
+        """
+        if not any(run_dir.glob("*.wandb")):
+            return  # nothing written (or not a file-backed run): nothing to wait for
+        deadline = time.monotonic() + self.flush_timeout_s
+        while not has_exited(run_dir):
+            if time.monotonic() > deadline:
+                log.warning("W&B offline log %s has no exit record after %.0f s", run_dir,
+                            self.flush_timeout_s)
+                return
+            time.sleep(0.02)

@@ -62,6 +62,8 @@ def raw_records(path: Path | str) -> Iterator[bytes]:
         if kind == 0 and length == 0:
             pos += (BLOCK - pos % BLOCK) % BLOCK
             continue
+        if pos + length > len(data):  # torn tail: the writer is still at work
+            return
         chunk = data[pos:pos + length]
         pos += length
         if kind == FULL:
@@ -117,3 +119,18 @@ def read_run(path: Path | str) -> OfflineRun:
         elif kind == "exit":
             run.exited = True
     return run
+
+
+def has_exited(path: Path | str) -> bool:
+    """Whether the run's log already holds its exit record (the writer may lag `finish()`)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        for raw in raw_records(path):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "exit":
+                return True
+    except (OSError, ValueError):
+        return False
+    return False

@@ -174,6 +174,14 @@ class ReasonSegDataset:
     # ---------------------------------------------------------------- load
 
     def load(self, sample_id: str) -> Sample:
+        try:
+            return self._load(sample_id)
+        except SampleError:
+            raise
+        except Exception as e:  # an unforeseen defect in one sample must not end the run
+            raise SampleError(f"{self.name}/{sample_id}: {type(e).__name__}: {e}") from e
+
+    def _load(self, sample_id: str) -> Sample:
         if self._ids is None:
             self.sample_ids()
         if sample_id not in self._index:

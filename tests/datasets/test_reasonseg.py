@@ -222,3 +222,14 @@ def test_png_mask_with_ignore_label(tmp_path: Path) -> None:
     got = mask_cell({"bytes": None, "path": str(path)}, "m")
     np.testing.assert_array_equal(got, m)  # 1 present: 255 means ignore
     np.testing.assert_array_equal(mask_cell((m == 1) * 255, "m"), (m == 1).astype(np.uint8))
+
+
+def test_unforeseen_defect_becomes_a_sample_error(lisa_root: Path, monkeypatch) -> None:
+    ds = ReasonSegDataset(lisa_root, split="val")
+
+    def boom(*args: object) -> None:
+        raise KeyError("imageData")
+
+    monkeypatch.setattr(ds, "_load_lisa", boom)
+    with pytest.raises(SampleError, match=r"reasonseg_val/a: KeyError: 'imageData'"):
+        ds.load("a")

@@ -1,0 +1,205 @@
+"""The SAM client against the project's real SAM server (classical backend) over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from standin import ServerThread, free_port
+
+from rescue import masks
+from rescue.datasets.synthetic import SyntheticDataset
+from rescue.hypothesis import Prompt
+from rescue.metrics import iou, iou_counts
+from rescue.models.http import EndpointError
+from rescue.models.sam_client import SamClient, choose_instances, reduce_prompt
+from servers.backends import make_backend
+from servers.sam_server import ServerSettings, create_app
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    ds = SyntheticDataset(num_samples=4, seed=11, height=120, width=160, difficulty="easy")
+    return [ds.load(i) for i in ds.sample_ids()]
+
+
+@pytest.fixture
+def sam():
+    """A factory: sam(**ServerSettings) -> base URL of a classical SAM server in a thread."""
+    servers = []
+
+    def make(**settings):
+        app = create_app(make_backend("classical", {}), ServerSettings(**settings))
+        srv = ServerThread(app).start()
+        servers.append(srv)
+        return srv.url
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def _client(url, **kw):
+    kw.setdefault("retry", {"attempts": 3, "base_delay_s": 0.01})
+    return SamClient(url, **kw)
+
+
+def _record_images(client):
+    """Wrap the client's POST to record how each request sent its image."""
+    sent = []
+    post = client._post
+
+    async def recording(payload):
+        sent.append(next(iter(payload["image"])))
+        return await post(payload)
+
+    client._post = recording
+    return sent
+
+
+def test_segments_every_prompt_in_one_request(sam, samples):
+    url = sam()
+    client = _client(url, instance_policy="top1")
+    s = samples[0]
+    box = s.target_boxes[0]
+    prompts = [Prompt(box=box), Prompt(text="the thing", box=box),
+               Prompt(text="only text"), Prompt(box=box),  # duplicate of the first
+               Prompt(points=(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),),
+                      point_labels=(1,))]
+    sent = _record_images(client)
+    segs = run(client.segment(s, prompts))
+    assert len(segs) == 5 and sent == ["b64"]
+    assert client.stats()["requests"] == 1
+    for k in (0, 1, 3):
+        assert segs[k].ok and segs[k].rle["size"] == [s.height, s.width]
+        assert iou(*iou_counts(masks.decode(segs[k].rle), s.gt)) > 0.5
+        assert 0.0 <= segs[k].score <= 1.0 and segs[k].box is not None
+    assert segs[0].rle == segs[3].rle
+    assert not segs[2].ok and segs[2].error.startswith("execute:prompt")  # classical: no text
+    assert segs[4].ok
+
+
+def test_second_call_sends_the_digest_and_resends_bytes_when_evicted(sam, samples):
+    url = sam(image_cache_size=1)
+    client = _client(url)
+    sent = _record_images(client)
+    a, b = samples[0], samples[1]
+
+    async def go():
+        first = await client.segment(a, [Prompt(box=a.target_boxes[0])])
+        again = await client.segment(a, [Prompt(box=a.target_boxes[0])])
+        await client.segment(b, [Prompt(box=b.target_boxes[0])])  # evicts a from the LRU
+        third = await client.segment(a, [Prompt(box=a.target_boxes[0])])
+        await client.aclose()
+        return first, again, third
+
+    first, again, third = run(go())
+    assert sent == ["b64", "sha256", "b64", "sha256", "b64"]
+    assert client.stats()["resends"] == 1 and client.stats()["failures"] == 0
+    assert first[0].rle == again[0].rle == third[0].rle
+
+
+def test_chunks_large_prompt_lists(sam, samples):
+    url = sam()
+    client = _client(url, max_prompts_per_request=2)
+    sent = _record_images(client)
+    s = samples[2]
+    x1, y1, x2, y2 = s.target_boxes[0]
+    prompts = [Prompt(box=(x1 - d, y1 - d, x2 + d, y2 + d)) for d in range(5)]
+    segs = run(client.segment(s, prompts))
+    assert len(segs) == 5 and all(g.ok for g in segs)
+    assert sent == ["b64", "sha256", "sha256"]
+
+
+def test_prompt_parts_reduce_what_is_sent(sam, samples):
+    url = sam()
+    client = _client(url, prompt_parts=["text"])
+    s = samples[0]
+    segs = run(client.segment(s, [Prompt(box=s.target_boxes[0]), Prompt(text="x", box=(1, 1,
+                                                                                        9, 9))]))
+    assert segs[0].error.startswith("execute:empty_prompt") and client.stats()["requests"] == 1
+    assert segs[1].error.startswith("execute:prompt")  # text-only reached the server
+    assert reduce_prompt(Prompt(text="A", box=(1, 2, 3, 4), points=((1, 1),),
+                                point_labels=(1,)), ["box"]) == Prompt(box=(1, 2, 3, 4))
+
+
+def test_identity_comes_from_the_server_and_not_the_url(sam):
+    url = sam()
+    ident = _client(url).identity()
+    assert ident["server"]["backend"] == "classical"
+    assert ident["server"]["identity"]["backend"] == "classical"
+    assert ident["instance_policy"] == "union_in_box"
+    assert "127.0.0.1" not in str(ident)
+    assert _client(url, instance_policy="top1").identity() != ident
+    pinned = _client("http://127.0.0.1:1", info=ident["server"])  # offline: nothing contacted
+    assert pinned.identity() == ident
+
+
+def test_unreachable_identity_is_marked_and_the_client_refuses_to_segment(samples):
+    client = _client(f"http://127.0.0.1:{free_port()}", preflight_timeout_s=2)
+    assert client.identity()["server"] == {"unresolved": True}
+    with pytest.raises(EndpointError, match="unreachable"):
+        run(client.segment(samples[0], [Prompt(box=(1, 1, 20, 20))]))
+
+
+def test_pinned_identity_mismatch_fails_preflight(sam):
+    url = sam()
+    client = _client(url, info={"backend": "sam3", "model": "facebook/sam3", "identity": {}})
+    (problem,) = run(client.preflight())
+    assert "pins" in problem and "classical" in problem
+    assert run(_client(url).preflight()) == []
+
+
+def test_token_is_sent_and_a_401_is_not_retried(sam, samples):
+    url = sam(token="s3cret")
+    s = samples[0]
+    bad = _client(url)
+    with pytest.raises(EndpointError, match="401 unauthorized"):
+        run(bad.segment(s, [Prompt(box=s.target_boxes[0])]))
+    assert bad.stats()["requests"] == 1 and bad.stats()["failures"] == 1
+    good = _client(url, token="s3cret")
+    assert run(good.segment(s, [Prompt(box=s.target_boxes[0])]))[0].ok
+
+
+def _inst(mask, score):
+    return {"rle": masks.encode(mask), "score": score, "box": list(masks.bbox(mask))}
+
+
+def test_instance_policies():
+    h, w = 50, 60
+    a = np.zeros((h, w), bool)
+    a[5:15, 5:15] = True  # inside the prompt box
+    b = np.zeros((h, w), bool)
+    b[20:30, 8:18] = True  # inside too
+    c = np.zeros((h, w), bool)
+    c[30:45, 40:58] = True  # outside, best score
+    result = {"instances": [_inst(a, 0.6), _inst(c, 0.9), _inst(b, 0.5)], "error": None}
+    prompt = Prompt(text="cups", box=(0, 0, 25, 35))
+    top = choose_instances(result, prompt, "top1", h, w)
+    assert np.array_equal(masks.decode(top.rle), c) and top.score == 0.9
+    inbox = choose_instances(result, prompt, "union_in_box", h, w)
+    assert np.array_equal(masks.decode(inbox.rle), a | b) and inbox.score == 0.6
+    assert inbox.meta == {"instances": 3, "merged": 2}
+    allm = choose_instances(result, prompt, "union", h, w)
+    assert np.array_equal(masks.decode(allm.rle), a | b | c)
+    assert allm.box == masks.bbox(a | b | c)
+    nobox = choose_instances(result, Prompt(text="cups"), "union_in_box", h, w)
+    assert np.array_equal(masks.decode(nobox.rle), c)
+    none = choose_instances({"instances": [], "error": None}, prompt, "top1", h, w)
+    assert none.ok and masks.area(none.rle) == 0 and none.score == 0.0
+    err = choose_instances({"instances": [], "error": "boom"}, prompt, "top1", h, w)
+    assert not err.ok and err.error == "execute:prompt boom"
+    wrong = choose_instances(result, prompt, "top1", h + 1, w)
+    assert wrong.error.startswith("execute:bad_mask_size")
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="instance_policy"):
+        SamClient("http://x", instance_policy="biggest")
+    with pytest.raises(ValueError, match="prompt_parts"):
+        SamClient("http://x", prompt_parts=["mask"])

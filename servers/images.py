@@ -15,9 +15,12 @@ class ImageInvalid(ValueError):
 
 
 class ImageTooLarge(ValueError):
-    def __init__(self, width: int, height: int, limit_pixels: int, limit_side: int) -> None:
-        super().__init__(f"image is {width}x{height} = {width * height} px; limits: "
-                         f"{limit_pixels} px and {limit_side} px a side")
+    """Over the server's limits; width/height None when Pillow refused it before we could look."""
+
+    def __init__(self, width: int | None, height: int | None, limit_pixels: int,
+                 limit_side: int, why: str = "") -> None:
+        size = f"{width}x{height} = {width * height} px" if width and height else why
+        super().__init__(f"image is {size}; limits: {limit_pixels} px and {limit_side} px a side")
         self.width, self.height = width, height
         self.limit_pixels, self.limit_side = limit_pixels, limit_side
 
@@ -44,8 +47,8 @@ def decode_image(raw: bytes, max_pixels: int, max_side: int) -> np.ndarray:
         rgb = img.convert("RGB")
     except ImageTooLarge:
         raise
-    except Image.DecompressionBombError as exc:  # Pillow's own guard, past its pixel limit
-        raise ImageTooLarge(0, 0, max_pixels, max_side) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, far past any limit
+        raise ImageTooLarge(None, None, max_pixels, max_side, str(exc)) from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageInvalid(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     arr = np.asarray(rgb, dtype=np.uint8)

@@ -37,7 +37,8 @@ def validate_prompt(p: PromptIn, width: int, height: int, tolerance: float,
     axis (x against width, y against height); within that it is clipped to the image.
     """
     tx, ty = tolerance * width, tolerance * height
-    text = " ".join(p.text.split()) if p.text else None
+    text = " ".join(p.text.split()) if p.text else ""
+    text = text or None  # whitespace-only text is no text
 
     def check_xy(x: float, y: float, what: str) -> None:
         if not (-tx <= x <= width + tx and -ty <= y <= height + ty):

@@ -170,3 +170,12 @@ def test_bad_config_is_refused():
         SyntheticDataset(difficulty="impossible")
     with pytest.raises(ValueError):
         SyntheticDataset(min_objects=5, max_objects=3)
+
+
+def test_two_objects_fall_back_to_kinds_they_allow():
+    """Multi-target queries need three objects; with two the generator picks another kind."""
+    ds = SyntheticDataset(num_samples=12, min_objects=2, max_objects=2, seed=1)
+    for sid in ds.sample_ids():
+        scene, sample = ds.scene(sid), ds.load(sid)
+        assert len(scene.objects) == 2 and sample.tags != ("multi",)
+        assert referents(sample.query, scene.objects) == set(scene.query.targets)

@@ -308,19 +308,25 @@ _TAGS = {"attribute": ("attribute",), "comparative": ("comparative",), "relation
 
 def make_scene(rng: np.random.Generator, height: int, width: int, min_objects: int,
                max_objects: int, difficulty: Difficulty, max_tries: int = 500) -> Scene:
-    """Draw a query kind, then scenes until one supports an unambiguous query of that kind."""
-    kind = QUERY_KINDS[int(rng.choice(len(QUERY_KINDS), p=QUERY_WEIGHTS))]
-    for _ in range(max_tries):
+    """Draw a query kind, then scenes until one supports an unambiguous query of that kind.
+
+    After `max_tries // 10` scenes without one (a config that rarely allows that kind, such as
+    multi-target queries among two objects), any kind is accepted, the drawn one first.
+    """
+    first = int(rng.choice(len(QUERY_KINDS), p=QUERY_WEIGHTS))
+    order = QUERY_KINDS[first:] + QUERY_KINDS[:first]
+    for attempt in range(max_tries):
         n = int(rng.integers(min_objects, max_objects + 1))
         rendered = _render(rng, height, width, n, difficulty)
         if rendered is None:
             continue
         image, objects = rendered
-        queries = _QUERY_MAKERS[kind](objects, min(height, width))
-        if queries:
-            q = queries[int(rng.integers(len(queries)))]
-            return Scene(image=image, objects=tuple(objects), query=q)
-    raise SampleError(f"no scene supporting a {kind!r} query in {max_tries} tries "
+        for kind in order if attempt >= max_tries // 10 else order[:1]:
+            queries = _QUERY_MAKERS[kind](objects, min(height, width))
+            if queries:
+                q = queries[int(rng.integers(len(queries)))]
+                return Scene(image=image, objects=tuple(objects), query=q)
+    raise SampleError(f"no scene supporting an unambiguous query in {max_tries} tries "
                       f"({width}x{height}, {min_objects}-{max_objects} objects)")
 
 

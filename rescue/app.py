@@ -133,24 +133,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = overlay_items(cfg, dataset, pipe, recs) if int(cfg.report.overlays) > 0 else []
     paths = write_report(out_dir, recs, metrics, items, simulated=pipe.simulated,
                          primary=str(cfg.selection.primary))
-    _log_to_logger(cfg, metrics, paths, stats, simulated=pipe.simulated)
+    _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)
     return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths}
 
 
 def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path],
-                   stats: dict[str, Any], *, simulated: bool) -> None:
-    from rescue.reporting.tables import summary
+                   items: Sequence[Any], *, simulated: bool) -> None:
+    from rescue.reporting import log_report
 
     logger = instantiate(cfg.logger)
-    tags = [str(cfg.task_name)] + (["simulated"] if simulated else [])
-    logger.start(OmegaConf.to_container(cfg, resolve=True), name=str(cfg.task_name), tags=tags)
+    logger.start(OmegaConf.to_container(cfg, resolve=True), name=str(cfg.task_name),
+                 tags=[str(cfg.task_name)], simulated=simulated)
     try:
-        logger.log_metrics(metrics)
-        logger.log_images({k: v for k, v in paths.items() if str(v).endswith(".png")})
-        logger.log_summary({**summary(metrics, primary=str(cfg.selection.primary)),
-                            "model_calls": stats["calls"]["model_calls"]})
+        log_report(logger, paths, metrics, items)
     finally:
         logger.finish()
 

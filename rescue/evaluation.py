@@ -201,6 +201,8 @@ def evaluate(
     """
     _check_records(records)
     _check_names(selectors, estimators)
+    # the resamples index samples: fix their order so a run, a merge and a re-evaluation agree
+    records = sorted(records, key=lambda r: r.sample_id)
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     grid = _usable_n(n_grid, records)

@@ -276,3 +276,10 @@ def test_failure_summary():
     assert s["by_stage"] == {"execute": 2, "plan": 1, "verify": 1}
     assert s["by_reason"] == {"execute: Timeout": 2, "plan: bad JSON": 1, "verify: unknown": 1}
     assert s["sample_errors"] == {"ValueError": 1}
+
+
+def test_record_order_does_not_change_any_number():
+    recs = random_records(np.random.default_rng(9), 25)
+    a = evaluate(recs, [1, 2, 4], ALL, bootstrap=100, seed=3)
+    b = evaluate(recs[::-1], [1, 2, 4], ALL, bootstrap=100, seed=3)
+    pd.testing.assert_frame_equal(a, b)

@@ -29,7 +29,7 @@ from rescue.metrics import iou, iou_counts
 from rescue.progress import StageBars
 from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
 from rescue.records import CandidateRecord, SampleRecord
-from rescue.sample import Sample
+from rescue.sample import Sample, image_digest
 
 
 @dataclass
@@ -73,7 +73,9 @@ def _runs(indices: Sequence[int]) -> list[list[int]]:
 
 
 def _truth_digest(sample: Sample) -> str:
-    return make_key({"gt": masks.digest(masks.encode(sample.gt.astype(np.uint8)))})
+    """What a simulator reads besides the image: the truth mask and the object boxes."""
+    return make_key({"gt": image_digest(sample.gt), "targets": sample.target_boxes,
+                     "distractors": sample.distractors})
 
 
 class Pipeline:

@@ -15,7 +15,7 @@ Box = tuple[float, float, float, float]
 
 
 def image_digest(image: np.ndarray) -> str:
-    """sha256 of the decoded pixels and their shape.
+    """sha256 of the decoded pixels (or any array) and their shape.
 
     Hashing pixels rather than the file makes the key independent of how a dataset stores the
     image (JPEG in a folder, bytes in a parquet row), so every layout shares cache entries.

@@ -1,0 +1,218 @@
+"""Single-image inference (the seed's `run_inference.py`): one image, one query, one mask.
+
+    python run.py mode=infer image=example.jpg query="the red car in the background" \\
+        planner=qwen3vl_8b_instruct executor=sam3 verifier=qwen3vl_32b_thinking max_n=16
+
+(or `experiment=refcoco_multi_n mode=infer ...` for that experiment's models). It runs the same
+pipeline as a benchmark (plan max_n hypotheses, execute each distinct prompt, verify each
+distinct mask, through the shared cache) and writes into the run directory:
+    mask.png         the selected mask (0/255), same size as the image
+    overlay.png      the image with the selected mask drawn on it
+    candidates.json  every candidate ranked by the selector, with its prompt and all its scores
+    candidates.png   the best distinct candidate masks side by side, captioned
+Simulated models read a ground truth that a lone image does not have, so they are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+
+from rescue import selection
+from rescue.cache import Cache
+from rescue.models.overlay import OverlayStyle, draw_overlay
+from rescue.pipeline import Pipeline
+from rescue.protocols import Executor, Planner, Verifier, aclose
+from rescue.records import SampleRecord
+from rescue.sample import Sample
+
+log = logging.getLogger("rescue.infer")
+
+MAX_TILES = 8
+TILE = 256
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """RGB pixels as displayed (EXIF orientation applied, so the mask matches what one sees)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+class _OneImage:
+    """A one-sample Dataset, so inference runs through the benchmark's own pipeline."""
+
+    name = "infer"
+
+    def __init__(self, sample: Sample):
+        self.sample = sample
+
+    def sample_ids(self) -> list[str]:
+        return [self.sample.sample_id]
+
+    def load(self, sample_id: str) -> Sample:
+        return self.sample
+
+
+@dataclass
+class InferenceResult:
+    sample: Sample
+    record: SampleRecord
+    selector: str
+    selected: int | None  # hypothesis index of the answer; None when every candidate failed
+    mask: np.ndarray  # (H, W) bool; all False when nothing was selected
+    ranked: list[dict[str, Any]]
+    paths: dict[str, Path]
+    calls: dict[str, Any]
+
+
+def _ranked(record: SampleRecord, selector: str, seed: int) -> list[dict[str, Any]]:
+    cands = record.candidates
+    s = selection.scores(selector, cands, key=record.sample_id, seed=seed)
+    order = sorted(range(len(cands)), key=lambda k: (-s[k] if np.isfinite(s[k]) else np.inf,
+                                                     cands[k].index))
+    out = []
+    for rank, k in enumerate(order):
+        c = cands[k]
+        out.append({"rank": rank, "index": c.index,
+                    "score": float(s[k]) if np.isfinite(s[k]) and s[k] > selection.UNSCORED
+                    else None,
+                    "verifier_score": c.verifier_score, "verifier_source": c.verifier_source,
+                    "executor_score": c.executor_score, "consensus": c.consensus,
+                    "text": c.text, "box": c.box, "points": c.points, "area": c.area,
+                    "duplicate_of": c.duplicate_of, "failed_stage": c.failed_stage,
+                    "error": c.error})
+    return out
+
+
+def _sheet(image: np.ndarray, ranked: Sequence[dict[str, Any]], masks: dict[int, np.ndarray],
+           style: OverlayStyle) -> np.ndarray:
+    """The best distinct candidates drawn side by side, captioned with index and scores."""
+    tiles = []
+    for row in ranked:
+        if len(tiles) >= MAX_TILES:
+            break
+        if row["failed_stage"] in ("plan", "execute") or row["duplicate_of"] is not None:
+            continue
+        m = masks.get(row["index"])
+        if m is None:
+            continue
+        tile = draw_overlay(image, m, style)
+        scale = TILE / max(tile.shape[:2])
+        tile = cv2.resize(tile, (max(1, round(tile.shape[1] * scale)),
+                                 max(1, round(tile.shape[0] * scale))))
+        canvas = np.full((TILE + 24, TILE, 3), 255, np.uint8)
+        canvas[: tile.shape[0], : tile.shape[1]] = tile
+        v = row["verifier_score"]
+        caption = f"#{row['rank'] + 1} h{row['index']} v={v:.2f}" if v is not None else \
+            f"#{row['rank'] + 1} h{row['index']} v=n/a"
+        cv2.putText(canvas, caption, (4, TILE + 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20),
+                    1, cv2.LINE_AA)
+        tiles.append(canvas)
+    if not tiles:
+        return np.full((TILE + 24, TILE, 3), 255, np.uint8)
+    return np.concatenate(tiles, axis=1)
+
+
+async def infer(image_path: str | Path, query: str, planner: Planner, executor: Executor,
+                verifier: Verifier, max_n: int, out_dir: str | Path, *,
+                cache: Cache | None = None, selector: str = "verifier", seed: int = 0,
+                check: bool = True) -> InferenceResult:
+    """Segment what `query` refers to in the image at `image_path`; write the outputs.
+
+    `check` runs each model's preflight first (clear errors before any work). The models are
+    not closed here (the caller owns them).
+    """
+    if not query or not str(query).strip():
+        raise ValueError("inference needs a non-empty query")
+    simulated = [n for n, m in (("planner", planner), ("executor", executor),
+                                ("verifier", verifier)) if m.simulated]
+    if simulated:
+        raise ValueError(f"mode=infer needs real models, but {', '.join(simulated)} "
+                         "is simulated (it reads a ground truth a lone image does not have); "
+                         "choose e.g. planner=qwen3vl_8b_instruct executor=sam3 "
+                         "verifier=qwen3vl_32b_thinking")
+    if selector == "oracle":
+        raise ValueError("the oracle selector needs the ground truth; use verifier, executor, "
+                         "consensus or first")
+    selection.get(selector)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image = load_image(image_path)
+    sample = Sample(sample_id=Path(image_path).stem or "image", query=str(query).strip(),
+                    image=image, gt=np.zeros(image.shape[:2], np.uint8), dataset="infer")
+    if check:
+        from rescue.app import Models, check_endpoints
+
+        await check_endpoints(Models(planner=planner, executor=executor, verifier=verifier))
+    pipe = Pipeline(planner, executor, verifier, cache or Cache(out / "cache"), max_n=max_n,
+                    samples_in_flight=1, progress=False)
+    (record,) = await pipe.run(_OneImage(sample), [sample.sample_id])
+    masks = pipe.masks_of(sample, record)
+    pos = selection.select(selector, record.candidates, key=record.sample_id, seed=seed)
+    selected = record.candidates[pos].index if pos is not None else None
+    mask = masks.get(selected, np.zeros(image.shape[:2], bool)) if selected is not None else \
+        np.zeros(image.shape[:2], bool)
+    ranked = _ranked(record, selector, seed)
+    style = OverlayStyle()
+    paths = {"mask": out / "mask.png", "overlay": out / "overlay.png",
+             "candidates": out / "candidates.json", "sheet": out / "candidates.png"}
+    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"])
+    Image.fromarray(draw_overlay(image, mask, style)).save(paths["overlay"])
+    Image.fromarray(_sheet(image, ranked, masks, style)).save(paths["sheet"])
+    calls = pipe.stats.to_json()
+    paths["candidates"].write_text(json.dumps({
+        "image": str(image_path), "query": sample.query, "width": sample.width,
+        "height": sample.height, "max_n": max_n, "selector": selector, "selected": selected,
+        "models": {k: dict(v) for k, v in pipe._ids.items()}, "calls": calls,
+        "candidates": ranked}, indent=2, default=str))
+    return InferenceResult(sample=sample, record=record, selector=selector, selected=selected,
+                           mask=mask, ranked=ranked, paths=paths, calls=calls)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """`mode=infer`: build the configured models, run `infer`, print the ranking.
+
+    Returns the selected candidate's verifier score (None when nothing was selected)."""
+    from hydra.utils import to_absolute_path
+
+    from rescue.app import build_models
+
+    if not cfg.get("image") or not cfg.get("query"):
+        raise ValueError('mode=infer needs image=<path> and query="<text>"')
+    image = Path(to_absolute_path(str(cfg.image)))
+    models = build_models(cfg)
+    cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
+
+    async def go() -> InferenceResult:
+        try:
+            return await infer(image, str(cfg.query), models.planner, models.executor,
+                               models.verifier, int(cfg.max_n), cfg.paths.output_dir,
+                               cache=cache, selector=str(cfg.selection.primary),
+                               seed=int(cfg.seed), check=not bool(cfg.offline))
+        finally:
+            for m in models.all().values():
+                await aclose(m)
+
+    result = asyncio.run(go())
+    log.info("query %r on %s: selected hypothesis %s; outputs in %s", result.sample.query,
+             image.name, result.selected, Path(cfg.paths.output_dir))
+    for row in result.ranked[:5]:
+        log.info("  #%d h%d score=%s text=%r box=%s %s", row["rank"] + 1, row["index"],
+                 row["score"], row["text"], row["box"], row["error"] or "")
+    top = next((r for r in result.ranked if r["index"] == result.selected), None)
+    return top["verifier_score"] if top is not None else None

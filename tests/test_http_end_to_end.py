@@ -1,0 +1,146 @@
+"""A whole experiment over HTTP, as a user runs it: `python run.py` with the real clients, the real
+SAM server (classical backend, its own process) and the vLLM stand-in; then single-image
+inference (`mode=infer`) against the same servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+from standin import PlannerScript, ServerThread, StandIn, Targets, VerifierScript, free_port
+from standin import overlay_iou_judge as iou_judge
+
+from rescue.metrics import iou, iou_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANNER, VERIFIER = "Qwen3-VL-8B-Instruct", "Qwen3-VL-32B-Thinking"
+MODELS = ["planner=qwen3vl_8b_instruct", "executor=sam3", "verifier=qwen3vl_32b_thinking",
+          "dataset=synthetic", "dataset.num_samples=4", "seed=0",
+          # lossless images let the stand-in find each sample by its pixel digest, and the
+          # [overlay, image] views let its judge see exactly which pixels are marked
+          "planner.image.format=png", "verifier.image.format=png",
+          "verifier.overlay.views=[overlay,image]"]
+RUN = ["max_n=8", "n_grid=[1,2,4,8]", "selection.bootstrap=0", "report.overlays=1",
+       "logger=none", "pipeline.progress=false"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def samples():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=MODELS)
+    ds = instantiate(cfg.dataset)
+    return [ds.load(i) for i in ds.sample_ids()]
+
+
+@pytest.fixture(scope="module")
+def servers(samples, tmp_path_factory):
+    targets = Targets(samples)
+    standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.1),
+                       VERIFIER: VerifierScript(iou_judge(targets))})
+    vllm = ServerThread(standin.app()).start()
+    port = free_port()
+    log = tmp_path_factory.mktemp("sam") / "sam.log"
+    with open(log, "wb") as out:
+        sam = subprocess.Popen([sys.executable, "-m", "servers.sam_server", "--backend",
+                                "classical", "--port", str(port), "--log-level", "warning"],
+                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    sam_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(sam_url + "/health", timeout=2).json().get("ready"):
+                break
+        except httpx.HTTPError:
+            pass
+        assert sam.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    yield standin, vllm.url + "/v1", sam_url
+    sam.terminate()
+    sam.wait(10)
+    vllm.stop()
+
+
+def _run(tmp_path, servers, name, *extra):
+    _, api, sam_url = servers
+    env = {**os.environ, "PLANNER_API_BASE": api, "VERIFIER_API_BASE": api,
+           "EXECUTOR_API_BASE": sam_url, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / name}",
+           f"paths.cache_dir={tmp_path / 'cache'}", *MODELS, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp_path / name
+
+
+def _sam_requests(sam_url):
+    return httpx.get(sam_url + "/v1/info", timeout=10).json()["stats"]["requests"]
+
+
+def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, samples):
+    standin, _, sam_url = servers
+    sam_before = _sam_requests(sam_url)
+    run_dir = _run(tmp_path, servers, "online", *RUN)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["simulated"] is False
+    calls = stats["calls"]
+    # one planner request per sample (8 hypotheses: n=8), one executor request per sample,
+    # one verifier request per distinct non-empty mask
+    assert calls["requests"]["plan"] == len(samples)
+    assert len(standin.chat_requests(PLANNER)) == len(samples)
+    assert all(b["n"] == 8 and b["seed"] == 0 for b in standin.chat_requests(PLANNER))
+    assert calls["requests"]["execute"] == len(samples)
+    assert _sam_requests(sam_url) - sam_before == len(samples)
+    assert len(standin.chat_requests(VERIFIER)) <= calls["requests"]["verify"]
+    records = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert len(records) == len(samples)
+    cands = [c for r in records for c in r["candidates"]]
+    assert len(cands) == 8 * len(samples)
+    assert any(c["failed_stage"] == "plan" for c in cands)  # p_broken: recorded, not fatal
+    assert sum(c["verifier_source"] == "logprobs" for c in cands) > len(cands) // 2
+    m = pd.read_csv(run_dir / "metrics.csv")
+    at8 = m[(m.n == 8) & (m.estimator == "best_of_n") & (m.subset == "all")].set_index(
+        "selector").giou
+    assert at8["verifier"] >= at8["random"]  # the stand-in judge scores by true IoU
+    assert at8["oracle"] >= at8["verifier"]
+
+    chat_before = len(standin.chat_requests())
+    sam_mid = _sam_requests(sam_url)
+    again = _run(tmp_path, servers, "offline", *RUN, "offline=true")
+    assert json.loads((again / "stats.json").read_text())["calls"]["model_calls"] == 0
+    assert len(standin.chat_requests()) == chat_before and _sam_requests(sam_url) == sam_mid
+    assert (again / "records.jsonl").read_text() == (run_dir / "records.jsonl").read_text()
+
+    # single-image inference on one of the samples: it shares the cache with the run above
+    # (same image pixels, query and models), so it costs no model call and must pick the
+    # candidate the run's verifier selector picked
+    sample = samples[1]
+    image = tmp_path / "photo.png"
+    Image.fromarray(sample.image).save(image)
+    chat_before = len(standin.chat_requests())
+    out = _run(tmp_path, servers, "infer", "mode=infer", f"image={image}",
+               f"query={sample.query}", "max_n=8")
+    assert len(standin.chat_requests()) == chat_before
+    result = json.loads((out / "candidates.json").read_text())
+    assert result["query"] == sample.query and len(result["candidates"]) == 8
+    assert [c["rank"] for c in result["candidates"]] == list(range(8))
+    assert result["selected"] == result["candidates"][0]["index"]
+    (rec,) = [r for r in records if r["sample_id"] == sample.sample_id]
+    ok = [c for c in rec["candidates"] if c["failed_stage"] is None]
+    best = max(ok, key=lambda c: (c["verifier_score"], -c["index"]))
+    assert result["selected"] == best["index"]
+    mask = np.asarray(Image.open(out / "mask.png")) > 0
+    assert mask.shape == sample.gt.shape
+    assert iou(*iou_counts(mask, sample.gt)) == pytest.approx(best["iou"])
+    assert (out / "overlay.png").is_file() and (out / "candidates.png").is_file()

@@ -261,6 +261,9 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
     else:
         bgd = np.zeros((1, 65), np.float64)
         fgd = np.zeros((1, 65), np.float64)
+        # GrabCut seeds its colour models by k-means on OpenCV's per-thread RNG: reseed it so
+        # the mask depends on the prompt alone, not on what the worker thread did before
+        cv2.setRNGSeed(0)
         cv2.grabCut(work, init, None, bgd, fgd, int(iterations), cv2.GC_INIT_WITH_MASK)
         fg = np.isin(init, (cv2.GC_FGD, cv2.GC_PR_FGD))
         fg = _keep_components(fg, seeds, vetoes, radius + 2)

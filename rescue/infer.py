@@ -1,11 +1,12 @@
 """Single-image inference (the seed's `run_inference.py`): one image, one query, one mask.
 
-    python run.py mode=infer image=example.jpg query="the red car in the background" \\
-        planner=qwen3vl_8b_instruct executor=sam3 verifier=qwen3vl_32b_thinking max_n=16
+    python run.py experiment=http_synthetic mode=infer image=example.jpg \
+        query="the red car in the background" max_n=16
 
-(or `experiment=refcoco_multi_n mode=infer ...` for that experiment's models). It runs the same
-pipeline as a benchmark (plan max_n hypotheses, execute each distinct prompt, verify each
-distinct mask, through the shared cache) and writes into the run directory:
+`experiment=` picks the real models (Qwen3-VL planner and verifier, SAM3 server; any experiment
+with real models works, e.g. refcoco_multi_n; group overrides such as `verifier=...` go after
+it). It runs the same pipeline as a benchmark (plan max_n hypotheses, execute each distinct
+prompt, verify each distinct mask, through the shared cache) and writes into the run directory:
     mask.png         the selected mask (0/255), same size as the image
     overlay.png      the image with the selected mask drawn on it
     candidates.json  every candidate ranked by the selector, with its prompt and all its scores
@@ -144,8 +145,8 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
     if simulated:
         raise ValueError(f"mode=infer needs real models, but {', '.join(simulated)} "
                          "is simulated (it reads a ground truth a lone image does not have); "
-                         "choose e.g. planner=qwen3vl_8b_instruct executor=sam3 "
-                         "verifier=qwen3vl_32b_thinking")
+                         "run with experiment=http_synthetic (or another experiment with real "
+                         "models)")
     if selector == "oracle":
         raise ValueError("the oracle selector needs the ground truth; use verifier, executor, "
                          "consensus or first")

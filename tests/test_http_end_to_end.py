@@ -25,8 +25,7 @@ from rescue.metrics import iou, iou_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANNER, VERIFIER = "Qwen3-VL-8B-Instruct", "Qwen3-VL-32B-Thinking"
-MODELS = ["planner=qwen3vl_8b_instruct", "executor=sam3", "verifier=qwen3vl_32b_thinking",
-          "dataset=synthetic", "dataset.num_samples=4", "seed=0",
+MODELS = ["experiment=http_synthetic", "dataset.num_samples=4", "seed=0",
           # lossless images let the stand-in find each sample by its pixel digest, and the
           # [overlay, image] views let its judge see exactly which pixels are marked
           "planner.image.format=png", "verifier.image.format=png",

@@ -382,7 +382,7 @@ def test_configs_instantiate_with_env_overrides(group, option, monkeypatch):
     monkeypatch.setenv("PLANNER_API_BASE", "http://planner.example:1/v1")
     monkeypatch.setenv("VERIFIER_API_BASE", "http://verifier.example:2/v1")
     monkeypatch.setenv("EXECUTOR_API_BASE", "http://127.0.0.1:1")
-    cfg = _compose([f"{group}={option}", "seed=5"])
+    cfg = _compose(["experiment=http_synthetic", f"{group}={option}", "seed=5"])
     node = OmegaConf.to_container(cfg[group], resolve=True)
     model = instantiate(cfg[group])
     env = {"planner": "http://planner.example:1/v1", "verifier": "http://verifier.example:2/v1",
@@ -397,7 +397,7 @@ def test_configs_instantiate_with_env_overrides(group, option, monkeypatch):
 
 
 def test_config_values_follow_the_model_cards():
-    cfg = _compose(["planner=qwen3vl_8b_instruct", "verifier=qwen3vl_32b_thinking", "seed=3"])
+    cfg = _compose(["experiment=http_synthetic", "seed=3"])
     p = instantiate(cfg.planner)
     assert (p.sampling.temperature, p.sampling.top_p, p.sampling.top_k,
             p.sampling.presence_penalty) == (0.7, 0.8, 20, 1.5)
@@ -406,7 +406,8 @@ def test_config_values_follow_the_model_cards():
     assert (v.sampling.temperature, v.sampling.top_p, v.sampling.top_k,
             v.sampling.presence_penalty) == (0.6, 0.95, 20, 0.0)
     assert v.top_logprobs == 20 and v.sampling.max_tokens >= 4096 and v.scale == "yes_no"
-    r = instantiate(_compose(["verifier=qwen3vl_32b_thinking_rating"]).verifier)
+    r = instantiate(_compose(["experiment=http_synthetic",
+                              "verifier=qwen3vl_32b_thinking_rating"]).verifier)
     assert r.scale == "rating" and "{max}" in r.template.user
     e = _compose(["experiment=reasonseg_multi_n"])
     assert e.max_n == 64 and list(e.n_grid) == [1, 2, 4, 8, 16, 32, 64]

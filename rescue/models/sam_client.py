@@ -31,7 +31,15 @@ import numpy as np
 
 from rescue import masks
 from rescue.hypothesis import Prompt
-from rescue.models.http import Endpoint, EndpointError, RetryPolicy, describe, get_json, plain
+from rescue.models.http import (
+    Endpoint,
+    EndpointError,
+    RetryPolicy,
+    describe,
+    get_json,
+    plain,
+    tls_verify,
+)
 from rescue.protocols import Segmentation
 from rescue.sample import Sample
 
@@ -166,7 +174,8 @@ class SamClient:
     def _fetch_info_sync(self) -> dict[str, Any]:
         url = self.base_url + "/v1/info"
         try:
-            resp = httpx.get(url, timeout=self.preflight_timeout_s, headers=self._headers)
+            resp = httpx.get(url, timeout=self.preflight_timeout_s, headers=self._headers,
+                             verify=tls_verify(url))
             resp.raise_for_status()
             return dict(resp.json())
         except (httpx.HTTPError, ValueError) as exc:
@@ -202,7 +211,8 @@ class SamClient:
     def client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers)
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers,
+                                             verify=tls_verify(self.base_url))
             self._loop = loop
         return self._client
 

@@ -1,0 +1,45 @@
+"""Serve the stand-in over synthetic scenes, for benchmarks and manual runs:
+
+    cd tests && python -m standin --port 8002 --num-samples 24 --seed 0
+
+It serves a grounding planner and a yes/no verifier under the configs' model names, answering
+about the synthetic dataset with the same parameters (conf/dataset/synthetic.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from rescue.datasets.synthetic import SyntheticDataset
+
+from .scripts import PlannerScript, Targets, VerifierScript, hash_judge, overlay_iou_judge
+from .server import REASONING_PLACEMENTS, StandIn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m standin", description=__doc__)
+    p.add_argument("--port", type=int, default=8002)
+    p.add_argument("--num-samples", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--planner-model", default="Qwen3-VL-8B-Instruct")
+    p.add_argument("--verifier-model", default="Qwen3-VL-32B-Thinking")
+    p.add_argument("--reasoning-placement", default="reasoning", choices=REASONING_PLACEMENTS)
+    p.add_argument("--judge", default="hash", choices=("hash", "iou"),
+                   help="iou needs the verifier's views [overlay, image] and PNG images")
+    p.add_argument("--p-broken", type=float, default=0.05)
+    args = p.parse_args()
+    ds = SyntheticDataset(num_samples=args.num_samples, seed=args.seed, height=args.height,
+                          width=args.width)
+    targets = Targets(ds.load(i) for i in ds.sample_ids())
+    judge = overlay_iou_judge(targets) if args.judge == "iou" else hash_judge
+    standin = StandIn({args.planner_model: PlannerScript(targets, p_broken=args.p_broken),
+                       args.verifier_model: VerifierScript(judge)},
+                      reasoning_placement=args.reasoning_placement)
+    uvicorn.run(standin.app(), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

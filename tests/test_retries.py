@@ -207,3 +207,51 @@ def test_backoff_grows_exponentially_within_the_jitter_band():
         for _ in range(50):
             d = policy.delay(k, rng)
             assert 0.5 * nominal <= d <= 1.5 * nominal
+
+
+def test_a_resumed_run_retries_only_what_failed(serve_standin, samples, tmp_path):
+    from rescue.cache import Cache
+    from rescue.models.classical import ClassicalExecutor
+    from rescue.pipeline import Pipeline
+
+    class _Samples:
+        name = "synthetic"
+
+        def sample_ids(self):
+            return [s.sample_id for s in samples]
+
+        def load(self, sid):
+            return next(s for s in samples if s.sample_id == sid)
+
+    models = _models(samples)
+    working_verifier = models["verifier"]
+
+    def down(req):
+        raise RuntimeError("verifier engine is down")
+
+    models["verifier"] = down
+    si = StandIn(models)
+    url = serve_standin(si)
+
+    async def once():
+        planner = OpenAIPlanner("planner", url, PLAN_PROMPT, retry=FAST_RETRY)
+        verifier = OpenAIVerifier("verifier", url, VERIFY_PROMPT,
+                                  retry={"attempts": 2, "base_delay_s": 0.01})
+        pipe = Pipeline(planner, ClassicalExecutor(), verifier, Cache(tmp_path / "cache"),
+                        max_n=6, progress=False)
+        recs = await pipe.run(_Samples(), _Samples().sample_ids())
+        await planner.aclose()
+        await verifier.aclose()
+        return recs, pipe.stats
+
+    recs, stats = run(once())
+    failed = [c for r in recs for c in r.candidates if c.failed_stage == "verify"]
+    assert failed and all(c.error.startswith("request:") for c in failed)
+    plan_requests = len(si.chat_requests("planner"))
+
+    models["verifier"] = working_verifier  # the engine is back: resume
+    recs2, stats2 = run(once())
+    assert len(si.chat_requests("planner")) == plan_requests  # plans came from the cache
+    assert stats2.requests["plan"] == 0 and stats2.requests["execute"] == 0
+    assert stats2.requests["verify"] == stats.failures["verify"]  # exactly the failed ones
+    assert not any(c.failed_stage == "verify" for r in recs2 for c in r.candidates)

@@ -114,6 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_values(cfg)  # fail before any model call on a bad grid
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     dataset: Dataset = instantiate(cfg.dataset)
     ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
                      shard=int(cfg.subset.shard), num_shards=int(cfg.subset.num_shards),

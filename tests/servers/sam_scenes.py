@@ -1,11 +1,11 @@
 """Synthetic scenes for the SAM server tests: flat coloured shapes on a noise background, with
-exact masks, so a segmentation can be scored against the truth."""
+exact masks, so a segmentation can be scored against the truth. NumPy only (the torch tier runs
+where OpenCV may be absent)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 
@@ -23,13 +23,20 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
-def _shape(name: str, mask: np.ndarray) -> Shape:
+def _shape(name: str, mask: np.ndarray, inside: tuple[float, float]) -> Shape:
     ys, xs = np.nonzero(mask)
     box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    # a point surely inside: the pixel farthest from the border of the shape
-    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return Shape(name=name, mask=mask, box=box, centre=(float(x), float(y)))
+    assert mask[int(inside[1]), int(inside[0])], "the inner point must be inside the shape"
+    return Shape(name=name, mask=mask, box=box, centre=inside)
+
+
+def _triangle(yy: np.ndarray, xx: np.ndarray, pts: list[tuple[float, float]]) -> np.ndarray:
+    """Pixels whose centre lies inside the triangle `pts` (half-plane tests)."""
+    px, py = xx + 0.5, yy + 0.5
+    signs = []
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1], strict=True):
+        signs.append((x1 - x0) * (py - y0) - (y1 - y0) * (px - x0))
+    return (np.stack(signs) >= 0).all(0) | (np.stack(signs) <= 0).all(0)
 
 
 def make_scene(seed: int, height: int = 240, width: int = 320) -> Scene:
@@ -41,25 +48,28 @@ def make_scene(seed: int, height: int = 240, width: int = 320) -> Scene:
     colours = [palette[i] for i in rng.permutation(len(palette))[:3]]
     cells = [(0, 0), (0, width // 2), (height // 2, width // 4)]
     ch, cw = height // 2, width // 2
+    yy, xx = np.mgrid[0:height, 0:width]
     shapes = []
     for kind, (oy, ox), colour in zip(("rectangle", "ellipse", "triangle"), cells, colours,
                                       strict=True):
-        canvas = np.zeros((height, width), np.uint8)
         h = int(rng.integers(ch // 2, ch - 16))
         w = int(rng.integers(cw // 2, cw - 16))
         y0 = oy + int(rng.integers(6, ch - h - 6))
         x0 = ox + int(rng.integers(6, cw - w - 6))
         if kind == "rectangle":
-            cv2.rectangle(canvas, (x0, y0), (x0 + w - 1, y0 + h - 1), 1, -1)
+            mask = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+            inside = (x0 + w / 2, y0 + h / 2)
         elif kind == "ellipse":
-            cv2.ellipse(canvas, (x0 + w // 2, y0 + h // 2), (w // 2, h // 2), 0, 0, 360, 1, -1)
+            cy, cx = y0 + h / 2, x0 + w / 2
+            mask = ((yy + 0.5 - cy) / (h / 2)) ** 2 + ((xx + 0.5 - cx) / (w / 2)) ** 2 <= 1
+            inside = (cx, cy)
         else:
-            pts = np.array([[x0, y0 + h - 1], [x0 + w - 1, y0 + h - 1], [x0 + w // 2, y0]])
-            cv2.fillPoly(canvas, [pts.astype(np.int32)], 1)
-        mask = canvas.astype(bool)
+            pts = [(x0, y0 + h), (x0 + w, y0 + h), (x0 + w / 2, y0)]
+            mask = _triangle(yy, xx, pts)
+            inside = (x0 + w / 2, y0 + 2 * h / 3)  # the centroid
         noise = rng.integers(-12, 13, size=(int(mask.sum()), 3))
         image[mask] = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-        shapes.append(_shape(kind, mask))
+        shapes.append(_shape(kind, mask, (float(int(inside[0])), float(int(inside[1])))))
     return Scene(image=image, shapes=tuple(shapes))
 
 

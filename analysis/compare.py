@@ -1,0 +1,241 @@
+"""Compare runs as one study: `python -m analysis.compare <run or multirun dirs...>`.
+
+Writes, into `--out` (default: the one directory given):
+- `study.csv`: every metrics row of every run, with the run's label and varying overrides;
+- `study.md`: rows N, one column per run (labelled by its varying overrides) for one selector,
+  with bootstrap intervals; the same for the oracle; and every selector at each run's largest N;
+- `study_iou_vs_n.png` (`study_ciou_vs_n.png` for `--metric ciou`): one line per run for the
+  selector, each run's oracle faint and dashed in the same colour.
+Any simulated run makes every output say SIMULATED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from analysis.runs import NoRunsError, Run, find_runs, load_run, run_labels, study_table
+from rescue.reporting.tables import (
+    ESTIMATOR_TITLES,
+    METRIC_TITLES,
+    SELECTOR_ORDER,
+    SIMULATED_NOTE,
+    ordered,
+)
+
+PLOT_NAMES = {"giou": "study_iou_vs_n.png", "ciou": "study_ciou_vs_n.png"}
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
+        return "–"
+    return f"{100.0 * float(v):.1f}"
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return _pct(row[metric])
+    return f"{_pct(row[metric])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _short(label: str, width: int = 90) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _block(table: pd.DataFrame, estimator: str, subset: str) -> pd.DataFrame:
+    df = table if "subset" in table.columns else table.assign(subset="all")
+    return df[(df["estimator"] == estimator) & (df["subset"].astype(str) == subset)]
+
+
+def _runs_by_n(block: pd.DataFrame, labels: Sequence[str], selector: str, metric: str,
+               bold: bool = True) -> list[str]:
+    """Rows N, columns runs; the best run at each N in bold (none when they all tie)."""
+    sel = block[block["selector"] == selector]
+    ns = sorted(int(n) for n in sel["n"].unique())
+    lines = ["| N | " + " | ".join(f"`{lab}`" for lab in labels) + " |",
+             "|---:|" + "|".join("---:" for _ in labels) + "|"]
+    for n in ns:
+        at_n = sel[sel["n"] == n].set_index("run")
+        values = at_n[metric].dropna()
+        best = (set(values.index[values == values.max()])
+                if bold and values.nunique() > 1 else set())
+        cells = []
+        for lab in labels:
+            if lab not in at_n.index:
+                cells.append("")
+                continue
+            text = _cell(at_n.loc[lab], metric)
+            cells.append(f"**{text}**" if lab in best else text)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _selectors_at_max(block: pd.DataFrame, labels: Sequence[str], metric: str) -> list[str]:
+    selectors = ordered(block["selector"].astype(str).unique(), SELECTOR_ORDER)
+    lines = ["| run | N | " + " | ".join(selectors) + " |",
+             "|---|---:|" + "|".join("---:" for _ in selectors) + "|"]
+    for lab in labels:
+        rows = block[block["run"] == lab]
+        if rows.empty:
+            continue
+        n = int(rows["n"].max())
+        at = rows[rows["n"] == n].set_index("selector")
+        cells = [_pct(at.loc[s, metric]) if s in at.index else "" for s in selectors]
+        lines.append(f"| `{lab}` | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def study_markdown(table: pd.DataFrame, runs: Sequence[Run], selector: str = "verifier",
+                   metric: str = "giou", estimator: str = "best_of_n",
+                   subset: str = "all") -> str:
+    """The study as markdown: which runs, then the selector's and the oracle's metric vs N."""
+    labels = run_labels(runs)
+    block = _block(table, estimator, subset)
+    name = METRIC_TITLES[metric]
+    varying = table.attrs.get("varying", [])
+    out = [f"# RESCue study: {name} of `{selector}` vs N, {len(runs)} runs", ""]
+    if any(r.simulated for r in runs):
+        out += [f"> {SIMULATED_NOTE} (SIMULATED runs are marked in the list below.)", ""]
+    out += [f"_{ESTIMATOR_TITLES.get(estimator, estimator)}._ Subset `{subset}`. "
+            "Values are percentages; `[lo, hi]` is the bootstrap confidence interval over "
+            "samples. **Bold**: the best run at that N.", "",
+            "Varying overrides: " + (", ".join(f"`{k}`" for k in varying) or "none") + ".", "",
+            "| run | directory | samples | simulated |", "|---|---|---:|---|"]
+    for lab, run in zip(labels, runs, strict=True):
+        rows = block[block["run"] == lab]
+        samples = int(rows["num_samples"].max()) if "num_samples" in rows and len(rows) else "–"
+        out.append(f"| `{lab}` | `{run.path}` | {samples} | "
+                   f"{'SIMULATED' if run.simulated else 'no'} |")
+    out.append("")
+    missing = [lab for lab in labels if block[(block["run"] == lab)
+                                              & (block["selector"] == selector)].empty]
+    if missing:
+        out += [f"No `{selector}` rows in: " + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+    out += [f"## {name} (%) — `{selector}`", ""]
+    out += _runs_by_n(block, labels, selector, metric)
+    if selector != "oracle" and (block["selector"] == "oracle").any():
+        out += ["", f"## {name} (%) — `oracle` (upper bound: true IoU picks)", ""]
+        out += _runs_by_n(block, labels, "oracle", metric, bold=False)
+    out += ["", f"## {name} (%) of every selector at each run's largest N", ""]
+    out += _selectors_at_max(block, labels, metric)
+    return "\n".join(out) + "\n"
+
+
+def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
+               selector: str = "verifier", metric: str = "giou", estimator: str = "best_of_n",
+               subset: str = "all") -> Path:
+    """One line (with its bootstrap band) per run for `selector`; its oracle faint dashed."""
+    labels = run_labels(runs)
+    block = _block(table, estimator, subset)
+    # many runs: a taller figure with the legend below the axes, so the plot keeps its size
+    below = len(labels) > 6
+    ncols = 2 if max(len(lab) for lab in labels) <= 45 else 1
+    height = 4.8 + (0.2 * math.ceil((len(labels) + 1) / ncols) if below else 0.0)
+    fig = Figure(figsize=(7.5, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = colormaps["tab10"]
+    ns: set[int] = set()
+    for i, lab in enumerate(labels):
+        color = cmap(i % 10)
+        rows = block[block["run"] == lab]
+        for sel, style in ((selector, {"linestyle": "-", "linewidth": 2.2, "marker": "o",
+                                       "markersize": 4, "label": _short(lab)}),
+                           ("oracle", {"linestyle": "--", "linewidth": 1.2, "alpha": 0.45,
+                                       "label": None})):
+            s = rows[rows["selector"] == sel].sort_values("n")
+            if s.empty or (sel == "oracle" and selector == "oracle"):
+                continue
+            x, y = s["n"].to_numpy(float), 100.0 * s[metric].to_numpy(float)
+            ns.update(int(n) for n in x)
+            ax.plot(x, y, color=color, **style)
+            lo, hi = s.get(f"{metric}_lo"), s.get(f"{metric}_hi")
+            if sel == selector and lo is not None and hi is not None and lo.notna().any():
+                ax.fill_between(x, 100.0 * lo.to_numpy(float), 100.0 * hi.to_numpy(float),
+                                color=color, alpha=0.10, linewidth=0)
+    if not ns:
+        raise ValueError(f"no rows for selector={selector!r}, estimator={estimator!r}, "
+                         f"subset={subset!r} in any run")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(ns)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(n) for n in sorted(ns)])
+    if len(ns) == 1:
+        (n,) = ns
+        ax.set_xlim(n / 1.5, n * 1.5)
+    ax.set_xlabel("N (hypotheses per sample)")
+    ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.plot([], [], color="#555555", linestyle="--", alpha=0.45, label="oracle (each run)")
+    if below:
+        fig.legend(loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="best", fontsize=8, frameon=False)
+    ax.set_title(f"{METRIC_TITLES[metric]} of {selector} vs N ({estimator}, subset {subset})",
+                 fontsize=11)
+    if any(r.simulated for r in runs):
+        fig.suptitle("SIMULATED models — measures the framework, not a model",
+                     color="#b00020", fontsize=12, fontweight="bold")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = "verifier",
+            metric: str = "giou", estimator: str = "best_of_n",
+            subset: str = "all") -> dict[str, Path]:
+    """Find the runs in `sources`, write study.csv, study.md and the plot into `out_dir`."""
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"metric must be one of {sorted(METRIC_TITLES)}, got {metric!r}")
+    runs = [load_run(p) for p in find_runs(sources)]
+    table = study_table(runs)
+    if _block(table, estimator, subset).empty:
+        raise ValueError(f"no metrics rows with estimator={estimator!r} and subset={subset!r}; "
+                         f"estimators: {sorted(table['estimator'].unique())}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "study.csv", "md": out / "study.md", "plot": out / PLOT_NAMES[metric]}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(study_markdown(table, runs, selector, metric, estimator, subset),
+                           encoding="utf-8")
+    plot_study(table, runs, paths["plot"], selector, metric, estimator, subset)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", help="run directories and/or multirun directories")
+    parser.add_argument("--out", help="where to write (default: the one directory given)")
+    parser.add_argument("--selector", default="verifier")
+    parser.add_argument("--metric", default="giou", choices=sorted(METRIC_TITLES))
+    parser.add_argument("--estimator", default="best_of_n")
+    parser.add_argument("--subset", default="all", help="'all' or a tag (e.g. long, short)")
+    args = parser.parse_args(argv)
+    if args.out is None and len(args.dirs) != 1:
+        parser.error("--out is required when comparing more than one directory")
+    try:
+        paths = compare(args.dirs, args.out or args.dirs[0], args.selector, args.metric,
+                        args.estimator, args.subset)
+    except (NoRunsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

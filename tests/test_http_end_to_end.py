@@ -47,7 +47,7 @@ def samples():
 @pytest.fixture(scope="module")
 def servers(samples, tmp_path_factory):
     targets = Targets(samples)
-    standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.1),
+    standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.3),
                        VERIFIER: VerifierScript(iou_judge(targets))})
     vllm = ServerThread(standin.app()).start()
     port = free_port()

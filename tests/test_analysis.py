@@ -1,0 +1,222 @@
+"""The study layer over real run directories: made once per module by the real demo, small."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from analysis import compare, rescore
+from analysis.runs import NoRunsError, find_runs, load_run, newest_run, run_labels, study_table
+from rescue import records
+from rescue.evaluation import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["dataset.num_samples=6", "max_n=4", "n_grid=[1,2,4]", "selection.bootstrap=50",
+         "report.overlays=1", "logger=none", "pipeline.progress=false"]
+CI = ["subset", "estimator", "n", "giou", "ciou", "giou_lo", "giou_hi", "ciou_lo", "ciou_hi",
+      "num_samples", "num_failed_samples"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *args, *SMALL], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """A single run (the demo's defaults) and a two-job multirun over the verifier's noise."""
+    tmp = tmp_path_factory.mktemp("runs")
+    cache = f"paths.cache_dir={tmp / 'cache'}"
+    _run(f"hydra.run.dir={tmp / 'single'}", cache)
+    _run("-m", "verifier.noise=0.05,0.6", f"hydra.sweep.dir={tmp / 'sweep'}", cache)
+    return {"single": tmp / "single", "sweep": tmp / "sweep", "tmp": tmp}
+
+
+def test_find_runs_single_and_multirun(made):
+    single, sweep = made["single"], made["sweep"]
+    assert find_runs([single]) == [single.resolve()]
+    assert find_runs([sweep]) == [(sweep / "0").resolve(), (sweep / "1").resolve()]
+    # order kept, a run named twice listed once
+    both = find_runs([sweep, single, sweep / "1"])
+    assert both == [(sweep / "0").resolve(), (sweep / "1").resolve(), single.resolve()]
+
+
+def test_find_runs_errors_name_the_directory(tmp_path):
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    with pytest.raises(NoRunsError, match="empty holds no run"):
+        find_runs([tmp_path / "empty"])
+    with pytest.raises(NoRunsError, match="no such directory"):
+        find_runs([tmp_path / "missing"])
+
+
+def test_load_run_reads_config_overrides_metrics_stats(made):
+    run = load_run(made["sweep"] / "1")
+    assert "verifier.noise=0.6" in run.overrides
+    assert run.override_values()["verifier.noise"] == "0.6"
+    assert run.config["max_n"] == 4 and run.config["verifier"]["noise"] == 0.6
+    assert run.choices["verifier"] == "simulated"
+    assert set(run.metrics["n"]) == {1, 2, 4}
+    assert run.stats["calls"]["samples"] == 6
+    assert run.simulated is True
+    assert len(run.records()) == 6
+    # settings no override named: the group's option, else the config value (demo: noise 0.3)
+    single = load_run(made["single"])
+    assert single.setting("verifier") == "simulated"
+    assert single.setting("verifier.noise") == "0.3"
+    assert single.setting("n_grid") == "[1,2,4]"
+
+
+def test_study_table_has_one_column_per_varying_override(made):
+    runs = [load_run(p) for p in find_runs([made["sweep"]])]
+    table = study_table(runs)
+    assert table.attrs["varying"] == ["verifier.noise"]
+    assert "max_n" not in table.columns and "paths.cache_dir" not in table.columns
+    assert sorted(table["verifier.noise"].unique()) == [0.05, 0.6]
+    assert table["verifier.noise"].dtype.kind == "f"
+    assert len(table) == sum(len(r.metrics) for r in runs)
+    assert list(table["run"].unique()) == ["verifier.noise=0.05", "verifier.noise=0.6"]
+    one = table[table["run"] == "verifier.noise=0.6"].drop(
+        columns=["run", "run_dir", "simulated", "verifier.noise"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(one, runs[1].metrics)
+    # adding the single run (noise 0.3 from the demo config, not an override) keeps the axis
+    runs3 = [*runs, load_run(made["single"])]
+    table3 = study_table(runs3)
+    assert sorted(table3["verifier.noise"].unique()) == [0.05, 0.3, 0.6]
+    assert len(set(run_labels(runs3))) == 3
+
+
+def test_compare_writes_csv_md_plot_with_every_run(made, tmp_path):
+    out = tmp_path / "study"
+    paths = compare.compare([made["sweep"], made["single"]], out)
+    assert paths == {"csv": out / "study.csv", "md": out / "study.md",
+                     "plot": out / "study_iou_vs_n.png"}
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["md"].read_text()
+    assert "SIMULATED" in md
+    runs = [load_run(p) for p in find_runs([made["sweep"], made["single"]])]
+    labels = run_labels(runs)
+    for label, run in zip(labels, runs, strict=True):
+        assert f"`{label}`" in md and str(run.path) in md
+    # the verifier table: rows N, each cell the run's gIoU with its interval
+    header = next(line for line in md.splitlines() if line.startswith("| N | "))
+    assert header.count("`") == 2 * len(runs)
+    row4 = next(line for line in md.splitlines() if line.startswith("| 4 | "))
+    m = runs[0].metrics
+    v = m[(m.selector == "verifier") & (m.estimator == "best_of_n") & (m.subset == "all")
+          & (m.n == 4)].iloc[0]
+    assert f"{100 * v.giou:.1f} [{100 * v.giou_lo:.1f}, {100 * v.giou_hi:.1f}]" in row4
+    csv = pd.read_csv(paths["csv"])
+    assert set(csv["run"]) == set(labels) and len(csv) == sum(len(r.metrics) for r in runs)
+
+
+def test_compare_cli_defaults_out_and_fails_clearly(made, tmp_path):
+    cmd = [sys.executable, "-m", "analysis.compare"]
+    ok = subprocess.run([*cmd, str(made["sweep"]), "--metric", "ciou"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (made["sweep"] / "study_ciou_vs_n.png").is_file()
+    assert "cIoU" in (made["sweep"] / "study.md").read_text()
+    (tmp_path / "nothing").mkdir()
+    bad = subprocess.run([*cmd, str(tmp_path / "nothing")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "holds no run" in bad.stderr and "nothing" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_rescore_single_weight_reproduces_the_selector_exactly(made, tmp_path):
+    run_dir = made["sweep"] / "0"
+    paths = rescore.rescore_run(run_dir, {"verifier": 1.0}, name="v1", out_dir=tmp_path)
+    got = pd.read_csv(paths["csv"])
+    original = pd.read_csv(run_dir / "metrics.csv")
+    for sel, ref in (("v1", "verifier"), ("consensus", "consensus")):
+        a = got[got.selector == sel][CI].reset_index(drop=True)
+        b = original[original.selector == ref][CI].reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert (tmp_path / "iou_vs_n_rescore_verifier-1.png").is_file()
+
+
+def test_rescore_scale_invariance_and_a_real_combination(made):
+    recs = list(records.read(made["sweep"] / "1" / "records.jsonl"))
+    grid, kw = [1, 2, 4], {"bootstrap": 0, "seed": 0}
+    ref = evaluate(recs, grid, ["consensus"], **kw)
+    scaled = rescore.rescore(recs, {"consensus": 3.0}, "c", grid, **kw)
+    np.testing.assert_array_equal(scaled["giou"], ref["giou"])
+    # a combination never beats the oracle, and at N=1 (no selection) equals every selector
+    combo = rescore.rescore(recs, {"verifier": 1.0, "consensus": 0.5}, "combo", grid, **kw)
+    oracle = evaluate(recs, grid, ["oracle"], **kw)
+    assert (combo["giou"].to_numpy() <= oracle["giou"].to_numpy() + 1e-12).all()
+    at1 = combo[(combo.n == 1) & (combo.estimator == "best_of_n") & (combo.subset == "all")]
+    assert at1["giou"].item() == pytest.approx(
+        ref[(ref.n == 1) & (ref.estimator == "best_of_n") & (ref.subset == "all")]["giou"].item())
+
+
+def test_combined_scores_by_hand():
+    from rescue.records import CandidateRecord, SampleRecord
+
+    cands = [CandidateRecord(index=0, verifier_score=0.9, consensus=0.2, intersection=1, union=2),
+             CandidateRecord(index=1, verifier_score=0.1, consensus=0.6, intersection=1, union=2),
+             CandidateRecord(index=2, verifier_score=None, consensus=0.4, failed_stage="verify"),
+             CandidateRecord(index=3, failed_stage="plan", error="parse:no_json")]
+    rec = SampleRecord("s", "d", "q", 4, 4, 2, True, candidates=cands)
+    s = rescore.combined_scores(rec, {"verifier": 1.0, "consensus": 1.0})
+    # verifier z over the two scored: +1, -1; the unscored gets -1 - 1 = -2
+    # consensus z over the three working: (0.2, 0.6, 0.4) -> (-1.2247, 1.2247, 0)
+    zc = (np.array([0.2, 0.6, 0.4]) - 0.4) / np.std([0.2, 0.6, 0.4])
+    np.testing.assert_allclose(s[:3], np.array([1.0, -1.0, -2.0]) + zc)
+    assert s[3] == -np.inf
+
+
+def test_parse_weights_rejects_bad_input():
+    assert rescore.parse_weights("verifier=1, consensus=0.5") == {"verifier": 1.0,
+                                                                  "consensus": 0.5}
+    for bad, msg in (("nope=1", "unknown selector"), ("verifier", "selector=weight"),
+                     ("verifier=x", "not a number"), ("verifier=-1", ">= 0"),
+                     ("verifier=0", "no positive weight"), ("verifier=1,verifier=2", "twice")):
+        with pytest.raises(ValueError, match=msg):
+            rescore.parse_weights(bad)
+
+
+def test_rescore_cli_writes_next_to_the_run(made):
+    run_dir = made["sweep"] / "1"
+    proc = subprocess.run([sys.executable, "-m", "analysis.rescore", str(run_dir),
+                           "--selector-weights", "verifier=1,consensus=0.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(run_dir / "metrics_rescore_verifier-1_consensus-0.5.csv")
+    assert {"verifier", "oracle", "1*verifier+0.5*consensus"} <= set(table.selector)
+    md = (run_dir / "metrics_rescore_verifier-1_consensus-0.5.md").read_text()
+    assert "1*verifier+0.5*consensus" in md and "SIMULATED" in md
+
+
+def test_notebook_executes_on_a_run(made, monkeypatch):
+    path = ROOT / "analysis" / "multi_n.ipynb"
+    json.loads(path.read_text())  # valid JSON as committed
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    monkeypatch.setenv("RESCUE_RUN", str(made["single"]))
+    NotebookClient(nb, kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(ROOT / "analysis")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2
+    text = "".join(o.get("text", "") for o in outputs)
+    assert str(made["single"]) in text and "primary selector: verifier" in text
+
+
+def test_newest_run(made):
+    assert newest_run(made["tmp"]) in {made["single"], made["sweep"] / "0", made["sweep"] / "1"}
+    (made["sweep"] / "1" / "metrics.csv").touch()
+    assert newest_run(made["tmp"]) == made["sweep"] / "1"

@@ -90,7 +90,12 @@ class Run:
 
     @property
     def records_path(self) -> Path:
-        return self.path / "records.jsonl"
+        """The run's records; a `mode=evaluate` run has none and reads its `records_from`'s."""
+        own = self.path / "records.jsonl"
+        source = self.config.get("records_from")
+        if not own.is_file() and self.config.get("mode") == "evaluate" and source:
+            return Path(str(source)) / "records.jsonl"
+        return own
 
     def records(self) -> list[SampleRecord]:
         if not self.records_path.is_file():
@@ -129,12 +134,11 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _simulated(run_dir: Path, stats: Mapping[str, Any]) -> bool:
+def _flag(run_dir: Path, stats: Mapping[str, Any]) -> bool | None:
     for source in (stats, _json(run_dir / "summary.json")):
         if "simulated" in source:
             return bool(source["simulated"])
-    path = run_dir / "records.jsonl"
-    return path.is_file() and any(r.simulated for r in records.read(path))
+    return None
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -147,15 +151,18 @@ def load_run(run_dir: str | Path) -> Run:
     stats = _json(path / "stats.json")
     hydra = _yaml(path / ".hydra" / "hydra.yaml") or {}
     choices = (hydra.get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
-    return Run(
+    run = Run(
         path=path,
         config=_yaml(path / ".hydra" / "config.yaml") or {},
         overrides=[str(o) for o in _yaml(path / ".hydra" / "overrides.yaml") or []],
         metrics=metrics,
         stats=stats,
-        simulated=_simulated(path, stats),
+        simulated=bool(_flag(path, stats)),
         choices={str(k): str(v) for k, v in choices.items() if v is not None},
     )
+    if _flag(path, stats) is None and run.records_path.is_file():
+        run.simulated = any(r.simulated for r in records.read(run.records_path))
+    return run
 
 
 def varying_keys(runs: Sequence[Run]) -> list[str]:

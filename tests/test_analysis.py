@@ -77,6 +77,20 @@ def test_load_run_reads_config_overrides_metrics_stats(made):
     assert single.setting("n_grid") == "[1,2,4]"
 
 
+def test_an_evaluate_run_reads_the_records_it_evaluated(made, tmp_path):
+    """`mode=evaluate` writes metrics but no records: they stay in `records_from`."""
+    ev = tmp_path / "ev"
+    (ev / ".hydra").mkdir(parents=True)
+    (ev / "metrics.csv").write_bytes((made["single"] / "metrics.csv").read_bytes())
+    (ev / ".hydra" / "config.yaml").write_text(
+        f"mode: evaluate\nrecords_from: {made['single']}\n")
+    run = load_run(ev)
+    assert run.records_path == made["single"] / "records.jsonl"
+    assert run.simulated is True  # from those records: no stats.json, no summary.json
+    assert [r.sample_id for r in run.records()] == [
+        r.sample_id for r in load_run(made["single"]).records()]
+
+
 def test_study_table_has_one_column_per_varying_override(made):
     runs = [load_run(p) for p in find_runs([made["sweep"]])]
     table = study_table(runs)

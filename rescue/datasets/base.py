@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from rescue.sample import Sample
@@ -29,3 +30,14 @@ class Dataset(Protocol):
     def load(self, sample_id: str) -> Sample:
         """Decode one sample; raises SampleError when that sample is unusable."""
         ...
+
+
+def guarded_load(name: str, sample_id: str, load: Callable[[str], Sample]) -> Sample:
+    """`load(sample_id)`, with any unforeseen defect of one sample turned into `SampleError`,
+    so that sample is recorded as failed and the run goes on."""
+    try:
+        return load(sample_id)
+    except SampleError:
+        raise
+    except Exception as e:
+        raise SampleError(f"{name}/{sample_id}: {type(e).__name__}: {e}") from e

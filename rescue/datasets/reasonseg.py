@@ -25,7 +25,7 @@ import numpy as np
 
 from rescue import masks
 from rescue.datasets import parquet
-from rescue.datasets.base import DatasetError, SampleError
+from rescue.datasets.base import DatasetError, SampleError, guarded_load
 from rescue.datasets.images import read_image
 from rescue.datasets.polygons import AnnotationError, labelme_mask
 from rescue.sample import Sample
@@ -174,12 +174,7 @@ class ReasonSegDataset:
     # ---------------------------------------------------------------- load
 
     def load(self, sample_id: str) -> Sample:
-        try:
-            return self._load(sample_id)
-        except SampleError:
-            raise
-        except Exception as e:  # an unforeseen defect in one sample must not end the run
-            raise SampleError(f"{self.name}/{sample_id}: {type(e).__name__}: {e}") from e
+        return guarded_load(self.name, sample_id, self._load)
 
     def _load(self, sample_id: str) -> Sample:
         if self._ids is None:

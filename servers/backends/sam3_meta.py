@@ -58,6 +58,20 @@ def find_bpe_file(explicit: str | None = None) -> str:
                             f"open_clip_torch or pass -o bpe_path=/path/to/{BPE_NAME}")
 
 
+LEFT_TO_CHECKPOINT = ("language_backbone.encoder.positional_embedding",
+                      "language_backbone.encoder.text_projection")
+"""sam3 allocates these with torch.empty and relies on the checkpoint to fill them; with random
+weights they hold garbage (NaN on a GPU: every text/concept output became NaN)."""
+
+
+def _init_left_to_checkpoint(model: Any, torch: Any) -> None:
+    """Random-weights mode (tests, smoke runs): give uninitialised tensors small values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(LEFT_TO_CHECKPOINT) or not torch.isfinite(p).all():
+                torch.nn.init.normal_(p, std=0.02)
+
+
 @dataclass
 class Sam3State:
     processor_state: dict
@@ -123,6 +137,8 @@ class Sam3MetaBackend:
             load_from_HF=self.load_from_hf and self.checkpoint is None,
             enable_segmentation=True, enable_inst_interactivity=self.enable_points,
             compile=self.compile)
+        if self.checkpoint is None and not self.load_from_hf:
+            _init_left_to_checkpoint(model, torch)
         self._processor = Sam3Processor(model, resolution=self.resolution, device=self.device,
                                         confidence_threshold=self.confidence_threshold)
         self._model = model

@@ -59,7 +59,8 @@ class RunningServer:
 
 
 def start_server(log_dir: Path, *args: str, backend: str = "classical", wait_ready: bool = True,
-                 env: dict[str, str] | None = None, token: str | None = None) -> RunningServer:
+                 env: dict[str, str] | None = None, token: str | None = None,
+                 ready_timeout_s: float = 60.0) -> RunningServer:
     port = free_port()
     log = log_dir / f"sam_server_{port}.log"
     full_env = {**os.environ, **(env or {}),
@@ -71,7 +72,7 @@ def start_server(log_dir: Path, *args: str, backend: str = "classical", wait_rea
              "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
             cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", proc=proc, log=log, token=token)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_timeout_s
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()}")
@@ -83,7 +84,7 @@ def start_server(log_dir: Path, *args: str, backend: str = "classical", wait_rea
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"server not up after 60 s:\n{log.read_text()}")
+            raise RuntimeError(f"server not up after {ready_timeout_s:g} s:\n{log.read_text()}")
         time.sleep(0.05)
 
 

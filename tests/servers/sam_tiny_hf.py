@@ -107,8 +107,9 @@ def tiny_model_and_processor(seed: int = 0) -> tuple[Any, Any]:
 
     torch.manual_seed(seed)
     model = Sam3Model(tiny_config()).eval()
-    image_processor_cls = (getattr(transformers, "Sam3ImageProcessorFast", None)
-                           or transformers.Sam3ImageProcessor)
+    # transformers 5.x: Sam3ImageProcessor (the "Fast" alias is deprecated, later removed)
+    image_processor_cls = (getattr(transformers, "Sam3ImageProcessor", None)
+                           or transformers.Sam3ImageProcessorFast)
     image_processor = image_processor_cls(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                           mask_size={"height": 56, "width": 56})
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir())

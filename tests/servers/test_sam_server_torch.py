@@ -34,7 +34,7 @@ def hf_server(tmp_path_factory):
     from conftest import start_server, stop_server
 
     server = start_server(tmp_path_factory.mktemp("hf"), "--max-instances", "3",
-                          backend="sam_tiny_hf:tiny_hf_backend")
+                          backend="sam_tiny_hf:tiny_hf_backend", ready_timeout_s=300)
     yield server
     stop_server(server)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from sam_harness import REPO, free_port
 
 from servers import download_models, launch
 from servers.launch import LaunchArgs, LaunchError, compose_layout, parse_args, resolve_specs

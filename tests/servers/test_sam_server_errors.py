@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import png_b64
+from sam_harness import png_b64
 from sam_scenes import make_scene
 
 from servers.images import encode_png

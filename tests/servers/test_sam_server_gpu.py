@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import png_b64, start_server, stop_server
+from sam_harness import png_b64, start_server, stop_server
 from sam_scenes import make_scene
 
 from rescue import masks

@@ -9,8 +9,8 @@ import io
 import httpx
 import numpy as np
 import pytest
-from conftest import png_b64
 from PIL import Image
+from sam_harness import png_b64
 from sam_scenes import iou, make_scene, padded_box
 
 from rescue import masks

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import png_b64
+from sam_harness import png_b64
 from sam_scenes import make_scene
 from sam_tiny_hf import INSTALL, missing_requirements
 
@@ -31,7 +31,7 @@ PROMPTS = [{"text": "red rectangle"}, {"box": BOX}, {"text": "shape", "box": BOX
 
 @pytest.fixture(scope="module")
 def hf_server(tmp_path_factory):
-    from conftest import start_server, stop_server
+    from sam_harness import start_server, stop_server
 
     server = start_server(tmp_path_factory.mktemp("hf"), "--max-instances", "3",
                           backend="sam_tiny_hf:tiny_hf_backend", ready_timeout_s=300)

@@ -21,7 +21,8 @@ def encode(mask: np.ndarray) -> Rle:
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
     rle = mask_utils.encode(m)
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    size = [int(rle["size"][0]), int(rle["size"][1])]
+    return {"size": size, "counts": rle["counts"].decode("ascii")}
 
 
 def decode(rle: Rle) -> np.ndarray:
@@ -31,7 +32,8 @@ def decode(rle: Rle) -> np.ndarray:
     if isinstance(counts, list):
         obj = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     else:
-        obj = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        raw = counts.encode("ascii") if isinstance(counts, str) else counts
+        obj = {"size": [h, w], "counts": raw}
     return mask_utils.decode(obj).astype(bool)
 
 
@@ -43,7 +45,8 @@ def area(rle: Rle) -> int:
 def digest(rle: Rle) -> str:
     """Content hash of a mask; identical masks are verified once."""
     h = hashlib.sha256(f"{rle['size'][0]}x{rle['size'][1]}|".encode())
-    h.update(rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"]))
+    counts = rle["counts"]
+    h.update(counts.encode("ascii") if isinstance(counts, str) else bytes(counts))
     return h.hexdigest()[:24]
 
 

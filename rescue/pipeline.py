@@ -141,9 +141,11 @@ class Pipeline:
                                                   transient=True)
             else:
                 for h in hyps:
-                    self.cache.put("plan", self.plan_key(sample, h.index), h.to_json(),
+                    value = h.to_json()
+                    self.cache.put("plan", self.plan_key(sample, h.index), value,
                                    f"{sample.sample_id}#{h.index}")
-                    found[h.index] = h
+                    # use what was cached, so a fresh run and a resumed one see the same bits
+                    found[h.index] = Hypothesis.from_json(value)
                 self.stats.items["plan"] += len(hyps)
             self._bars.update("plan", len(run))
         return [found[i] for i in range(self.max_n)]
@@ -175,9 +177,10 @@ class Pipeline:
                         meta={"transient": True})
             else:
                 for p, seg in zip(missing, segs, strict=True):
-                    self.cache.put("execute", self.execute_key(sample, p), seg.to_json(),
+                    value = seg.to_json()
+                    self.cache.put("execute", self.execute_key(sample, p), value,
                                    f"{sample.sample_id} {p.key}")
-                    results[p.key] = seg
+                    results[p.key] = Segmentation.from_json(value)
                 self.stats.items["execute"] += len(missing)
             self._bars.update("execute", len(missing))
         return results
@@ -198,7 +201,9 @@ class Pipeline:
             verdict = Verdict(score=None, error=f"request:{type(exc).__name__}: {exc}",
                               meta={"transient": True})
         else:
-            self.cache.put("verify", key, verdict.to_json(), f"{sample.sample_id} {digest}")
+            value = verdict.to_json()
+            self.cache.put("verify", key, value, f"{sample.sample_id} {digest}")
+            verdict = Verdict.from_json(value)
             self.stats.items["verify"] += 1
         self._bars.update("verify")
         return verdict
@@ -207,7 +212,9 @@ class Pipeline:
     async def process(self, sample: Sample) -> SampleRecord:
         hyps = await self._plan(sample)
         valid = [h for h in hyps if h.valid]
-        unique_prompts = {h.prompt.key: h.prompt for h in valid if h.prompt is not None}
+        # the executor gets the canonical prompt: exactly what its cache key describes
+        unique_prompts = {h.prompt.key: h.prompt.canonical() for h in valid
+                          if h.prompt is not None}
         self.stats.deduped["execute"] += len(valid) - len(unique_prompts)
         self._bars.grow("execute", len(unique_prompts))
         segs = await self._execute(sample, unique_prompts.values())
@@ -295,7 +302,7 @@ class Pipeline:
                 except SampleError as exc:
                     rec = SampleRecord(sample_id=sid, dataset=dataset.name, query="", height=0,
                                        width=0, target_area=0, simulated=self.simulated,
-                                       error=f"load:{exc}")
+                                       error=f"load:failed {exc}")
                     self.stats.failed_samples += 1
                     self._bars.update("plan", self.max_n)
                 else:

@@ -10,10 +10,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+_CODE = re.compile(r"^[A-Za-z_]+:[A-Za-z_]+")
+
+
+def reason_code(error: str | None) -> str:
+    """The stable head of a failure reason, for grouping failures in tables.
+
+    Errors are written "<area>:<code> <detail>" ("parse:truncated no complete object",
+    "request:ConnectError: ..."); the code is the first token. Foreign messages without a code
+    ("TimeoutError: after 30 s") are cut at their first ": ".
+    """
+    text = (error or "").strip()
+    m = _CODE.match(text)
+    if m:
+        return m.group(0)
+    head = text.split(": ", 1)[0].strip().rstrip(":")
+    return " ".join(head.split())[:80] or "unknown"
 
 
 @dataclass

@@ -86,7 +86,7 @@ def test_text_only_prompt_is_an_error_not_an_exception():
     img, _ = _disc_scene()
     seg = grabcut_segment(img, Prompt(text="the red disc"))
     assert not seg.ok and seg.rle is None
-    assert "text-only" in seg.error and "the red disc" in seg.error
+    assert "prompt:text_only" in seg.error and "the red disc" in seg.error
     neg = grabcut_segment(img, Prompt(points=((64, 64),), point_labels=(0,)))
     assert not neg.ok and "positive point" in neg.error
 
@@ -96,7 +96,7 @@ def test_text_only_prompt_is_an_error_not_an_exception():
 def test_degenerate_boxes_are_errors(box):
     img, _ = _disc_scene()
     seg = grabcut_segment(img, Prompt(box=box))
-    assert not seg.ok and "degenerate box" in seg.error
+    assert not seg.ok and "box:degenerate" in seg.error
 
 
 def test_box_beyond_the_image_is_clipped():

@@ -12,9 +12,9 @@ from rescue.models.grounding import (
     Frame,
     frame_for,
     parse_grounding,
-    reason_code,
     smart_resize,
 )
+from rescue.records import reason_code
 
 W, H = 640, 480
 REL = Frame(W, H)  # relative 0-1000

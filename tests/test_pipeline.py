@@ -155,5 +155,30 @@ def test_offline_miss_is_an_error_naming_the_sample(tmp_path):
 
 def test_a_corrupt_sample_is_recorded_and_the_run_goes_on(tmp_path):
     recs, pipe = _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 4, bad={"a"})
-    assert recs[0].error == "load:a: image is corrupt" and recs[0].candidates == []
+    assert recs[0].error == "load:failed a: image is corrupt" and recs[0].candidates == []
     assert len(recs[1].candidates) == 4 and pipe.stats.failed_samples == 1
+
+
+class FinePlanner(ListPlanner):
+    """Boxes with sub-pixel noise beyond the canonical 1/100 px."""
+
+    async def plan(self, sample, indices):
+        hyps = await super().plan(sample, indices)
+        return [Hypothesis(index=h.index, prompt=Prompt(text="thing", box=tuple(
+            v + 0.123456 for v in h.prompt.box))) if h.valid else h for h in hyps]
+
+
+class CanonicalOnlyExecutor(BoxExecutor):
+    async def segment(self, sample, prompts):
+        assert all(p == p.canonical() for p in prompts), prompts
+        return await super().segment(sample, prompts)
+
+
+def test_fresh_and_resumed_runs_execute_the_same_bits(tmp_path):
+    """A hypothesis read back from the cache and a fresh one must reach the executor equal."""
+    clean, _ = _run(tmp_path / "clean", FinePlanner(), CanonicalOnlyExecutor(), AreaVerifier(), 8)
+    _run(tmp_path / "resumed", FinePlanner(), CanonicalOnlyExecutor(fail_times=2),
+         AreaVerifier(), 8)  # plans cached, executions failed
+    resumed, _ = _run(tmp_path / "resumed", FinePlanner(), CanonicalOnlyExecutor(),
+                      AreaVerifier(), 8)
+    assert [r.to_json() for r in resumed] == [r.to_json() for r in clean]

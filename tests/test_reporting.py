@@ -21,7 +21,7 @@ from reporting_fakes import (
     sample_record,
 )
 
-from rescue.records import CandidateRecord, SampleRecord
+from rescue.records import CandidateRecord, SampleRecord, reason_code
 from rescue.reporting import (
     NullLogger,
     OverlayItem,
@@ -36,7 +36,7 @@ from rescue.reporting import (
     write_report,
 )
 from rescue.reporting.overlays import SELECTED_RGB, shown_candidates
-from rescue.reporting.tables import metrics_markdown, reason_code
+from rescue.reporting.tables import metrics_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,9 @@ def test_metrics_without_required_columns_is_a_clear_error() -> None:
 @pytest.mark.parametrize(("error", "code"), [
     ("parse:no_json: the model said hi", "parse:no_json"),
     ("TimeoutError: after 30 s", "TimeoutError"),
-    ("grabcut failed: cv2.error: bad", "grabcut failed"),
+    ("execute:grabcut_failed error: cv2.error: bad", "execute:grabcut_failed"),
+    ("box:out_of_image [1, 2] outside 0..10", "box:out_of_image"),
+    ("request:ConnectError: refused", "request:ConnectError"),
     ("no colon here", "no colon here"),
     (None, "unknown"),
     ("", "unknown"),

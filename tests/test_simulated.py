@@ -224,7 +224,7 @@ def test_simulated_executor(samples):
     good, text, out = asyncio.run(ex.segment(s, [
         Prompt(box=s.target_boxes[0]), Prompt(text="a thing"), Prompt(box=(-5, -5, -1, -1))]))
     assert good.ok and true_iou(s, masks.decode(good.rle))[0] > 0.5
-    assert not text.ok and "text-only" in text.error
+    assert not text.ok and "prompt:text_only" in text.error
     assert not out.ok and "degenerate" in out.error
     if s.distractors:
         (d,) = asyncio.run(ex.segment(s, [Prompt(box=s.distractors[0])]))

@@ -45,6 +45,7 @@ def test_default_mode(env: dict[str, str], mode: str) -> None:
 
 def test_explicit_mode_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # CI exports WANDB_MODE=offline
     assert WandbLogger().mode == "online"
     assert WandbLogger(mode="offline").mode == "offline"
 

@@ -199,14 +199,14 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
     positives = [p for p, lab in zip(prompt.points, prompt.point_labels, strict=False) if lab == 1]
     if prompt.box is None and not positives:
         if prompt.points:
-            return _error(prompt, "classical executor needs a box or a positive point; "
-                                  "got only negative points")
-        return _error(prompt, "classical executor needs a box or points; "
-                              f"text-only prompt {prompt.text!r}")
+            return _error(prompt, "prompt:no_positive classical executor needs a box or a "
+                                  "positive point; got only negative points")
+        return _error(prompt, "prompt:text_only classical executor needs a box or points; "
+                              f"got the phrase {prompt.text!r} alone")
     raw_box = prompt.box if prompt.box is not None else _points_box(positives, width, height)
     box = _clip_box(raw_box, width, height)
     if box is None:
-        return _error(prompt, f"degenerate box after clipping to the {width}x{height} image: "
+        return _error(prompt, f"box:degenerate after clipping to the {width}x{height} image: "
                               f"{tuple(round(float(v), 2) for v in raw_box)}")
 
     bx1, by1, bx2, by2 = box
@@ -325,7 +325,7 @@ class ClassicalExecutor:
                                                self.iterations, self.max_side, self.context,
                                                self.slack, self.colour_prior)
             except Exception as exc:  # one bad prompt never fails the others
-                return _error(prompt, f"grabcut failed: {type(exc).__name__}: {exc}")
+                return _error(prompt, f"execute:grabcut_failed {type(exc).__name__}: {exc}")
 
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
         return list(await asyncio.gather(*(self._one(sample.image, p) for p in prompts)))

@@ -460,8 +460,3 @@ def parse_grounding(index: int, raw: str | None, frame: Frame, *, multi_object: 
     prompt = Prompt(text=label, box=box, points=tuple(points),
                     point_labels=tuple(1 for _ in points))
     return Hypothesis(index=index, prompt=prompt.canonical(), raw=raw, label=label, meta=meta)
-
-
-def reason_code(error: str | None) -> str | None:
-    """The stable code of an error reason ("box:out_of_image [..] ..." -> "box:out_of_image")."""
-    return error.split(" ", 1)[0] if error else None

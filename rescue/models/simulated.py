@@ -23,6 +23,7 @@ import numpy as np
 
 from rescue import masks
 from rescue.hypothesis import Hypothesis, Prompt
+from rescue.models.grounding import frame_for, parse_grounding
 from rescue.protocols import Segmentation, Verdict
 from rescue.sample import Box, Sample
 
@@ -93,7 +94,7 @@ class SimulatedPlanner:
         self.base_seed = int(base_seed)
 
     def identity(self) -> Mapping[str, Any]:
-        return {"simulator": "SimulatedPlanner", "version": 1, "p_correct": self.p_correct,
+        return {"simulator": "SimulatedPlanner", "version": 2, "p_correct": self.p_correct,
                 "p_distractor": self.p_distractor, "box_jitter": self.box_jitter,
                 "p_invalid": self.p_invalid, "p_text": self.p_text, "p_point": self.p_point,
                 "base_seed": self.base_seed}
@@ -105,7 +106,7 @@ class SimulatedPlanner:
         rng = _rng("planner", self.base_seed, sample.image_sha256, sample.query, index)
         phrase = _phrase(sample.query)
         if rng.random() < self.p_invalid:
-            return self._malformed(rng, index, phrase)
+            return self._malformed(rng, index, phrase, sample.width, sample.height)
 
         u = rng.random()
         if u < self.p_correct and sample.target_boxes:
@@ -152,22 +153,26 @@ class SimulatedPlanner:
                           meta=meta)
 
     @staticmethod
-    def _malformed(rng: np.random.Generator, index: int, phrase: str) -> Hypothesis:
+    def _malformed(rng: np.random.Generator, index: int, phrase: str,
+                   width: int, height: int) -> Hypothesis:
+        """A broken answer of the kinds real planners give, read by the real grounding parser
+        so its failure reason is exactly the one a real run would record."""
         kind = int(rng.integers(4))
         box = [int(v) for v in np.sort(rng.integers(0, SCALE, size=4))]
         if kind == 0:  # cut off mid-answer (max_tokens)
             raw = _fence([{"bbox_2d": box, "label": phrase}])[: int(rng.integers(8, 24))]
-            reason = "malformed JSON: truncated output"
         elif kind == 1:
             raw = _fence([])
-            reason = "no grounding: empty list"
         elif kind == 2:
             raw = _fence([{"bbox_2d": [box[0], "NaN", box[2]], "label": phrase}])
-            reason = "bad bbox_2d: expected 4 finite numbers"
         else:
             raw = f"I think the {phrase} is the object near the middle of the image."
-            reason = "malformed JSON: no JSON found in output"
-        return Hypothesis.invalid(index, raw, reason, simulated=True, source="invalid")
+        h = parse_grounding(index, raw, frame_for(width, height))
+        if h.valid:  # the parser recovered something: still the simulator's intended failure
+            return Hypothesis.invalid(index, raw, "parse:bad_schema simulated malformed output",
+                                      simulated=True, source="invalid")
+        return Hypothesis.invalid(index, raw, h.error or "parse:unknown", simulated=True,
+                                  source="invalid")
 
 
 def _to_rel(v: float, size: int) -> int:
@@ -203,7 +208,7 @@ class SimulatedVerifier:
         mask = np.asarray(mask, bool)
         if mask.shape != sample.gt.shape:
             return Verdict(score=None, source="simulated",
-                           error=f"mask shape {mask.shape} != image {sample.gt.shape}")
+                           error=f"verify:bad_mask_shape {mask.shape} != image {sample.gt.shape}")
         iou, _, _ = true_iou(sample, mask)
         digest = masks.digest(masks.encode(mask))
         eps = _rng("verifier", self.seed, sample.image_sha256, sample.query, digest).normal()
@@ -242,21 +247,22 @@ class SimulatedExecutor:
             try:
                 out.append(self.segment_one(sample, p))
             except Exception as exc:  # one bad prompt never fails the others
-                out.append(Segmentation(rle=None, error=f"{type(exc).__name__}: {exc}"))
+                reason = f"execute:failed {type(exc).__name__}: {exc}"
+                out.append(Segmentation(rle=None, error=reason))
         return out
 
     def segment_one(self, sample: Sample, prompt: Prompt) -> Segmentation:
         if prompt.box is None:
-            return Segmentation(rle=None, error="simulated executor needs a box; "
-                                                f"text-only prompt {prompt.text!r}")
+            return Segmentation(rle=None, error="prompt:text_only simulated executor needs a "
+                                                f"box; got the phrase {prompt.text!r} alone")
         x1, y1, x2, y2 = (float(v) for v in prompt.box)
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            return Segmentation(rle=None, error=f"non-finite box {prompt.box}")
+            return Segmentation(rle=None, error=f"box:nonfinite {prompt.box}")
         h, w = sample.gt.shape
         ix1, iy1 = int(max(0, math.floor(min(x1, x2)))), int(max(0, math.floor(min(y1, y2))))
         ix2, iy2 = int(min(w, math.ceil(max(x1, x2)))), int(min(h, math.ceil(max(y1, y2))))
         if ix2 - ix1 < 2 or iy2 - iy1 < 2:
-            return Segmentation(rle=None, error=f"degenerate box after clipping: {prompt.box}")
+            return Segmentation(rle=None, error=f"box:degenerate after clipping: {prompt.box}")
         rng = _rng("executor", self.seed, sample.image_sha256, prompt.key)
         inside = np.zeros((h, w), bool)
         inside[iy1:iy2, ix1:ix2] = True

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from rescue.records import SampleRecord
+from rescue.records import SampleRecord, reason_code
 
 SELECTOR_ORDER = ("verifier", "executor", "consensus", "first", "random", "oracle")
 ESTIMATOR_ORDER = ("best_of_n", "prefix")
@@ -127,17 +127,6 @@ def write_metrics(metrics: pd.DataFrame, out_dir: Path | str,
     metrics.to_csv(csv_path, index=False)
     md_path.write_text(metrics_markdown(metrics, simulated=simulated), encoding="utf-8")
     return {"metrics_csv": csv_path, "metrics_md": md_path}
-
-
-def reason_code(error: str | None) -> str:
-    """The stable head of an error message: "parse:no_json: got 'hi'" → "parse:no_json".
-
-    Cut at the first colon followed by a space, so "stage:code" prefixes stay whole and
-    "TimeoutError: after 30 s" becomes "TimeoutError".
-    """
-    text = (error or "").strip()
-    head = text.split(": ", 1)[0].strip().rstrip(":")
-    return " ".join(head.split())[:80] or "unknown"
 
 
 def failure_table(records: Sequence[SampleRecord]) -> pd.DataFrame:

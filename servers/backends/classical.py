@@ -61,7 +61,7 @@ class ClassicalBackend:
         try:
             seg = grabcut_segment(image, prompt, self.iterations, self.max_side)
         except Exception as exc:  # one bad prompt never fails the others
-            return PromptResult.failed(f"grabcut failed: {type(exc).__name__}: {exc}")
+            return PromptResult.failed(f"execute:grabcut_failed {type(exc).__name__}: {exc}")
         if seg.error is not None or seg.rle is None:
             return PromptResult.failed(seg.error or "grabcut returned no mask")
         if seg.box is None:  # empty mask: nothing found

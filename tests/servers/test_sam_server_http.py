@@ -149,7 +149,7 @@ def test_text_only_prompt_is_a_per_prompt_error(classical_server) -> None:
         {"text": "the red shape"}, {"box": padded_box(scene.shapes[0].box, 0.1, 320, 240)}]}
     ).json()
     assert body["results"][0]["instances"] == []
-    assert "text-only" in body["results"][0]["error"]
+    assert "prompt:text_only" in body["results"][0]["error"]
     assert body["results"][1]["error"] is None and body["results"][1]["instances"]
 
 

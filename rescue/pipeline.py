@@ -135,20 +135,30 @@ class Pipeline:
                     raise RuntimeError(f"planner returned indices {[h.index for h in hyps]}, "
                                        f"asked for {run}")
             except Exception as exc:  # transport failure after retries: record, do not cache
-                self.stats.failures["plan"] += len(run)
-                for i in run:
+                # a client may hand over the hypotheses that did arrive (EndpointError.partial)
+                arrived = [h for h in getattr(exc, "partial", None) or [] if h.index in run]
+                found.update(self._keep(sample, arrived))
+                lost = [i for i in run if i not in found]
+                self.stats.failures["plan"] += len(lost)
+                for i in lost:
                     found[i] = Hypothesis.invalid(i, "", f"request:{type(exc).__name__}: {exc}",
                                                   transient=True)
             else:
-                for h in hyps:
-                    value = h.to_json()
-                    self.cache.put("plan", self.plan_key(sample, h.index), value,
-                                   f"{sample.sample_id}#{h.index}")
-                    # use what was cached, so a fresh run and a resumed one see the same bits
-                    found[h.index] = Hypothesis.from_json(value)
-                self.stats.items["plan"] += len(hyps)
+                found.update(self._keep(sample, hyps))
             self._bars.update("plan", len(run))
         return [found[i] for i in range(self.max_n)]
+
+    def _keep(self, sample: Sample, hyps: Sequence[Hypothesis]) -> dict[int, Hypothesis]:
+        """Cache the planner's answers and return them as read back from the cache, so a fresh
+        run and a resumed one continue from the same bits."""
+        out = {}
+        for h in hyps:
+            value = h.to_json()
+            self.cache.put("plan", self.plan_key(sample, h.index), value,
+                           f"{sample.sample_id}#{h.index}")
+            out[h.index] = Hypothesis.from_json(value)
+        self.stats.items["plan"] += len(hyps)
+        return out
 
     async def _execute(self, sample: Sample, prompts: Iterable[Prompt]) -> dict[str, Segmentation]:
         results: dict[str, Segmentation] = {}

@@ -182,3 +182,24 @@ def test_fresh_and_resumed_runs_execute_the_same_bits(tmp_path):
     resumed, _ = _run(tmp_path / "resumed", FinePlanner(), CanonicalOnlyExecutor(),
                       AreaVerifier(), 8)
     assert [r.to_json() for r in resumed] == [r.to_json() for r in clean]
+
+
+class HalfPlanner(ListPlanner):
+    """Delivers the first half of a request, then fails, like a client whose second chunk died."""
+
+    async def plan(self, sample, indices):
+        hyps = await super().plan(sample, indices)
+        exc = ConnectionError("second chunk lost")
+        exc.partial = hyps[: len(hyps) // 2]
+        raise exc
+
+
+def test_hypotheses_that_arrived_before_a_failure_are_kept(tmp_path):
+    recs, pipe = _run(tmp_path, HalfPlanner(), BoxExecutor(), AreaVerifier(), 8)
+    stages = [c.failed_stage for c in recs[0].candidates]
+    assert stages[4:] == ["plan"] * 4 and "second chunk lost" in recs[0].candidates[7].error
+    assert stages[:4] == [None, None, None, None]
+    assert pipe.stats.failures["plan"] == 2 * 4
+    p = ListPlanner()
+    _run(tmp_path, p, BoxExecutor(), AreaVerifier(), 8)
+    assert p.requests == [[4, 5, 6, 7]] * 2  # the resumed run asks only for what was lost

@@ -72,12 +72,13 @@ def servers(samples, tmp_path_factory):
     vllm.stop()
 
 
-def _run(tmp_path, servers, name, *extra):
+def _run(tmp_path, servers, name, *extra, experiment="http_synthetic"):
     _, api, sam_url = servers
     env = {**os.environ, "PLANNER_API_BASE": api, "VERIFIER_API_BASE": api,
            "EXECUTOR_API_BASE": sam_url, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / name}",
-           f"paths.cache_dir={tmp_path / 'cache'}", *MODELS, *extra]
+           f"paths.cache_dir={tmp_path / 'cache'}", f"experiment={experiment}", *MODELS[1:],
+           *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp_path / name
@@ -128,8 +129,8 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     image = tmp_path / "photo.png"
     Image.fromarray(sample.image).save(image)
     chat_before = len(standin.chat_requests())
-    out = _run(tmp_path, servers, "infer", "mode=infer", f"image={image}",
-               f"query={sample.query}", "max_n=8")
+    out = _run(tmp_path, servers, "infer", f"image={image}", f"query={sample.query}",
+               "max_n=8", "n_grid=[1,2,4,8]", experiment="infer")
     assert len(standin.chat_requests()) == chat_before
     result = json.loads((out / "candidates.json").read_text())
     assert result["query"] == sample.query and len(result["candidates"]) == 8

@@ -137,6 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)
+    _log_headline(metrics, str(cfg.selection.primary), simulated=pipe.simulated)
     return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths}
 
 
@@ -151,6 +152,23 @@ def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path
         log_report(logger, paths, metrics, items)
     finally:
         logger.finish()
+
+
+def _log_headline(metrics: pd.DataFrame, primary: str, *, simulated: bool) -> None:
+    """The number the study is about, on the console: the primary selector's gIoU from N=1 to
+    max N beside the oracle's (best-of-N over all samples)."""
+    m = metrics[metrics.estimator == "best_of_n"]
+    if "subset" in m:
+        m = m[m.subset == "all"]
+    line = []
+    for sel in (primary, "oracle"):
+        s = m[m.selector == sel].sort_values("n")
+        if len(s):
+            line.append(f"{sel} " + " ".join(f"@{int(n)}:{100 * g:.1f}"
+                                              for n, g in zip(s.n, s.giou, strict=True)))
+    if line:
+        log.info("gIoU%% (best-of-N%s): %s", ", SIMULATED models" if simulated else "",
+                 " | ".join(line))
 
 
 def evaluate_only(cfg: DictConfig) -> dict[str, Any]:

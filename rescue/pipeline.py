@@ -91,6 +91,7 @@ class Pipeline:
         self.samples_in_flight = samples_in_flight
         self.progress = progress
         self.stats = CallStats()
+        self._bars = StageBars(enabled=False, plan_total=0)  # `run` replaces it
         self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
                      "verifier": dict(verifier.identity())}
 

@@ -203,3 +203,10 @@ def test_hypotheses_that_arrived_before_a_failure_are_kept(tmp_path):
     p = ListPlanner()
     _run(tmp_path, p, BoxExecutor(), AreaVerifier(), 8)
     assert p.requests == [[4, 5, 6, 7]] * 2  # the resumed run asks only for what was lost
+
+
+def test_process_one_sample_without_run(tmp_path):
+    pipe = Pipeline(ListPlanner(), BoxExecutor(), AreaVerifier(), Cache(tmp_path), max_n=4,
+                    progress=False)
+    rec = asyncio.run(pipe.process(OneSample().load("a")))
+    assert [c.index for c in rec.candidates] == [0, 1, 2, 3] and rec.candidates[0].iou == 1.0

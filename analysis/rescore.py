@@ -12,7 +12,9 @@ intervals: the same bootstrap resamples).
 Scores within a pool: a failed candidate (no mask) stays last, as for every selector; a working
 candidate lacking one component (e.g. its verification failed) gets that component's worst
 z-score in the pool minus 1, so it ranks below every scored candidate on that term. With a
-single weight the ranking, and so every number, equals that selector's.
+single weight the ranking, and so every number, equals that selector's — except consensus,
+which enters here as its pool-level score (a fixed score per candidate), while the consensus
+selector itself is scored within each N-subset (`rescue/consensus.py`).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def n_values(cfg: DictConfig) -> list[int]:
 def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord]) -> pd.DataFrame:
     sel = cfg.selection
     return evaluate(recs, n_values(cfg), list(sel.selectors), estimators=list(sel.estimators),
-                    bootstrap=int(sel.bootstrap), ci=float(sel.ci), seed=int(cfg.seed))
+                    bootstrap=int(sel.bootstrap), ci=float(sel.ci), seed=int(cfg.seed),
+                    consensus_draws=int(sel.get("consensus_draws", 256)))
 
 
 async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,

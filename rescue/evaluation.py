@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rescue import selection
+from rescue import consensus, selection
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.records import SampleRecord
 
@@ -119,6 +119,7 @@ def _per_sample(
     selectors: Sequence[str],
     estimators: Sequence[str],
     seed: int,
+    consensus_draws: int = 256,
 ) -> _PerSample:
     s_count = len(records)
     failed = np.array([_sample_failed(r) for r in records])
@@ -141,12 +142,33 @@ def _per_sample(
                         w = ranking.best_of_n(nn)
                     else:
                         w = prefix_select_weights(pools.scores[s], nn)
+                    if s == "consensus":  # its scores depend on the subset drawn
+                        w = _within_subsets(records, pools.rows, w, e, nn, seed,
+                                            consensus_draws)
                     k = pos[(e, s, n)]
                     inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
                     iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
                     short[k, pools.rows] = n > m
     return _PerSample(keys, inter, union, iou, short, failed, pool_size)
+
+
+def _within_subsets(records: Sequence[SampleRecord], rows: np.ndarray, pool_weights: np.ndarray,
+                    estimator: str, n: int, seed: int, draws: int) -> np.ndarray:
+    """Consensus weights computed within each N-subset (`rescue.consensus`); records made
+    before pairwise mask IoUs were kept fall back to pool-level consensus."""
+    w = pool_weights.copy()
+    for b, row in enumerate(rows):
+        r = records[row]
+        pool = consensus.candidate_ious(r)
+        if pool is None:
+            continue
+        if estimator == "prefix":
+            w[b] = consensus.prefix_weights(*pool, n)
+        else:
+            w[b] = consensus.best_of_n_weights(*pool, n, draws=draws,
+                                               rng=consensus.rng_for(seed, r.sample_id, n))
+    return w
 
 
 def _resample_counts(rng: np.random.Generator, size: int, draws: int) -> np.ndarray:
@@ -191,13 +213,16 @@ def evaluate(
     ci: float = 0.95,
     seed: int = 0,
     by_tag: bool = True,
+    consensus_draws: int = 256,
 ) -> pd.DataFrame:
     """One row per (subset, estimator, selector, N) with gIoU, cIoU and bootstrap intervals.
 
     Failed samples count as IoU 0 (I = 0, U = target area), never dropped; see the module doc for
     the rest of the accounting. cIoU@N = E[ΣI] / E[ΣU]. Intervals are percentile bootstraps over
     samples (`bootstrap` resamples, the same resamples for every row so rows compare paired);
-    NaN when `bootstrap` is 0. `seed` fixes both the random selector and the resamples.
+    NaN when `bootstrap` is 0. `seed` fixes the resamples and consensus's subset draws.
+    Consensus is scored within each N-subset (`rescue.consensus`): exact where at most
+    `consensus_draws` subsets exist, else a seeded Monte-Carlo average over that many.
     """
     _check_records(records)
     _check_names(selectors, estimators)
@@ -206,7 +231,7 @@ def evaluate(
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     grid = _usable_n(n_grid, records)
-    ps = _per_sample(records, grid, list(selectors), list(estimators), seed)
+    ps = _per_sample(records, grid, list(selectors), list(estimators), seed, consensus_draws)
     rng = np.random.default_rng(seed)
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
     rows = []
@@ -243,6 +268,7 @@ def per_sample_table(
     selector: str,
     estimator: str = "best_of_n",
     seed: int = 0,
+    consensus_draws: int = 256,
 ) -> pd.DataFrame:
     """Expected I, U and IoU of the selected candidate for every sample, for slicing.
 
@@ -253,7 +279,7 @@ def per_sample_table(
     _check_names([selector], [estimator])
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}")
-    ps = _per_sample(records, [n], [selector], [estimator], seed)
+    ps = _per_sample(records, [n], [selector], [estimator], seed, consensus_draws)
     return pd.DataFrame({
         "sample_id": [r.sample_id for r in records],
         "dataset": [r.dataset for r in records],

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from rescue import masks, records
+from rescue import consensus, masks, records
 from rescue.cache import Cache, make_key
 from rescue.datasets.base import Dataset, SampleError
 from rescue.hypothesis import Hypothesis, Prompt
@@ -259,7 +259,9 @@ class Pipeline:
                 verdicts: Mapping[str, Verdict]) -> SampleRecord:
         target_area = int(sample.target.sum())
         counts = {d: iou_counts(m, sample.gt) for d, m in decoded.items()}
-        consensus = _consensus(hyps, digest_of, rle_of)
+        order = list(dict.fromkeys(digest_of[h.prompt.key] for h in hyps
+                                   if h.valid and h.prompt.key in digest_of))
+        pair = _mask_iou([rle_of[d] for d in order])
         first_index: dict[str, int] = {}
         cands: list[CandidateRecord] = []
         for h in hyps:
@@ -287,15 +289,21 @@ class Pipeline:
                 c.duplicate_of = None
             c.intersection, c.union = counts[d]
             c.iou = iou(*counts[d])
-            c.consensus = consensus.get(h.index)
             v = verdicts[d]
             c.verifier_score, c.verifier_source = v.score, v.source or None
             if not v.ok:
                 c.failed_stage, c.error = "verify", v.error or "verify:no_score"
             cands.append(c)
-        return SampleRecord(sample_id=sample.sample_id, dataset=sample.dataset, query=sample.query,
-                            height=sample.height, width=sample.width, target_area=target_area,
-                            simulated=self.simulated, candidates=cands, tags=list(sample.tags))
+        rec = SampleRecord(sample_id=sample.sample_id, dataset=sample.dataset, query=sample.query,
+                           height=sample.height, width=sample.width, target_area=target_area,
+                           simulated=self.simulated, candidates=cands, tags=list(sample.tags),
+                           masks=order, mask_iou=pair.tolist())
+        pool = consensus.candidate_ious(rec)  # None when no candidate has a mask
+        if pool is not None:
+            for c, score in zip(cands, consensus.pool_scores(*pool), strict=True):
+                if c.ok:
+                    c.consensus = float(score)
+        return rec
 
     # -- many samples -------------------------------------------------------------------------
     async def run(self, dataset: Dataset, sample_ids: Sequence[str],
@@ -345,29 +353,14 @@ class Pipeline:
         return out
 
 
-def _consensus(hyps: Sequence[Hypothesis], digest_of: Mapping[str, str],
-               rle_of: Mapping[str, masks.Rle]) -> dict[int, float]:
-    """Mean IoU of each working candidate with the pool's other working candidates.
-
-    Duplicates count as separate candidates: a mask proposed k times gets k-1 votes of IoU 1,
-    which is the point of voting.
-    """
-    owners = [(h.index, digest_of[h.prompt.key]) for h in hyps
-              if h.valid and h.prompt is not None and h.prompt.key in digest_of]
-    if len(owners) < 2:
-        return {i: 0.0 for i, _ in owners}
-    uniq = list(dict.fromkeys(d for _, d in owners))
-    coco = [{"size": rle_of[d]["size"], "counts": rle_of[d]["counts"].encode("ascii")}
-            for d in uniq]
+def _mask_iou(rles: Sequence[masks.Rle]) -> np.ndarray:
+    """Pairwise IoU of distinct masks (two empty masks agree perfectly, as LISA scores them),
+    rounded to 6 decimals: what is stored is what every later computation reads."""
+    if not rles:
+        return np.zeros((0, 0))
+    coco = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
     pair = np.asarray(mask_utils.iou(coco, coco, [0] * len(coco)), dtype=float).reshape(
-        len(uniq), len(uniq))
-    empty = [masks.area(rle_of[d]) == 0 for d in uniq]
-    for a, ea in enumerate(empty):  # LISA: two empty masks agree perfectly
-        for b, eb in enumerate(empty):
-            if ea and eb:
-                pair[a, b] = 1.0
-    pos = {d: k for k, d in enumerate(uniq)}
-    idx = np.array([pos[d] for _, d in owners])
-    sims = pair[np.ix_(idx, idx)]
-    totals = (sims.sum(axis=1) - np.diag(sims)) / (len(owners) - 1)
-    return {i: float(t) for (i, _), t in zip(owners, totals, strict=True)}
+        len(rles), len(rles))
+    empty = np.array([masks.area(r) == 0 for r in rles])
+    pair[np.ix_(empty, empty)] = 1.0
+    return np.round(pair, 6)

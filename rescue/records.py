@@ -56,7 +56,7 @@ class CandidateRecord:
     executor_score: float | None = None
     verifier_score: float | None = None
     verifier_source: str | None = None
-    consensus: float | None = None  # mean IoU with the other working candidates of the pool
+    consensus: float | None = None  # mean IoU with the pool's other working candidates
     intersection: int = 0
     union: int = 0
     iou: float = 0.0
@@ -80,6 +80,10 @@ class SampleRecord:
     candidates: list[CandidateRecord] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     error: str | None = None  # the whole sample failed (e.g. corrupt image): no candidates
+    # the distinct masks (digests, in order of first appearance) and their pairwise IoU, so
+    # consensus within any subset of candidates can be evaluated offline (rescue/consensus.py)
+    masks: list[str] = field(default_factory=list)
+    mask_iou: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,11 +7,11 @@ count as an empty prediction anyway). A working candidate that lacks the score a
 scored candidate, above failed ones, tied with the other unscored ones. A duplicate mask that
 was verified once (`duplicate_of`) inherits the score of the candidate it duplicates.
 
-Selectors see the whole pool. `consensus` in particular is pool-level: each candidate's mean IoU
-with the other working candidates of all M, computed once by the pipeline. A deployed system with
-budget N would compute it within its N candidates, which differs slightly; the exact best-of-N
-estimator needs scores that do not depend on the subset (see `estimators.monte_carlo_best_of_n`
-for subset-dependent selectors).
+Selectors here score the whole pool, which is what the single answer (`select`) and every
+selector but one need. `consensus` depends on which candidates are drawn: its scores here are
+pool-level (mean IoU with the other working candidates of all M, computed by the pipeline), and
+`rescue.evaluation` scores it within each N-subset instead (`rescue/consensus.py`), so that
+consensus@N sees only N candidates.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def executor(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int 
 
 
 def consensus(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """Pool-level mask consensus: mean IoU with the other working candidates (no model needed).
+    """Mask consensus over the whole pool: mean IoU with the other working candidates.
 
     A lone working candidate (no other to agree with) has consensus None → 0.0, not UNSCORED.
     """

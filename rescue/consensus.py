@@ -1,0 +1,89 @@
+"""Mask consensus: a candidate is preferred when the other candidates agree with it.
+
+Consensus depends on which candidates are drawn, so best-of-N for it cannot use the exact rank
+formula of `rescue.estimators`: a candidate's score in an N-subset is its mean IoU with the
+subset's other working candidates. At N = 2 two masks agree with each other equally, so
+consensus cannot choose; scoring against the whole pool of M instead would let N = 2 peek at M
+candidates and overstate it. This module computes the selection weights within subsets: exactly
+by enumeration when there are at most `draws` subsets (always for the prefix estimator and for
+N = M), else by a seeded Monte-Carlo average over `draws` random subsets.
+
+The pairwise IoU of a sample's distinct masks is kept in its record (`SampleRecord.masks`,
+`mask_iou`), so this needs no mask and no model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from itertools import combinations
+from math import comb
+
+import numpy as np
+
+from rescue.records import SampleRecord
+
+
+def candidate_ious(record: SampleRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    """(M, M) IoU between candidates (duplicates of one mask agree perfectly) and the (M,)
+    mask of candidates that have a mask; None for records made before masks were kept."""
+    if not record.masks or len(record.mask_iou) != len(record.masks):
+        return None
+    pos = {d: k for k, d in enumerate(record.masks)}
+    idx = np.array([pos.get(c.mask_key, -1) if c.ok else -1 for c in record.candidates])
+    ok = idx >= 0
+    pair = np.asarray(record.mask_iou, dtype=float)
+    out = np.zeros((len(idx), len(idx)))
+    out[np.ix_(ok, ok)] = pair[np.ix_(idx[ok], idx[ok])]
+    return out, ok
+
+
+def scores_within(ious: np.ndarray, ok: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """(D, N) consensus of each member of each subset: its mean IoU with the subset's other
+    working candidates (0 when it is the only one); -inf for a candidate without a mask."""
+    n = subsets.shape[1]
+    sub = ious[subsets[:, :, None], subsets[:, None, :]]
+    voter = ok[subsets]
+    others = voter[:, None, :] & ~np.eye(n, dtype=bool)[None]
+    count = others.sum(-1)
+    score = np.where(count > 0, (sub * others).sum(-1) / np.maximum(count, 1), 0.0)
+    return np.where(voter, score, -np.inf)
+
+
+def pool_scores(ious: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Consensus of every candidate within the whole pool (the single answer's scores)."""
+    return scores_within(ious, ok, np.arange(len(ok))[None])[0]
+
+
+def pick_weights(ious: np.ndarray, ok: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """(D, M) weights: row d is the consensus pick within `subsets[d]`, ties shared evenly."""
+    score = scores_within(ious, ok, subsets)
+    win = score == score.max(axis=1, keepdims=True)
+    out = np.zeros((subsets.shape[0], len(ok)))
+    out[np.arange(subsets.shape[0])[:, None], subsets] = win / win.sum(axis=1, keepdims=True)
+    return out
+
+
+def subsets_of(m: int, n: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """Every N-subset of M when there are at most `draws`, else `draws` uniform ones."""
+    if n >= m:
+        return np.arange(m)[None]
+    if comb(m, n) <= draws:
+        return np.array(list(combinations(range(m), n)))
+    return np.argsort(rng.random((draws, m)), axis=1)[:, :n]
+
+
+def best_of_n_weights(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Probability that each candidate is the consensus pick of a uniformly random N-subset."""
+    return pick_weights(ious, ok, subsets_of(len(ok), n, draws, rng)).mean(axis=0)
+
+
+def prefix_weights(ious: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
+    """The consensus pick among the first N candidates (exact)."""
+    return pick_weights(ious, ok, np.arange(min(n, len(ok)))[None])[0]
+
+
+def rng_for(seed: int, sample_id: str, n: int) -> np.random.Generator:
+    """Draws fixed by (seed, sample, N): reruns and record order change nothing."""
+    digest = hashlib.sha256(f"consensus|{seed}|{sample_id}|{n}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))

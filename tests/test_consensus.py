@@ -1,0 +1,117 @@
+"""Consensus within subsets, against brute force over every subset."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from rescue import consensus
+from rescue.evaluation import evaluate, per_sample_table
+from rescue.records import CandidateRecord, SampleRecord
+
+
+def _pool(rng, m, p_fail=0.2):
+    a = rng.random((m, m)).round(1)  # coarse values so ties happen
+    ious = np.triu(a, 1) + np.triu(a, 1).T + np.eye(m)
+    ok = rng.random(m) > p_fail
+    ious[~ok] = 0
+    ious[:, ~ok] = 0
+    return ious, ok
+
+
+def _brute_pick(ious, ok, subset):
+    """The consensus pick of one subset, written out the long way."""
+    scores = {}
+    for c in subset:
+        if not ok[c]:
+            continue
+        others = [o for o in subset if o != c and ok[o]]
+        scores[c] = sum(ious[c, o] for o in others) / len(others) if others else 0.0
+    w = np.zeros(len(ok))
+    if not scores:  # nothing has a mask: every member is as (un)likely
+        w[list(subset)] = 1 / len(subset)
+        return w
+    best = max(scores.values())
+    winners = [c for c, s in scores.items() if s == best]
+    w[winners] = 1 / len(winners)
+    return w
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_exact_weights_equal_brute_force(trial):
+    rng = np.random.default_rng(trial)
+    m = int(rng.integers(1, 8))
+    ious, ok = _pool(rng, m)
+    for n in range(1, m + 1):
+        subs = list(combinations(range(m), n))
+        brute = np.mean([_brute_pick(ious, ok, s) for s in subs], axis=0)
+        got = consensus.best_of_n_weights(ious, ok, n, draws=10_000, rng=rng)
+        np.testing.assert_allclose(got, brute, atol=1e-12)
+        np.testing.assert_allclose(consensus.prefix_weights(ious, ok, n),
+                                   _brute_pick(ious, ok, tuple(range(n))), atol=1e-12)
+
+
+def test_monte_carlo_is_close_to_exact_on_large_pools():
+    rng = np.random.default_rng(7)
+    ious, ok = _pool(rng, 14)
+    values = rng.random(14)
+    exact = np.mean([_brute_pick(ious, ok, s) for s in combinations(range(14), 5)], axis=0)
+    mc = consensus.best_of_n_weights(ious, ok, 5, draws=4000, rng=rng)
+    # expected value of the pick: the MC standard error with 4000 draws is below 0.005 here
+    assert abs(mc @ values - exact @ values) < 0.02
+    assert mc.sum() == pytest.approx(1.0)
+
+
+def test_two_masks_cannot_outvote_each_other():
+    ious = np.array([[1, 0.3, 0.3], [0.3, 1, 0.9], [0.3, 0.9, 1]])
+    ok = np.ones(3, bool)
+    # over the pool, 1 and 2 agree; within a pair every member ties, so N=2 is a coin flip
+    assert np.argmax(consensus.pool_scores(ious, ok)) == 1
+    np.testing.assert_allclose(consensus.best_of_n_weights(ious, ok, 2, draws=99, rng=None),
+                               [1 / 3] * 3)
+
+
+def _rec(sid, cands, masks, mask_iou, target=10):
+    return SampleRecord(sample_id=sid, dataset="d", query="q", height=4, width=4,
+                        target_area=target, simulated=True, candidates=cands, masks=masks,
+                        mask_iou=mask_iou)
+
+
+def test_duplicates_agree_and_failures_have_no_vote():
+    cands = [CandidateRecord(index=0, mask_key="a", intersection=5, union=10, iou=0.5),
+             CandidateRecord(index=1, mask_key="b", intersection=9, union=10, iou=0.9),
+             CandidateRecord(index=2, mask_key="a", duplicate_of=0, intersection=5, union=10,
+                             iou=0.5),
+             CandidateRecord(index=3, failed_stage="plan", union=10)]
+    rec = _rec("s", cands, ["a", "b"], [[1.0, 0.2], [0.2, 1.0]])
+    ious, ok = consensus.candidate_ious(rec)
+    assert ok.tolist() == [True, True, True, False]
+    assert ious[0, 2] == 1.0 and ious[0, 1] == 0.2 and ious[3].sum() == 0
+    np.testing.assert_allclose(consensus.pool_scores(ious, ok)[:3], [0.6, 0.2, 0.6])
+    # N = M: the duplicated mask wins, shared between its two candidates
+    t = per_sample_table([rec], 4, "consensus")
+    assert t.expected_iou.iloc[0] == pytest.approx(0.5)
+    # N = 2, prefix: candidates 0 and 1 tie (each other's only voter)
+    t = per_sample_table([rec], 2, "consensus", estimator="prefix")
+    assert t.expected_iou.iloc[0] == pytest.approx(0.7)
+
+
+def test_pool_level_consensus_would_overstate_small_n():
+    rng = np.random.default_rng(3)
+    recs = []
+    for s in range(30):  # one good mask proposed 3 times among 5 scattered bad ones
+        cands = [CandidateRecord(index=k, mask_key=f"m{k}", intersection=int(k < 3) * 9,
+                                 union=10, iou=0.9 * (k < 3)) for k in range(8)]
+        for c in cands[1:3]:
+            c.mask_key = "m0"
+        keys = ["m0"] + [f"m{k}" for k in range(3, 8)]
+        pair = np.eye(6) + np.triu(rng.random((6, 6)) * 0.1, 1)
+        pair = np.maximum(pair, pair.T)
+        for c in cands:
+            c.consensus = 1.0 if c.mask_key == "m0" else 0.0  # what the pool says
+        recs.append(_rec(f"s{s}", cands, keys, pair.round(6).tolist()))
+    df = evaluate(recs, [2, 8], ["consensus", "oracle"], bootstrap=0)
+    at = df.set_index(["estimator", "selector", "n"]).giou
+    # at N = 8 the triple wins every time; at N = 2 it only wins when two copies are drawn
+    assert at["best_of_n", "consensus", 8] == pytest.approx(0.9)
+    assert at["best_of_n", "consensus", 2] < at["best_of_n", "oracle", 2] - 0.05

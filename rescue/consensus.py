@@ -22,6 +22,8 @@ import numpy as np
 
 from rescue.records import SampleRecord
 
+TIE_TOLERANCE = 1e-9
+
 
 def candidate_ious(record: SampleRecord) -> tuple[np.ndarray, np.ndarray] | None:
     """(M, M) IoU between candidates (duplicates of one mask agree perfectly) and the (M,)
@@ -37,30 +39,33 @@ def candidate_ious(record: SampleRecord) -> tuple[np.ndarray, np.ndarray] | None
     return out, ok
 
 
-def scores_within(ious: np.ndarray, ok: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """(D, N) consensus of each member of each subset: its mean IoU with the subset's other
-    working candidates (0 when it is the only one); -inf for a candidate without a mask."""
-    n = subsets.shape[1]
-    sub = ious[subsets[:, :, None], subsets[:, None, :]]
-    voter = ok[subsets]
-    others = voter[:, None, :] & ~np.eye(n, dtype=bool)[None]
-    count = others.sum(-1)
-    score = np.where(count > 0, (sub * others).sum(-1) / np.maximum(count, 1), 0.0)
-    return np.where(voter, score, -np.inf)
+def scores_within(ious: np.ndarray, ok: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(D, M) consensus of each member of each subset (`members`: (D, M) bool): its mean IoU
+    with the subset's other working candidates (0 when it is the only one); -inf for
+    non-members and for candidates without a mask. One matrix product per batch of subsets."""
+    voters = members & ok
+    others = voters.sum(axis=1, keepdims=True) - voters  # working members besides oneself
+    votes = voters.astype(float) @ ious.T - voters * np.diag(ious)
+    score = np.divide(votes, others, out=np.zeros(votes.shape), where=others > 0)
+    return np.where(voters, score, -np.inf)
 
 
 def pool_scores(ious: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Consensus of every candidate within the whole pool (the single answer's scores)."""
-    return scores_within(ious, ok, np.arange(len(ok))[None])[0]
+    return scores_within(ious, ok, np.ones((1, len(ok)), bool))[0]
 
 
 def pick_weights(ious: np.ndarray, ok: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """(D, M) weights: row d is the consensus pick within `subsets[d]`, ties shared evenly."""
-    score = scores_within(ious, ok, subsets)
-    win = score == score.max(axis=1, keepdims=True)
-    out = np.zeros((subsets.shape[0], len(ok)))
-    out[np.arange(subsets.shape[0])[:, None], subsets] = win / win.sum(axis=1, keepdims=True)
-    return out
+    """(D, M) weights: row d is the consensus pick within `subsets[d]`, ties shared evenly; a
+    subset with no working candidate shares its weight over all its members."""
+    members = np.zeros((subsets.shape[0], len(ok)), bool)
+    members[np.arange(subsets.shape[0])[:, None], subsets] = True
+    score = scores_within(ious, ok, members)
+    best = score.max(axis=1, keepdims=True)
+    # equal means may differ in the last bits after a matrix product; stored IoUs have 6
+    # decimals, so distinct means differ by more than 1e-9 for any pool under 1000
+    win = np.where(np.isfinite(best), score >= best - TIE_TOLERANCE, members)
+    return win / win.sum(axis=1, keepdims=True)
 
 
 def subsets_of(m: int, n: int, draws: int, rng: np.random.Generator) -> np.ndarray:

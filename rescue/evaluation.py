@@ -131,6 +131,7 @@ def _per_sample(
     union = np.tile(target, (len(keys), 1))  # failed samples keep I = 0, U = target area
     iou = np.zeros((len(keys), s_count))
     short = np.zeros((len(keys), s_count), dtype=bool)
+    pairwise: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # row -> candidate IoUs
     for pools in _pools(records, selectors, seed):
         m = pools.inter.shape[1]
         for s in selectors:
@@ -144,7 +145,7 @@ def _per_sample(
                         w = prefix_select_weights(pools.scores[s], nn)
                     if s == "consensus":  # its scores depend on the subset drawn
                         w = _within_subsets(records, pools.rows, w, e, nn, seed,
-                                            consensus_draws)
+                                            consensus_draws, pairwise)
                     k = pos[(e, s, n)]
                     inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
@@ -154,13 +155,16 @@ def _per_sample(
 
 
 def _within_subsets(records: Sequence[SampleRecord], rows: np.ndarray, pool_weights: np.ndarray,
-                    estimator: str, n: int, seed: int, draws: int) -> np.ndarray:
+                    estimator: str, n: int, seed: int, draws: int,
+                    pairwise: dict[int, tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray:
     """Consensus weights computed within each N-subset (`rescue.consensus`); records made
     before pairwise mask IoUs were kept fall back to pool-level consensus."""
     w = pool_weights.copy()
     for b, row in enumerate(rows):
         r = records[row]
-        pool = consensus.candidate_ious(r)
+        if row not in pairwise:
+            pairwise[row] = consensus.candidate_ious(r)
+        pool = pairwise[row]
         if pool is None:
             continue
         if estimator == "prefix":

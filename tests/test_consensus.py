@@ -1,5 +1,6 @@
 """Consensus within subsets, against brute force over every subset."""
 
+from fractions import Fraction
 from itertools import combinations
 
 import numpy as np
@@ -20,13 +21,14 @@ def _pool(rng, m, p_fail=0.2):
 
 
 def _brute_pick(ious, ok, subset):
-    """The consensus pick of one subset, written out the long way."""
+    """The consensus pick of one subset, written out the long way in exact arithmetic."""
     scores = {}
     for c in subset:
         if not ok[c]:
             continue
         others = [o for o in subset if o != c and ok[o]]
-        scores[c] = sum(ious[c, o] for o in others) / len(others) if others else 0.0
+        total = sum((Fraction(str(ious[c, o])) for o in others), Fraction(0))
+        scores[c] = total / len(others) if others else Fraction(0)
     w = np.zeros(len(ok))
     if not scores:  # nothing has a mask: every member is as (un)likely
         w[list(subset)] = 1 / len(subset)

@@ -73,8 +73,14 @@ def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord]) -> pd.DataFr
                     consensus_draws=int(sel.get("consensus_draws", 256)))
 
 
+def endpoint_stats(models: Models) -> dict[str, Any]:
+    """Requests, retries and failures per HTTP endpoint, from clients that count them."""
+    return {role: m.stats() for role, m in models.all().items()
+            if callable(getattr(m, "stats", None))}
+
+
 async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,
-                    cache: Cache) -> tuple[list[SampleRecord], Pipeline]:
+                    cache: Cache) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
     models = build_models(cfg)
     try:
         if not cfg.offline:
@@ -86,7 +92,7 @@ async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: 
         partial = out_dir / "records.partial.jsonl"
         partial.unlink(missing_ok=True)
         recs = await pipe.run(dataset, ids, partial=partial)
-        return recs, pipe
+        return recs, pipe, endpoint_stats(models)
     finally:
         for m in models.all().values():
             await aclose(m)
@@ -123,13 +129,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
     t0 = time.perf_counter()
-    recs, pipe = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
+    recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
     gen_s = time.perf_counter() - t0
     records.write(out_dir / "records.jsonl", recs)
     (out_dir / "records.partial.jsonl").unlink(missing_ok=True)
     stats = {"generation_seconds": round(gen_s, 3), "calls": pipe.stats.to_json(),
              "cache": cache.stats(), "simulated": pipe.simulated,
-             "models": {k: dict(v) for k, v in pipe._ids.items()}}
+             "endpoints": endpoints, "models": pipe.identities}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
     metrics = evaluate_records(cfg, recs)
     items = overlay_items(cfg, dataset, pipe, recs) if int(cfg.report.overlays) > 0 else []

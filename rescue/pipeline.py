@@ -96,6 +96,11 @@ class Pipeline:
                      "verifier": dict(verifier.identity())}
 
     @property
+    def identities(self) -> dict[str, dict[str, Any]]:
+        """Each model's identity, as hashed into the cache keys (written to stats.json)."""
+        return {role: dict(ident) for role, ident in self._ids.items()}
+
+    @property
     def simulated(self) -> bool:
         return bool(self.planner.simulated or self.executor.simulated or self.verifier.simulated)
 

@@ -103,6 +103,11 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     assert calls["requests"]["execute"] == len(samples)
     assert _sam_requests(sam_url) - sam_before == len(samples)
     assert len(standin.chat_requests(VERIFIER)) <= calls["requests"]["verify"]
+    # every HTTP request is counted per endpoint in stats.json (no faults here: no retries)
+    endpoints = stats["endpoints"]
+    assert endpoints["planner"]["requests"] == len(standin.chat_requests(PLANNER))
+    assert endpoints["verifier"]["requests"] == len(standin.chat_requests(VERIFIER))
+    assert endpoints["planner"]["retries"] == endpoints["verifier"]["retries"] == 0
     records = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     assert len(records) == len(samples)
     cands = [c for r in records for c in r["candidates"]]

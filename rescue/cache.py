@@ -10,6 +10,10 @@ only tear its own last line (skipped on read), and several processes (a Hydra mu
 array jobs) share one directory without locks because no two write the same file. Readers pick
 up entries other processes append while they run by tailing segments on a miss. Many small
 entries live in few files, which network file systems prefer to one file per mask.
+
+Memory holds an index, not the values: key -> (segment, offset, length), about 100 bytes an
+entry, so a job of a large sweep can open a cache of millions of entries (verdicts carry a
+thinking model's reasoning) and read back only the ones it needs, one `pread` each.
 """
 
 from __future__ import annotations
@@ -44,11 +48,25 @@ def make_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_KEY_PREFIX = b'{"k":"'
+_KEY_END = len(_KEY_PREFIX) + 64
+
+
+def _key_of(line: bytes) -> str | None:
+    """The key of a segment line without parsing its value (lines start {"k":"<64 hex>")."""
+    if line.startswith(_KEY_PREFIX) and line[_KEY_END:_KEY_END + 1] == b'"':
+        return line[len(_KEY_PREFIX):_KEY_END].decode("ascii", "replace")
+    try:
+        return str(json.loads(line)["k"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a crash in the middle of a file
+
+
 @dataclass
 class _Segments:
-    """In-memory index of one stage, fed incrementally from its segment files."""
+    """Index of one stage: key -> (segment file, offset, length), fed by tailing segments."""
 
-    entries: dict[str, Any] = field(default_factory=dict)
+    entries: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
     last_scan: float = 0.0
 
@@ -84,12 +102,13 @@ class Cache:
                     f.seek(start)
                     chunk = f.read(size - start)
                 end = chunk.rfind(b"\n") + 1  # only whole lines; a torn tail is left for later
-                for line in chunk[:end].splitlines():
-                    try:
-                        item = json.loads(line)
-                        seg.entries[item["k"]] = item["v"]
-                    except (ValueError, KeyError):
-                        continue  # a line torn by a crash in the middle of a file: skip it
+                pos = 0
+                while pos < end:
+                    nl = chunk.index(b"\n", pos)
+                    key = _key_of(chunk[pos:nl])
+                    if key is not None:
+                        seg.entries[key] = (name, start + pos, nl - pos)
+                    pos = nl + 1
                 seg.offsets[name] = start + end
         seg.last_scan = time.monotonic()
         return seg
@@ -98,11 +117,21 @@ class Cache:
         seg = self._stages.get(stage)
         return seg if seg is not None else self._scan(stage)
 
+    def _read(self, stage: str, where: tuple[str, int, int]) -> Any | None:
+        name, offset, length = where
+        try:
+            with open(self.root / stage / name, "rb") as f:
+                line = os.pread(f.fileno(), length, offset)
+            return json.loads(line)["v"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a corrupt line reads as a miss: the answer is computed again
+
     def get(self, stage: str, key: str) -> Any | None:
         seg = self._segments(stage)
         if key not in seg.entries and time.monotonic() - seg.last_scan > self.rescan_interval:
             seg = self._scan(stage)  # another process may have written it meanwhile
-        value = seg.entries.get(key)
+        where = seg.entries.get(key)
+        value = self._read(stage, where) if where is not None else None
         self.counts[f"{stage}.{'hit' if value is not None else 'miss'}"] += 1
         return value
 
@@ -120,16 +149,20 @@ class Cache:
     def put(self, stage: str, key: str, value: Any, what: str = "") -> None:
         if self.offline:
             raise RuntimeError("offline cache is read-only")
-        line = json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
-                          allow_nan=False) + "\n"
+        line = (json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
+                           allow_nan=False) + "\n").encode()
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"{self.writer}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        name = f"{self.writer}.jsonl"
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line.encode())
+            os.write(fd, line)
+            end = os.fstat(fd).st_size  # this process is the segment's only writer
         finally:
             os.close(fd)
-        self._segments(stage).entries[key] = value
+        seg = self._segments(stage)
+        seg.entries[key] = (name, end - len(line), len(line) - 1)
+        seg.offsets[name] = end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += 1
 
     def stats(self) -> dict[str, int]:

@@ -79,3 +79,32 @@ def test_several_processes_share_one_directory(tmp_path):
         for i in range(200):
             assert c.get("execute", f"w{w}-{i}") == {"worker": w, "i": i, "pad": "x" * 200}
     assert len(list((tmp_path / "execute").glob("*.jsonl"))) == 4
+
+
+def test_memory_holds_an_index_and_values_are_read_back_from_disk(tmp_path):
+    c = Cache(tmp_path)
+    c.put("verify", "k" * 64, {"reasoning": "long " * 1000})
+    fresh = Cache(tmp_path)
+    assert fresh.get("verify", "k" * 64) == {"reasoning": "long " * 1000}
+    (where,) = fresh._stages["verify"].entries.values()
+    assert isinstance(where, tuple) and where[2] > 5000  # (segment, offset, length)
+
+
+def test_a_corrupt_value_behind_a_valid_key_reads_as_a_miss(tmp_path):
+    (tmp_path / "plan").mkdir()
+    key = "a" * 64
+    (tmp_path / "plan" / "w.jsonl").write_text('{"k":"' + key + '","v":{"x": tru\n'
+                                               + json.dumps({"k": "b", "v": 2}) + "\n")
+    c = Cache(tmp_path)
+    assert c.get("plan", key) is None and c.get("plan", "b") == 2
+    assert c.stats() == {"plan.hit": 1, "plan.miss": 1}
+
+
+def test_own_writes_are_not_rescanned(tmp_path):
+    c = Cache(tmp_path, rescan_interval=0.0)
+    for i in range(3):
+        c.put("plan", f"k{i}", i)
+    own = f"{c.writer}.jsonl"
+    assert c._stages["plan"].offsets[own] == (tmp_path / "plan" / own).stat().st_size
+    assert c.get("plan", "missing") is None
+    assert [c.get("plan", f"k{i}") for i in range(3)] == [0, 1, 2]

@@ -66,9 +66,11 @@ def n_values(cfg: DictConfig) -> list[int]:
     return grid
 
 
-def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord]) -> pd.DataFrame:
+def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord],
+                     grid: Sequence[int] | None = None) -> pd.DataFrame:
     sel = cfg.selection
-    return evaluate(recs, n_values(cfg), list(sel.selectors), estimators=list(sel.estimators),
+    grid = n_values(cfg) if grid is None else grid
+    return evaluate(recs, grid, list(sel.selectors), estimators=list(sel.estimators),
                     bootstrap=int(sel.bootstrap), ci=float(sel.ci), seed=int(cfg.seed),
                     consensus_draws=int(sel.get("consensus_draws", 256)))
 
@@ -187,7 +189,11 @@ def evaluate_only(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
     recs = list(records.read(src))
     out_dir = Path(cfg.paths.output_dir)
-    metrics = evaluate_records(cfg, recs)
+    # the pools are whatever the run generated: N is bounded by them, not by this max_n
+    grid = sorted({int(n) for n in cfg.n_grid})
+    if not grid or grid[0] < 1:
+        raise ValueError(f"n_grid must hold integers >= 1, got {list(cfg.n_grid)}")
+    metrics = evaluate_records(cfg, recs, grid)
     simulated = any(r.simulated for r in recs)
     paths = write_report(out_dir, recs, metrics, [], simulated=simulated,
                          primary=str(cfg.selection.primary))

@@ -59,6 +59,17 @@ def test_demo_end_to_end_then_offline_rerun(tmp_path):
     assert len(records) == 10 and all(r["simulated"] for r in records)
     assert all(len(r["candidates"]) == 8 for r in records)
 
+    # re-evaluation from the records alone, on another grid: N is bounded by the pools (8),
+    # not by this command's max_n; N=3 is new, N=8 must agree with the run's own table
+    rerun = run_demo(tmp_path, "evaluate", "no_cache_needed", "mode=evaluate",
+                     f"records_from={first}", "max_n=4", "n_grid=[1,3,8]")
+    evaluated = pd.read_csv(rerun / "metrics.csv")
+    assert set(evaluated.n) == {1, 3, 8}
+    key = ["subset", "estimator", "selector", "n"]
+    both = evaluated.merge(metrics, on=key, suffixes=("", "_run"))
+    assert len(both) == len(metrics[metrics.n.isin([1, 8])])
+    pd.testing.assert_series_equal(both.giou, both.giou_run, check_names=False)
+
     again = run_demo(tmp_path, "again", "cache", "offline=true")
     assert _stats(again)["calls"]["model_calls"] == 0
     pd.testing.assert_frame_equal(pd.read_csv(again / "metrics.csv"), metrics)

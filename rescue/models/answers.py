@@ -136,7 +136,7 @@ def yes_no_score(tok: TokenLogprob) -> YesNo | None:
 
 
 def is_digit_token(t: str) -> bool:
-    return t.isdigit()
+    return t.isdecimal()  # not isdigit: "²" is a digit that int() cannot read
 
 
 def rating_score(tokens: Sequence[TokenLogprob], i: int, max_rating: int) -> float | None:
@@ -151,7 +151,7 @@ def rating_score(tokens: Sequence[TokenLogprob], i: int, max_rating: int) -> flo
     num = den = 0.0
     for t, lp in tok.distribution().items():
         n = norm_token(t)
-        if not n.isdigit():
+        if not is_digit_token(n):
             continue
         value = int(n)
         if n == "1" and follows_zero:

@@ -57,6 +57,10 @@ class RetryPolicy:
             return cfg
         return cls(**dict(plain(cfg) or {}))
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:  # 0 would make no request at all; 1 means "no retries"
+            raise ValueError(f"retry.attempts must be >= 1 (1 = no retries), got {self.attempts}")
+
     def delay(self, retry: int, rng: random.Random) -> float:
         d = min(self.max_delay_s, self.base_delay_s * (2.0 ** retry))
         return max(0.0, d * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))

@@ -100,11 +100,13 @@ class OpenAIPlanner:
         return self.chat.base_url
 
     def identity(self) -> Mapping[str, Any]:
-        """Everything that changes a hypothesis; not the URL (the same model on another host
-        shares the cache) and not the request grouping (per-index seeds do not depend on it)."""
+        """Everything that changes a hypothesis (base_seed included: index i is sampled with
+        base_seed + i); not the URL (the same model on another host shares the cache) and not
+        the request grouping (per-index seeds do not depend on it)."""
         return {
             "kind": "openai_chat_planner",
             "model": self.model,
+            "base_seed": self.base_seed,
             "prompt": self.template.to_json(),
             "sampling": self.sampling.to_json(),
             "coords": self.coords,

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -26,9 +27,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rescue.sample import image_digest
 from servers import __version__
@@ -90,7 +93,22 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"detail": {"code": self.code, "message": self.message, **self.extra}}
-        return JSONResponse(jsonable_encoder(body), status_code=self.status, headers=self.headers)
+        return JSONResponse(_json_safe(jsonable_encoder(body)), status_code=self.status,
+                            headers=self.headers)
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with what strict JSON cannot carry made printable: an error may echo the client's
+    input, which Python's json reads with NaN, Infinity and lone surrogates in it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @dataclass
@@ -227,6 +245,13 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, nested too deep)
+            return ApiError(422, "invalid_request",
+                            f"request body cannot be read as JSON: {exc.detail}").response()
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -112,7 +112,8 @@ class Sam3HFBackend:
                           "multimask": self.enable_points},
             identity={"backend": self.name, "model": self.model_id, "revision": self.revision,
                       "dtype": self.dtype, "threshold": self.threshold,
-                      "mask_threshold": self.mask_threshold, "transformers": self._version})
+                      "mask_threshold": self.mask_threshold, "enable_points": self.enable_points,
+                      "transformers": self._version})
 
     def _to_device(self, batch: Any) -> dict:
         torch = self._torch

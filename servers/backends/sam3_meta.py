@@ -153,7 +153,8 @@ class Sam3MetaBackend:
             identity={"backend": self.name, "checkpoint": self.checkpoint or "facebook/sam3",
                       "resolution": self.resolution,
                       "confidence_threshold": self.confidence_threshold,
-                      "box_mode": self.box_mode, "dtype": self.dtype, "sam3": self._version})
+                      "box_mode": self.box_mode, "enable_points": self.enable_points,
+                      "dtype": self.dtype, "sam3": self._version})
 
     def _autocast(self) -> Any:
         torch = self._torch

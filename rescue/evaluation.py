@@ -28,7 +28,7 @@ import pandas as pd
 
 from rescue import consensus, selection
 from rescue.estimators import Ranking, prefix_select_weights
-from rescue.records import SampleRecord
+from rescue.records import SampleRecord, reason_code
 
 log = logging.getLogger(__name__)
 
@@ -297,14 +297,8 @@ def per_sample_table(
     })
 
 
-def _reason(error: str | None) -> str:
-    """The stable head of an error message ("TimeoutError: after 30 s" → "TimeoutError")."""
-    head = (error or "").split(":", 1)[0].strip()
-    return head[:80] or "unknown"
-
-
 def failure_summary(records: Sequence[SampleRecord]) -> dict:
-    """Failed samples and candidates, counted by stage and by reason (the error's prefix).
+    """Failed samples and candidates, counted by stage and by reason code (`records.reason_code`).
 
     `failed_candidates` counts every candidate with a `failed_stage`, including failed
     verifications, whose masks still count; `candidates_without_mask` only plan/execute failures.
@@ -315,12 +309,12 @@ def failure_summary(records: Sequence[SampleRecord]) -> dict:
     candidates = 0
     for r in records:
         if r.error is not None:
-            sample_errors[_reason(r.error)] += 1
+            sample_errors[reason_code(r.error)] += 1
         for c in r.candidates:
             candidates += 1
             if c.failed_stage is not None:
                 by_stage[c.failed_stage] += 1
-                by_reason[f"{c.failed_stage}: {_reason(c.error)}"] += 1
+                by_reason[f"{c.failed_stage}: {reason_code(c.error)}"] += 1
     return {
         "samples": len(records),
         "failed_samples": sum(_sample_failed(r) for r in records),

@@ -12,6 +12,7 @@ recorded on the candidate and not cached, so a resumed run retries exactly what 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,16 @@ def _runs(indices: Sequence[int]) -> list[list[int]]:
         else:
             out.append([i])
     return out
+
+
+def _plain(obj: Any) -> Any:
+    return obj.tolist() if isinstance(obj, np.generic | np.ndarray) else str(obj)
+
+
+def _storable(value: Any) -> Any:
+    """A model's answer as the cache stores it, standard JSON (numpy numbers plain, NaN and inf
+    null), so a fresh run continues from exactly what a resumed one reads back."""
+    return records._clean(json.loads(json.dumps(value, default=_plain)))
 
 
 def _truth_digest(sample: Sample) -> str:
@@ -159,7 +170,11 @@ class Pipeline:
         run and a resumed one continue from the same bits."""
         out = {}
         for h in hyps:
-            value = h.to_json()
+            value = _storable(h.to_json())
+            try:
+                Hypothesis.from_json(value)
+            except (TypeError, ValueError) as exc:  # e.g. a NaN coordinate, stored as null
+                value = Hypothesis.invalid(h.index, h.raw, f"plan:bad_value {exc}").to_json()
             self.cache.put("plan", self.plan_key(sample, h.index), value,
                            f"{sample.sample_id}#{h.index}")
             out[h.index] = Hypothesis.from_json(value)
@@ -193,7 +208,7 @@ class Pipeline:
                         meta={"transient": True})
             else:
                 for p, seg in zip(missing, segs, strict=True):
-                    value = seg.to_json()
+                    value = _storable(seg.to_json())
                     self.cache.put("execute", self.execute_key(sample, p), value,
                                    f"{sample.sample_id} {p.key}")
                     results[p.key] = Segmentation.from_json(value)
@@ -217,7 +232,7 @@ class Pipeline:
             verdict = Verdict(score=None, error=f"request:{type(exc).__name__}: {exc}",
                               meta={"transient": True})
         else:
-            value = verdict.to_json()
+            value = _storable(verdict.to_json())
             self.cache.put("verify", key, value, f"{sample.sample_id} {digest}")
             verdict = Verdict.from_json(value)
             self.stats.items["verify"] += 1
@@ -240,10 +255,17 @@ class Pipeline:
         digest_of: dict[str, str] = {}  # prompt key -> mask digest
         for pkey, seg in segs.items():
             if seg.ok and seg.rle is not None:
-                d = masks.digest(seg.rle)
+                try:  # the executor's answer is untrusted input
+                    if not isinstance(seg.rle.get("counts"), str):
+                        raise TypeError("counts is not a compressed RLE string")
+                    d = masks.digest(seg.rle)
+                    m = decoded[d] if d in decoded else masks.decode(seg.rle)
+                except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                    segs[pkey] = Segmentation(
+                        rle=None, error=f"execute:bad_rle {type(exc).__name__}: {exc}")
+                    continue
                 digest_of[pkey] = d
                 if d not in decoded:
-                    m = masks.decode(seg.rle)
                     if m.shape != sample.gt.shape:
                         digest_of.pop(pkey)
                         segs[pkey] = Segmentation(rle=None, error=(

@@ -107,7 +107,9 @@ class Cache:
                     nl = chunk.index(b"\n", pos)
                     key = _key_of(chunk[pos:nl])
                     if key is not None:
-                        seg.entries[key] = (name, start + pos, nl - pos)
+                        # first entry wins (segments in name order): two jobs that raced to
+                        # compute one key never make a reader switch between their answers
+                        seg.entries.setdefault(key, (name, start + pos, nl - pos))
                     pos = nl + 1
                 seg.offsets[name] = start + end
         seg.last_scan = time.monotonic()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from rescue import consensus, masks, records
-from rescue.cache import Cache, make_key
+from rescue.cache import Cache, CacheMiss, make_key
 from rescue.datasets.base import Dataset, SampleError
 from rescue.hypothesis import Hypothesis, Prompt
 from rescue.metrics import iou, iou_counts
@@ -31,6 +32,8 @@ from rescue.progress import StageBars
 from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
 from rescue.records import CandidateRecord, SampleRecord
 from rescue.sample import Sample, image_digest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -352,7 +355,19 @@ class Pipeline:
                     self.stats.failed_samples += 1
                     self._bars.update("plan", self.max_n)
                 else:
-                    rec = await self.process(sample)
+                    try:
+                        rec = await self.process(sample)
+                    except CacheMiss:
+                        raise  # offline and incomplete: the run as a whole cannot be answered
+                    except Exception as exc:  # a defect met by one sample: keep the others
+                        log.exception("sample %s failed; the run goes on", sid)
+                        rec = SampleRecord(sample_id=sid, dataset=dataset.name,
+                                           query=sample.query, height=sample.height,
+                                           width=sample.width,
+                                           target_area=int(sample.target.sum()),
+                                           simulated=self.simulated, tags=list(sample.tags),
+                                           error=f"sample:crashed {type(exc).__name__}: {exc}")
+                        self.stats.failed_samples += 1
                 self.stats.samples += 1
                 if partial is not None:
                     records.append(partial, rec)

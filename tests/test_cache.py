@@ -108,3 +108,13 @@ def test_own_writes_are_not_rescanned(tmp_path):
     assert c._stages["plan"].offsets[own] == (tmp_path / "plan" / own).stat().st_size
     assert c.get("plan", "missing") is None
     assert [c.get("plan", f"k{i}") for i in range(3)] == [0, 1, 2]
+
+
+def test_the_first_answer_for_a_key_wins_for_every_reader(tmp_path):
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "a-writer.jsonl").write_text(json.dumps({"k": "k", "v": 1}) + "\n")
+    reader = Cache(tmp_path, rescan_interval=0.0)
+    assert reader.get("plan", "k") == 1
+    (tmp_path / "plan" / "b-writer.jsonl").write_text(json.dumps({"k": "k", "v": 2}) + "\n")
+    assert reader.get("plan", "missing") is None  # a rescan reads b-writer's segment
+    assert reader.get("plan", "k") == 1 and Cache(tmp_path).get("plan", "k") == 1

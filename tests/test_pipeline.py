@@ -210,3 +210,23 @@ def test_process_one_sample_without_run(tmp_path):
                     progress=False)
     rec = asyncio.run(pipe.process(OneSample().load("a")))
     assert [c.index for c in rec.candidates] == [0, 1, 2, 3] and rec.candidates[0].iou == 1.0
+
+
+def test_a_defect_in_one_sample_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    pipe = Pipeline(ListPlanner(), BoxExecutor(), AreaVerifier(), Cache(tmp_path), max_n=4,
+                    progress=False)
+
+    async def crash(sample):  # e.g. a bug past the per-stage guards
+        raise KeyError("a defect only sample b meets")
+
+    real = pipe.process
+    monkeypatch.setattr(pipe, "process", lambda s: crash(s) if s.sample_id == "b" else real(s))
+    recs = asyncio.run(pipe.run(OneSample(), ["a", "b"]))
+    assert len(recs[0].candidates) == 4 and recs[0].error is None
+    assert recs[1].error.startswith("sample:crashed KeyError") and recs[1].target_area == 400
+    assert pipe.stats.failed_samples == 1
+
+
+def test_an_offline_miss_still_stops_the_run(tmp_path):
+    with pytest.raises(CacheMiss):
+        _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 2, offline=True)

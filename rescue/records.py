@@ -90,9 +90,12 @@ class SampleRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SampleRecord:
-        d = dict(d)
-        d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates", [])]
-        return cls(**d)
+        """Fields this version does not know (records of a newer one) are ignored."""
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        cand_fields = CandidateRecord.__dataclass_fields__
+        known["candidates"] = [CandidateRecord(**{k: v for k, v in c.items() if k in cand_fields})
+                               for c in d.get("candidates", [])]
+        return cls(**known)
 
 
 def _clean(obj: Any) -> Any:

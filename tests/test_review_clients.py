@@ -46,3 +46,11 @@ def test_rating_score_ignores_digit_like_tokens_int_cannot_read():
     assert score is not None and 0.7 < score < 0.8
     assert not answers.is_digit_token("²")
     assert answers.answer_index(["²", "7"], 0, answers.is_digit_token) == 1
+
+
+def test_sampling_extra_cannot_take_over_the_fields_the_client_owns():
+    from rescue.models.chat import Sampling
+
+    with pytest.raises(ValueError, match=r"may not set \['seed'\]"):
+        Sampling.from_config({"extra": {"seed": 3}})
+    assert Sampling.from_config({"extra": {"min_tokens": 2}}).extra == {"min_tokens": 2}

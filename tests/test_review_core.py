@@ -161,3 +161,13 @@ def test_a_nan_box_is_an_invalid_hypothesis_not_a_crash(tmp_path):
         c = r.candidates[0]
         assert c.failed_stage == "plan" and c.error.startswith("plan:bad_value")
         assert r.candidates[1].failed_stage is None
+
+
+def test_records_of_a_newer_version_still_read():
+    from rescue.records import SampleRecord
+
+    d = {"sample_id": "s", "dataset": "d", "query": "q", "height": 2, "width": 2,
+         "target_area": 1, "simulated": False, "field_from_the_future": 1,
+         "candidates": [{"index": 0, "iou": 0.5, "another_new_field": [1]}]}
+    r = SampleRecord.from_json(d)
+    assert r.candidates[0].iou == 0.5 and not hasattr(r, "field_from_the_future")

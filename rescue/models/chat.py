@@ -22,6 +22,9 @@ from PIL import Image
 
 from rescue.models.http import Endpoint, RetryPolicy, check_openai_endpoint, plain
 
+RESERVED = frozenset({"seed", "n", "logprobs", "top_logprobs", "messages", "model", "stream"})
+"""Request fields the clients own; `sampling.extra` may not override them."""
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -43,6 +46,11 @@ class Sampling:
         if unknown:
             raise ValueError(f"unknown sampling fields {sorted(unknown)}; put vLLM-only "
                              "fields under sampling.extra")
+        owned = RESERVED & set(dict(d.get("extra") or {}))
+        if owned:
+            raise ValueError(f"sampling.extra may not set {sorted(owned)}: the client sets them "
+                             "(seed = base_seed + index, n = hypotheses per request, logprobs "
+                             "per verifier config), and the cache keys depend on them")
         return cls(**d)
 
     def to_json(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Defects found in a review of the SAM server, each pinned by a test against a real process."""
+"""Hostile requests to the SAM server (a real process) get a 4xx in the protocol envelope."""
 
 from __future__ import annotations
 

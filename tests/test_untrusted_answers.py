@@ -1,4 +1,4 @@
-"""Defects found in the pre-release review of the core (pipeline, masks, evaluation)."""
+"""Model answers are untrusted input: malformed masks, NaN and numpy values, odd records."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""Defects found in a review of the model clients, each pinned by a test."""
+"""Client settings that change answers or requests: cache identity, retries, sampling, ratings."""
 
 from __future__ import annotations
 

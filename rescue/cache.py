@@ -169,9 +169,3 @@ class Cache:
 
     def stats(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
-
-    def disk_usage(self, stage: str) -> tuple[int, int]:
-        """(bytes on disk, entries) of a stage, e.g. to report cache bytes per mask."""
-        folder = self.root / stage
-        size = sum(p.stat().st_size for p in folder.glob("*.jsonl")) if folder.is_dir() else 0
-        return size, len(self._scan(stage).entries)

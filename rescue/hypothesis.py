@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,3 +116,19 @@ class Hypothesis:
     def invalid(cls, index: int, raw: str, reason: str, **meta: Any) -> Hypothesis:
         return cls(index=index, prompt=None, raw=raw, error=reason, meta=meta)
 
+
+def contiguous_runs(indices: Sequence[int], max_len: int) -> list[tuple[int, int]]:
+    """(start, count) runs covering the distinct indices, each at most `max_len` long.
+
+    Hypothesis i is sampled with seed base_seed + i, and vLLM gives child k of a request with
+    `n` the seed `seed + k`: a contiguous run of indices is one request.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(int(v) for v in indices)):
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < max_len:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs

@@ -26,12 +26,12 @@ from pycocotools import mask as mask_utils
 from rescue import consensus, masks, records
 from rescue.cache import Cache, CacheMiss, make_key
 from rescue.datasets.base import Dataset, SampleError
-from rescue.hypothesis import Hypothesis, Prompt
+from rescue.hypothesis import Hypothesis, Prompt, contiguous_runs
 from rescue.metrics import iou, iou_counts
 from rescue.progress import StageBars
 from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
 from rescue.records import CandidateRecord, SampleRecord
-from rescue.sample import Sample, image_digest
+from rescue.sample import Sample
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,6 @@ class CallStats:
                    ("requests", "items", "cached", "deduped", "failures")}}
 
 
-def _runs(indices: Sequence[int]) -> list[list[int]]:
-    """Split sorted indices into contiguous runs (one planner request each: seeds base+i..)."""
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][-1] == i - 1:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 def _plain(obj: Any) -> Any:
     return obj.tolist() if isinstance(obj, np.generic | np.ndarray) else str(obj)
 
@@ -83,13 +72,7 @@ def _plain(obj: Any) -> Any:
 def _storable(value: Any) -> Any:
     """A model's answer as the cache stores it, standard JSON (numpy numbers plain, NaN and inf
     null), so a fresh run continues from exactly what a resumed one reads back."""
-    return records._clean(json.loads(json.dumps(value, default=_plain)))
-
-
-def _truth_digest(sample: Sample) -> str:
-    """What a simulator reads besides the image: the truth mask and the object boxes."""
-    return make_key({"gt": image_digest(sample.gt), "targets": sample.target_boxes,
-                     "distractors": sample.distractors})
+    return records.json_safe(json.loads(json.dumps(value, default=_plain)))
 
 
 class Pipeline:
@@ -122,7 +105,7 @@ class Pipeline:
     def _key(self, role: str, model: Any, sample: Sample, **fields: Any) -> str:
         base = {"role": role, "model": self._ids[role], "image": sample.image_sha256, **fields}
         if model.simulated:  # a simulator reads the truth: the truth is an input
-            base["truth"] = _truth_digest(sample)
+            base["truth"] = sample.truth_sha256
         return make_key(base)
 
     def plan_key(self, sample: Sample, index: int) -> str:
@@ -147,7 +130,8 @@ class Pipeline:
                 found[i] = Hypothesis.from_json(hit)
         self.stats.cached["plan"] += len(found)
         self._bars.update("plan", len(found))
-        for run in _runs(missing):
+        for start, count in contiguous_runs(missing, max(len(missing), 1)):
+            run = list(range(start, start + count))
             self.stats.requests["plan"] += 1
             try:
                 hyps = await self.planner.plan(sample, run)

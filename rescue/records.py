@@ -98,19 +98,19 @@ class SampleRecord:
         return cls(**known)
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON has no NaN/inf; store them as null so every line is standard JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def dumps(record: SampleRecord) -> str:
-    return json.dumps(_clean(record.to_json()), separators=(",", ":"), sort_keys=True)
+    return json.dumps(json_safe(record.to_json()), separators=(",", ":"), sort_keys=True)
 
 
 def append(path: Path, record: SampleRecord) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,7 +46,6 @@ class Sample:
     distractors: tuple[Box, ...] = ()
     target_boxes: tuple[Box, ...] = ()
     tags: tuple[str, ...] = ()  # e.g. ("long",) for ReasonSeg's long-query subset
-    _digest: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -62,11 +63,16 @@ class Sample:
     def width(self) -> int:
         return int(self.image.shape[1])
 
-    @property
+    @cached_property
     def image_sha256(self) -> str:
-        if not self._digest:
-            self._digest.append(image_digest(self.image))
-        return self._digest[0]
+        return image_digest(self.image)
+
+    @cached_property
+    def truth_sha256(self) -> str:
+        """Digest of what a simulated model reads besides the image: the truth and the boxes."""
+        h = hashlib.sha256(image_digest(self.gt).encode())
+        h.update(json.dumps([self.target_boxes, self.distractors]).encode())
+        return h.hexdigest()
 
     @property
     def target(self) -> np.ndarray:

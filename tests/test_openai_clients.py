@@ -24,8 +24,9 @@ from standin import (
 )
 
 from rescue.datasets.synthetic import SyntheticDataset
+from rescue.hypothesis import contiguous_runs
 from rescue.models import answers
-from rescue.models.openai_planner import GROUNDING_SCHEMA, OpenAIPlanner, contiguous_runs
+from rescue.models.openai_planner import GROUNDING_SCHEMA, OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
 from rescue.models.overlay import OverlayStyle, crop_box, describe, draw_overlay, render_views
 

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rescue.hypothesis import Hypothesis
+from rescue.hypothesis import Hypothesis, contiguous_runs
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.grounding import COORDS, MULTI_OBJECT, Frame, frame_for, parse_grounding
 from rescue.models.http import EndpointError, RetryPolicy, plain
@@ -41,19 +41,6 @@ GROUNDING_SCHEMA: dict[str, Any] = {
     },
 }
 """JSON schema for `structured_output: true` (sent as response_format json_schema)."""
-
-
-def contiguous_runs(indices: Sequence[int], max_len: int) -> list[tuple[int, int]]:
-    """(start, count) runs covering the distinct indices, each at most `max_len` long."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    runs: list[tuple[int, int]] = []
-    for i in sorted(set(int(v) for v in indices)):
-        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < max_len:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
 
 
 class OpenAIPlanner:

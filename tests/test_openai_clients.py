@@ -251,8 +251,8 @@ def test_verifier_unparseable_and_unfinished_answers_are_recorded(stand, samples
     assert v.reasoning == "hmm"
     _, url2 = stand(models={"verifier": cut}, reasoning_placement="content_open")
     v2 = run(_verifier(url2).verify(samples[0], samples[0].target))
-    assert v2.score is None and "reasoning unfinished" in v2.error
-    assert v2.reasoning.startswith("I keep thinking")
+    assert v2.score is None and v2.error.startswith("verify:truncated")
+    assert v2.meta["truncated"] and v2.reasoning.startswith("I keep thinking")
 
 
 def test_verifier_empty_mask_rule_makes_no_call(stand, samples):

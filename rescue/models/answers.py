@@ -4,13 +4,18 @@ Where the reasoning is depends on the server: vLLM with a reasoning parser puts 
 `message.reasoning` (older releases: `reasoning_content`); without a parser it stays in
 `content` up to the last `</think>` (Qwen3 thinking templates open `<think>` in the prompt, so
 only the closing tag appears). In every case vLLM's `logprobs.content` covers all generated
-tokens, reasoning included, so the answer token is the first yes/no (or digit) token after the
-end of the reasoning, never one inside it.
+tokens, reasoning included, so the answer token is looked for after the end of the reasoning,
+never inside it. A reply cut off at max_tokens (`finish_reason=length`) has no verdict at all:
+with the template's `<think>` in the prompt and no reasoning parser, it carries no tag, and
+whatever "no" its reasoning contains must not be read as the answer (the caller checks).
 
-Score from logprobs: p(yes) / (p(yes) + p(no)) at the answer token, each side summed over its
-spellings ("Yes", " yes", "YES", "**Yes"...). When only one side is in the top-K list, the other
-is bounded by min(smallest listed probability, unlisted mass) and that bound is used (meta
-`bounded`), so confident answers still rank rather than all tying at 1.0.
+The verdict is the final one of the answer part (`verdict_offset`): "There is no overlap, so:
+**yes**" answers yes. Its first token may be a sub-word piece ("y" + "es"), so the score is read
+at the token holding the verdict's first character, each side counting its spellings and its
+leading pieces ("Yes", " yes", "**Yes", "y", "ye"...): p(yes) / (p(yes) + p(no)). When only one
+side is in the top-K list, the other is bounded by min(smallest listed probability, unlisted
+mass) and that bound is used (meta `bounded`), so confident answers still rank rather than all
+tying at 1.0. vLLM lists grammar-masked tokens with logprob -9999.0: those are not candidates.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 
 THINK_END = "</think>"
 THINK_START = "<think>"
+MASKED_LOGPROB = -9999.0
+"""What vLLM reports for a token a grammar (structured output) forbade: no probability."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,12 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
     def distribution(self) -> dict[str, float]:
-        """token -> logprob over the top-K list plus the sampled token (first spelling wins)."""
+        """token -> logprob over the top-K list plus the sampled token (first spelling wins);
+        vLLM's masked-token sentinel (-9999.0) is no probability and is left out."""
         out: dict[str, float] = {}
         for tok, lp in ((self.token, self.logprob), *self.top):
-            if tok not in out and lp is not None and math.isfinite(lp):
+            if (tok not in out and lp is not None and math.isfinite(lp)
+                    and lp > MASKED_LOGPROB):
                 out[tok] = float(lp)
         return out
 
@@ -102,10 +111,46 @@ def answer_index(tokens: Sequence[str], start: int, is_answer) -> int | None:
 
 YES = frozenset({"yes"})
 NO = frozenset({"no"})
+YES_PIECES = frozenset({"y", "ye", "yes"})
+NO_PIECES = frozenset({"n", "no"})
+"""A side's spellings and the pieces a tokenizer may split it into ("y" + "es"): at the
+verdict's first token, p of a leading piece is p of that answer."""
 
 
 def is_yes_no(t: str) -> bool:
     return t in YES or t in NO
+
+
+_VERDICT = re.compile(r"\b(yes|no)\b", re.I)
+_MARKED = re.compile(r"(\*\*|__|\\boxed\{|answer\s*(?:is)?\s*[:=]?\s*\**|verdict\s*[:=]?\s*\**)"
+                     r"\s*(yes|no)\b", re.I)
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\n])[\s*_>#`\"'(-]*(yes|no)\b", re.I)
+
+
+def verdict_offset(answer: str) -> int | None:
+    """Character offset of the final verdict (yes or no) in an answer text, or None.
+
+    In order: the last marked one ("**yes**", "\\boxed{no}", "Answer: yes"); else the last
+    one that starts a sentence or line ("Yes. There is no other object." answers yes); else
+    the last yes/no word at all ("..., so yes").
+    """
+    for pattern in (_MARKED, _SENTENCE_START, _VERDICT):
+        found = list(pattern.finditer(answer))
+        if found:
+            m = found[-1]
+            g = len(m.groups())
+            return m.start(g)
+    return None
+
+
+def token_at(tokens: Sequence[str], offset: int) -> int | None:
+    """Index of the token holding character `offset` of the concatenated tokens."""
+    pos = 0
+    for i, tok in enumerate(tokens):
+        if pos <= offset < pos + len(tok):
+            return i
+        pos += len(tok)
+    return None
 
 
 @dataclass(frozen=True)
@@ -120,8 +165,8 @@ def yes_no_score(tok: TokenLogprob) -> YesNo | None:
     """p(yes) / (p(yes) + p(no)) at one token position; None when neither is listed."""
     dist = tok.distribution()
     probs = {t: math.exp(lp) for t, lp in dist.items()}
-    p_yes = sum(p for t, p in probs.items() if norm_token(t) in YES)
-    p_no = sum(p for t, p in probs.items() if norm_token(t) in NO)
+    p_yes = sum(p for t, p in probs.items() if norm_token(t) in YES_PIECES)
+    p_no = sum(p for t, p in probs.items() if norm_token(t) in NO_PIECES)
     if p_yes <= 0.0 and p_no <= 0.0:
         return None
     bounded = False
@@ -166,15 +211,15 @@ def rating_score(tokens: Sequence[TokenLogprob], i: int, max_rating: int) -> flo
     return min(1.0, max(0.0, num / den / max_rating))
 
 
-_YES_NO = re.compile(r"\b(yes|no)\b", re.I)
 _RATING = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)|out of\s+(\d+(?:\.\d+)?))?", re.I)
 
 
 def parse_yes_no(answer: str) -> float | None:
-    m = _YES_NO.search(answer)
-    if m is None:
+    """1.0 or 0.0 for the final verdict of the answer (`verdict_offset`), None without one."""
+    k = verdict_offset(answer)
+    if k is None:
         return None
-    return 1.0 if m.group(1).lower() == "yes" else 0.0
+    return 1.0 if answer[k:k + 3].lower() == "yes" else 0.0
 
 
 def parse_rating(answer: str, max_rating: int) -> float | None:

@@ -123,17 +123,30 @@ class OpenAIVerifier:
         return self.read(resp.choices[0])
 
     def read(self, choice: Any) -> Verdict:
-        """The Verdict in one response choice (pure; exposed for tests and re-scoring)."""
+        """The Verdict in one response choice (pure; exposed for tests and re-scoring).
+
+        A reply cut off at max_tokens (`finish_reason=length`) is `verify:truncated` and never
+        scored: without a reasoning parser its reasoning carries no tag, and a "no" inside it
+        would be read as the answer.
+        """
         msg = choice.message
         content = getattr(msg, "content", None)
         reply = answers.split_reasoning(content, _extra(msg, "reasoning"),
                                         _extra(msg, "reasoning_content"))
         raw = content or ""
-        meta: dict[str, Any] = {"finish_reason": choice.finish_reason,
+        finish = getattr(choice, "finish_reason", None)
+        meta: dict[str, Any] = {"finish_reason": finish,
                                 "reasoning_placement": reply.placement}
         tokens = _token_logprobs(choice)
         if tokens:
             meta["tokens"] = len(tokens)
+        if finish == "length":
+            reasoning = reply.reasoning if reply.placement != "none" else reply.answer
+            return Verdict(score=None, answer="", reasoning=reasoning, raw=raw, source="",
+                           error=f"verify:truncated reply cut off at max_tokens="
+                           f"{self.sampling.max_tokens} ({len(tokens) or '?'} tokens, "
+                           f"reasoning {reply.placement})", meta={**meta, "truncated": True})
+        if tokens:
             score = self._logprob_score(tokens, reply, meta)
             if score is not None:
                 return Verdict(score=score, answer=reply.answer, reasoning=reply.reasoning,
@@ -145,24 +158,27 @@ class OpenAIVerifier:
         if parsed is not None:
             return Verdict(score=parsed, answer=reply.answer, reasoning=reply.reasoning,
                            raw=raw, source="parsed", meta=meta)
-        why = ("reasoning unfinished" if reply.placement == "unfinished" or
-               (choice.finish_reason == "length" and not reply.answer) else
+        why = ("reasoning unfinished" if reply.placement == "unfinished" else
                f"answer {reply.answer[:80]!r}")
         return Verdict(score=None, answer=reply.answer, reasoning=reply.reasoning, raw=raw,
                        source="", error=f"verify:unparseable {why} "
-                       f"(finish_reason={choice.finish_reason})", meta=meta)
+                       f"(finish_reason={finish})", meta=meta)
 
     def _logprob_score(self, tokens: list[answers.TokenLogprob], reply: answers.Reply,
                        meta: dict[str, Any]) -> float | None:
         texts = [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
-        is_answer = answers.is_yes_no if self.scale == "yes_no" else answers.is_digit_token
-        i = answers.answer_index(texts, start, is_answer)
+        if self.scale == "rating":
+            i = answers.answer_index(texts, start, answers.is_digit_token)
+            if i is None:
+                return None
+            meta["answer_token"] = i
+            return answers.rating_score(tokens, i, self.rating_max)
+        k = answers.verdict_offset("".join(texts)[start:])
+        i = None if k is None else answers.token_at(texts, start + k)
         if i is None:
             return None
         meta["answer_token"] = i
-        if self.scale == "rating":
-            return answers.rating_score(tokens, i, self.rating_max)
         yn = answers.yes_no_score(tokens[i])
         if yn is None:
             return None

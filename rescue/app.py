@@ -24,7 +24,8 @@ from rescue import records, selection
 from rescue.cache import Cache
 from rescue.datasets.base import Dataset
 from rescue.datasets.subset import select_ids
-from rescue.evaluation import evaluate
+from rescue.evaluation import evaluate, failure_shares, truncation_shares
+from rescue.failures import RunAborted, StageGuard
 from rescue.pipeline import Pipeline
 from rescue.protocols import aclose, preflight
 from rescue.records import SampleRecord
@@ -90,7 +91,8 @@ async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: 
         pipe = Pipeline(models.planner, models.executor, models.verifier, cache,
                         max_n=int(cfg.max_n),
                         samples_in_flight=int(cfg.pipeline.samples_in_flight),
-                        progress=bool(cfg.pipeline.progress))
+                        progress=bool(cfg.pipeline.progress),
+                        guard=StageGuard(**dict(cfg.pipeline.get("abort") or {})))
         partial = out_dir / "records.partial.jsonl"
         partial.unlink(missing_ok=True)
         recs = await pipe.run(dataset, ids, partial=partial)
@@ -146,8 +148,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)
+    _log_failure_shares(recs, float(cfg.pipeline.get("max_truncated_share", 0.05)))
     _log_headline(metrics, str(cfg.selection.primary), simulated=pipe.simulated)
     return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths}
+
+
+def _log_failure_shares(recs: Sequence[SampleRecord], max_truncated: float) -> None:
+    """Each stage's failure share and truncation rate, on the console; a warning when replies
+    were cut off at max_tokens more often than `pipeline.max_truncated_share`."""
+    shares = failure_shares(recs)
+    if shares:
+        log.info("failed: %s", " | ".join(f"{stage} {100 * v:.1f}%" for stage, v in
+                                          shares.items()))
+    for stage, share in truncation_shares(recs).items():
+        if share > max_truncated:
+            log.warning("%s: %.1f%% of replies were cut off at max_tokens (> %.1f%%): raise "
+                        "%s.sampling.max_tokens", stage, 100 * share, 100 * max_truncated,
+                        "planner" if stage == "plan" else "verifier")
 
 
 def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path],
@@ -204,7 +221,11 @@ def main(cfg: DictConfig) -> float | None:
     """Dispatch on `cfg.mode`; returns the primary selector's gIoU at max N (for sweepers)."""
     mode = str(cfg.mode)
     if mode == "run":
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except RunAborted as exc:  # one line; the records so far stay in records.partial.jsonl
+            log.error("run stopped: %s", exc)
+            raise SystemExit(f"rescue: run stopped: {exc}") from None
     elif mode == "evaluate":
         result = evaluate_only(cfg)
     elif mode == "infer":

@@ -325,3 +325,36 @@ def failure_summary(records: Sequence[SampleRecord]) -> dict:
         "by_stage": dict(by_stage.most_common()),
         "by_reason": dict(by_reason.most_common()),
     }
+
+
+def _stage_counts(records: Sequence[SampleRecord]) -> dict[str, tuple[int, int, int]]:
+    """stage -> (candidates that reached it, failed there, failed there by truncation)."""
+    reached = Counter[str]()
+    failed = Counter[str]()
+    cut = Counter[str]()
+    for r in records:
+        for c in r.candidates:
+            for stage in STAGES:
+                reached[stage] += 1
+                if c.failed_stage == stage:
+                    failed[stage] += 1
+                    if reason_code(c.error) in TRUNCATED:
+                        cut[stage] += 1
+                    break
+    return {s: (reached[s], failed[s], cut[s]) for s in STAGES if reached[s]}
+
+
+STAGES = ("plan", "execute", "verify")
+TRUNCATED = frozenset({"parse:truncated", "verify:truncated"})
+"""Reason codes of a reply cut off at max_tokens."""
+
+
+def failure_shares(records: Sequence[SampleRecord]) -> dict[str, float]:
+    """Share of the candidates that reached each stage and failed there."""
+    return {s: f / n for s, (n, f, _) in _stage_counts(records).items()}
+
+
+def truncation_shares(records: Sequence[SampleRecord]) -> dict[str, float]:
+    """Share of the candidates that reached each model stage whose reply was cut off at
+    max_tokens (`parse:truncated`, `verify:truncated`)."""
+    return {s: t / n for s, (n, _, t) in _stage_counts(records).items() if s != "execute"}

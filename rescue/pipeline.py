@@ -4,9 +4,11 @@ The pipeline owns the cache keys (what a model's answer depends on) and the dedu
 identical prompts are executed once and identical masks verified once per sample, while every
 hypothesis index keeps its own candidate record, duplicates included, so best-of-N is unbiased.
 
-Failures never stop a run. A model's answer, even a malformed one, is cached (asking again with
-the same seed gives the same answer); a transport failure that survived the client's retries is
-recorded on the candidate and not cached, so a resumed run retries exactly what failed.
+A model's answer, even a malformed one, is cached (asking again with the same seed gives the
+same answer), and so is a permanent refusal (a 4xx: `failures.classify`); a transport failure
+that survived the client's retries is recorded on the candidate and not cached, so a resumed run
+retries exactly what failed. One failure never stops a run; a stage that fails for most of its
+first calls does (`failures.StageGuard`), with one line naming the cause.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pycocotools import mask as mask_utils
 from rescue import consensus, masks, records
 from rescue.cache import Cache, CacheMiss, make_key
 from rescue.datasets.base import Dataset, SampleError
+from rescue.failures import RunAborted, StageGuard, classify
 from rescue.hypothesis import Hypothesis, Prompt, contiguous_runs
 from rescue.metrics import iou, iou_counts
 from rescue.progress import StageBars
@@ -79,7 +82,8 @@ class Pipeline:
     """Runs the three stages for a set of samples and returns one `SampleRecord` each."""
 
     def __init__(self, planner: Planner, executor: Executor, verifier: Verifier, cache: Cache, *,
-                 max_n: int, samples_in_flight: int = 8, progress: bool = True) -> None:
+                 max_n: int, samples_in_flight: int = 8, progress: bool = True,
+                 guard: StageGuard | None = None) -> None:
         if max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {max_n}")
         self.planner, self.executor, self.verifier = planner, executor, verifier
@@ -88,6 +92,7 @@ class Pipeline:
         self.samples_in_flight = samples_in_flight
         self.progress = progress
         self.stats = CallStats()
+        self.guard = guard or StageGuard()
         self._bars = StageBars(enabled=False, plan_total=0)  # `run` replaces it
         self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
                      "verifier": dict(verifier.identity())}
@@ -138,17 +143,24 @@ class Pipeline:
                 if [h.index for h in hyps] != run:
                     raise RuntimeError(f"planner returned indices {[h.index for h in hyps]}, "
                                        f"asked for {run}")
-            except Exception as exc:  # transport failure after retries: record, do not cache
+            except Exception as exc:  # failed after retries: transient ones are not cached
                 # a client may hand over the hypotheses that did arrive (EndpointError.partial)
                 arrived = [h for h in getattr(exc, "partial", None) or [] if h.index in run]
                 found.update(self._keep(sample, arrived))
                 lost = [i for i in run if i not in found]
                 self.stats.failures["plan"] += len(lost)
-                for i in lost:
-                    found[i] = Hypothesis.invalid(i, "", f"request:{type(exc).__name__}: {exc}",
-                                                  transient=True)
+                failure = classify(exc)
+                failed = [Hypothesis.invalid(i, "", failure.error, transient=failure.transient)
+                          for i in lost]
+                if failure.transient:
+                    found.update((h.index, h) for h in failed)
+                else:
+                    found.update(self._keep(sample, failed))
+                self.guard.record("plan", None, len(arrived))
+                self.guard.record("plan", failure.error, len(lost))
             else:
                 found.update(self._keep(sample, hyps))
+                self.guard.record("plan", None, len(run))
             self._bars.update("plan", len(run))
         return [found[i] for i in range(self.max_n)]
 
@@ -189,10 +201,18 @@ class Pipeline:
                                        f"{len(missing)} prompts")
             except Exception as exc:
                 self.stats.failures["execute"] += len(missing)
+                failure = classify(exc)
                 for p in missing:
-                    results[p.key] = Segmentation(
-                        rle=None, error=f"request:{type(exc).__name__}: {exc}",
-                        meta={"transient": True})
+                    seg = Segmentation(rle=None, error=failure.error,
+                                       meta={"transient": failure.transient})
+                    if not failure.transient:
+                        value = _storable(seg.to_json())
+                        self.cache.put("execute", self.execute_key(sample, p), value,
+                                       f"{sample.sample_id} {p.key}")
+                    results[p.key] = seg
+                self._bars.update("execute", len(missing))
+                self.guard.record("execute", failure.error, len(missing))
+                return results
             else:
                 for p, seg in zip(missing, segs, strict=True):
                     value = _storable(seg.to_json())
@@ -201,6 +221,7 @@ class Pipeline:
                     results[p.key] = Segmentation.from_json(value)
                 self.stats.items["execute"] += len(missing)
             self._bars.update("execute", len(missing))
+            self.guard.record("execute", None, len(missing))
         return results
 
     async def _verify_one(self, sample: Sample, digest: str, mask: np.ndarray) -> Verdict:
@@ -216,15 +237,21 @@ class Pipeline:
             verdict = await self.verifier.verify(sample, mask)
         except Exception as exc:
             self.stats.failures["verify"] += 1
-            verdict = Verdict(score=None, error=f"request:{type(exc).__name__}: {exc}",
-                              meta={"transient": True})
-        else:
-            value = _storable(verdict.to_json())
-            self.cache.put("verify", key, value, f"{sample.sample_id} {digest}")
-            verdict = Verdict.from_json(value)
-            self.stats.items["verify"] += 1
+            failure = classify(exc)
+            verdict = Verdict(score=None, error=failure.error,
+                              meta={"transient": failure.transient})
+            if not failure.transient:
+                self.cache.put("verify", key, _storable(verdict.to_json()),
+                               f"{sample.sample_id} {digest}")
+            self._bars.update("verify")
+            self.guard.record("verify", failure.error)
+            return verdict
+        value = _storable(verdict.to_json())
+        self.cache.put("verify", key, value, f"{sample.sample_id} {digest}")
+        self.stats.items["verify"] += 1
         self._bars.update("verify")
-        return verdict
+        self.guard.record("verify", None)
+        return Verdict.from_json(value)
 
     # -- one sample ---------------------------------------------------------------------------
     async def process(self, sample: Sample) -> SampleRecord:
@@ -341,8 +368,8 @@ class Pipeline:
                 else:
                     try:
                         rec = await self.process(sample)
-                    except CacheMiss:
-                        raise  # offline and incomplete: the run as a whole cannot be answered
+                    except (CacheMiss, RunAborted):
+                        raise  # the run as a whole cannot be answered
                     except Exception as exc:  # a defect met by one sample: keep the others
                         log.exception("sample %s failed; the run goes on", sid)
                         rec = SampleRecord(sample_id=sid, dataset=dataset.name,

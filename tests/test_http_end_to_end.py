@@ -149,3 +149,26 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     assert mask.shape == sample.gt.shape
     assert iou(*iou_counts(mask, sample.gt)) == pytest.approx(best["iou"])
     assert (out / "overlay.png").is_file() and (out / "candidates.png").is_file()
+
+
+def test_a_server_refusing_every_verification_stops_the_run_with_one_line(tmp_path, servers,
+                                                                           samples):
+    """top_logprobs above the server's --max-logprobs: every verification is a 400. The run
+    must stop non-zero naming the cause, not exit 0 with gIoU numbers."""
+    _, api, sam_url = servers
+    strict = StandIn({PLANNER: PlannerScript(Targets(samples)),
+                      VERIFIER: VerifierScript(iou_judge(Targets(samples)))}, max_logprobs=5)
+    with ServerThread(strict.app()) as srv:
+        env = {**os.environ, "PLANNER_API_BASE": api, "VERIFIER_API_BASE": srv.url + "/v1",
+               "EXECUTOR_API_BASE": sam_url, "WANDB_MODE": "disabled"}
+        cmd = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'run'}",
+               f"paths.cache_dir={tmp_path / 'cache'}", *MODELS, *RUN,
+               "pipeline.abort.min_calls=4"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rescue: run stopped: verify:") and "request:rejected" in last
+    assert "max_logprobs" in last
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    assert (tmp_path / "run" / "records.partial.jsonl").is_file()  # nothing done is lost

@@ -2,7 +2,8 @@
 
 A run makes thousands of calls to three servers that are busy, restarted or briefly overloaded;
 a transient failure must cost a retry, not a sample. Only what can succeed on a second try is
-retried (timeouts, dropped connections, 5xx, 429); a 4xx is a bug in the request and fails at once.
+retried (timeouts, dropped connections, 5xx, 408, 409, 429); any other 4xx is the server refusing
+this request, and fails at once (`rescue.failures` records it as permanent).
 Every request is counted per endpoint so a run can report how many calls each stage made.
 """
 
@@ -108,13 +109,13 @@ def retry_after(exc: BaseException) -> float | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Timeouts, connection errors, 5xx and 429 may pass on a retry; other errors will not."""
+    """Timeouts, connection errors, 5xx, 408, 409 and 429 may pass on a retry; others will not."""
     if isinstance(exc, openai.APIConnectionError | httpx.TransportError | asyncio.TimeoutError):
         return True  # openai.APITimeoutError is an APIConnectionError
     if isinstance(exc, EndpointError):
         return exc.retryable
     status = status_of(exc)
-    return status is not None and (status >= 500 or status == 429)
+    return status is not None and (status >= 500 or status in (408, 409, 429))
 
 
 def describe(exc: BaseException) -> str:

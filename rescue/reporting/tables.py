@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from rescue.evaluation import failure_shares, truncation_shares
 from rescue.records import SampleRecord, reason_code
 
 SELECTOR_ORDER = ("verifier", "executor", "consensus", "first", "random", "oracle")
@@ -220,7 +221,9 @@ def failure_counts(records: Sequence[SampleRecord]) -> dict[str, Any]:
     return {"num_records": len(records), "num_candidates": candidates,
             "num_failed_candidates": sum(by_stage.values()),
             "num_failed_records": sum(r.error is not None for r in records),
-            "failed_by_stage": dict(by_stage.most_common())}
+            "failed_by_stage": dict(by_stage.most_common()),
+            "failure_share": failure_shares(records),
+            "truncated_share": truncation_shares(records)}
 
 
 def json_ready(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -376,7 +376,8 @@ def _compose(overrides):
 
 
 @pytest.mark.parametrize(("group", "option"), [
-    ("planner", "qwen3vl_8b_instruct"), ("verifier", "qwen3vl_32b_thinking"),
+    ("planner", "qwen3vl_8b_instruct"), ("planner", "qwen3vl_8b_thinking"),
+    ("verifier", "qwen3vl_32b_thinking"),
     ("verifier", "qwen3vl_8b_instruct"), ("verifier", "qwen3vl_32b_thinking_rating"),
     ("executor", "sam3")])
 def test_configs_instantiate_with_env_overrides(group, option, monkeypatch):

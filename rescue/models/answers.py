@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 THINK_END = "</think>"
 THINK_START = "<think>"
@@ -52,6 +53,23 @@ def split_reasoning(content: str | None, reasoning: str | None = None,
     if THINK_START in content:  # thinking never finished (max_tokens): there is no answer
         return Reply(content.split(THINK_START, 1)[1].strip(), "", "unfinished")
     return Reply("", content.strip(), "none")
+
+
+def _message_text(message: Any, name: str) -> str | None:
+    value = getattr(message, name, None)
+    if value is None:
+        value = (getattr(message, "model_extra", None) or {}).get(name)
+    return value if isinstance(value, str) else None
+
+
+def reply_of(message: Any) -> Reply:
+    """`split_reasoning` of an OpenAI chat message, reading vLLM's extra fields (`reasoning`,
+    older `reasoning_content`) whether the client library typed them or left them in
+    `model_extra`."""
+    if message is None:
+        return Reply("", "", "none")
+    return split_reasoning(_message_text(message, "content"), _message_text(message, "reasoning"),
+                           _message_text(message, "reasoning_content"))
 
 
 _PUNCT = "*_`\"'.,:;!()[]{}<>-"

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rescue.hypothesis import Hypothesis, contiguous_runs
+from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.grounding import COORDS, MULTI_OBJECT, Frame, frame_for, parse_grounding
 from rescue.models.http import EndpointError, RetryPolicy, plain
@@ -56,7 +57,7 @@ class OpenAIPlanner:
                  image: Mapping[str, Any] | None = None, structured_output: bool = False,
                  multi_object: str = "first", out_of_image_tolerance: float = 0.05,
                  min_box_px: float = 1.0, retry: Mapping[str, Any] | RetryPolicy | None = None,
-                 preflight_timeout_s: float = 10.0):
+                 preflight_timeout_s: float = 10.0, thinking: bool = False):
         if coords not in COORDS:
             raise ValueError(f"planner.coords must be one of {COORDS}, got {coords!r}")
         if multi_object not in MULTI_OBJECT:
@@ -76,6 +77,7 @@ class OpenAIPlanner:
         self.multi_object = multi_object
         self.tolerance = float(out_of_image_tolerance)
         self.min_box_px = float(min_box_px)
+        self.thinking = bool(thinking)
         self.chat = ChatEndpoint("planner", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
@@ -103,6 +105,7 @@ class OpenAIPlanner:
             "multi_object": self.multi_object,
             "out_of_image_tolerance": self.tolerance,
             "min_box_px": self.min_box_px,
+            **({"thinking": True} if self.thinking else {}),
         }
 
     def messages(self, sample: Sample, image_url: str) -> list[dict[str, Any]]:
@@ -157,10 +160,7 @@ class OpenAIPlanner:
             k = int(choice.index)
             if not 0 <= k < count or start + k in hyps:
                 continue
-            content = choice.message.content if choice.message is not None else None
-            h = parse_grounding(start + k, content, frame, multi_object=self.multi_object,
-                                tolerance=self.tolerance, min_box_px=self.min_box_px,
-                                finish_reason=choice.finish_reason)
+            h = self.read(start + k, choice, frame)
             h.meta["seed"] = self.base_seed + start + k
             hyps[start + k] = h
         missing = [start + k for k in range(count) if start + k not in hyps]
@@ -169,6 +169,35 @@ class OpenAIPlanner:
                                 f"{len(hyps)} valid choices; indices {missing} missing",
                                 partial=[hyps[i] for i in sorted(hyps)])
         return [hyps[start + k] for k in range(count)]
+
+    def read(self, index: int, choice: Any, frame: Frame) -> Hypothesis:
+        """Hypothesis `index` from one response choice, wherever the server put the answer.
+
+        Behind a reasoning parser the answer is `content` and the thinking `reasoning`; a parser
+        that finds no `</think>` may put a non-thinking model's whole answer in `reasoning`,
+        which is then parsed. A thinking model's answer exists only after its reasoning closed:
+        cut off at max_tokens, or with no closing tag, it is `parse:truncated`, never a box
+        drafted inside the reasoning.
+        """
+        reply = answers.reply_of(choice.message)
+        finish = choice.finish_reason
+        meta: dict[str, Any] = {"reasoning_placement": reply.placement}
+        if reply.reasoning:
+            meta["reasoning"] = reply.reasoning
+        text = reply.answer
+        if self.thinking and (finish == "length" or reply.placement in ("none", "unfinished")
+                              or not text):
+            why = ("cut off at max_tokens" if finish == "length" else "never closed")
+            return Hypothesis.invalid(index, text, f"parse:truncated reasoning {why} (finish_"
+                                      f"reason={finish})", finish_reason=finish, **meta)
+        if not text and reply.placement in ("reasoning", "reasoning_content"):
+            text = reply.reasoning
+            meta["answer_from"] = reply.placement
+        h = parse_grounding(index, text, frame, multi_object=self.multi_object,
+                            tolerance=self.tolerance, min_box_px=self.min_box_px,
+                            finish_reason=finish)
+        h.meta.update(meta)
+        return h
 
     async def preflight(self) -> list[str]:
         return await self.chat.preflight()

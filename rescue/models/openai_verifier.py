@@ -24,13 +24,6 @@ from rescue.sample import Sample
 SCALES = ("yes_no", "rating")
 
 
-def _extra(message: Any, name: str) -> str | None:
-    value = getattr(message, name, None)
-    if value is None:
-        value = (getattr(message, "model_extra", None) or {}).get(name)
-    return value if isinstance(value, str) else None
-
-
 def _token_logprobs(choice: Any) -> list[answers.TokenLogprob]:
     content = getattr(getattr(choice, "logprobs", None), "content", None) or []
     out = []
@@ -131,8 +124,7 @@ class OpenAIVerifier:
         """
         msg = choice.message
         content = getattr(msg, "content", None)
-        reply = answers.split_reasoning(content, _extra(msg, "reasoning"),
-                                        _extra(msg, "reasoning_content"))
+        reply = answers.reply_of(msg)
         raw = content or ""
         finish = getattr(choice, "finish_reason", None)
         meta: dict[str, Any] = {"finish_reason": finish,

@@ -29,7 +29,9 @@ MODELS = ["experiment=http_synthetic", "dataset.num_samples=4", "seed=0",
           # lossless images let the stand-in find each sample by its pixel digest, and the
           # [overlay, image] views let its judge see exactly which pixels are marked
           "planner.image.format=png", "verifier.image.format=png",
-          "verifier.overlay.views=[overlay,image]"]
+          "verifier.overlay.views=[overlay,image]",
+          # the classical server stands in for SAM3 and reads no text: the interactive mode
+          "executor.prompt_mode=box_points"]
 RUN = ["max_n=8", "n_grid=[1,2,4,8]", "selection.bootstrap=0", "report.overlays=1",
        "logger=none", "pipeline.progress=false"]
 

@@ -13,7 +13,15 @@ from rescue.datasets.synthetic import SyntheticDataset
 from rescue.hypothesis import Prompt
 from rescue.metrics import iou, iou_counts
 from rescue.models.http import EndpointError
-from rescue.models.sam_client import SamClient, choose_instances, reduce_prompt
+from rescue.models.sam_client import (
+    DEFAULT_PROMPT_MODE,
+    PROMPT_MODES,
+    SamClient,
+    choose_instances,
+    mode_parts,
+    mode_unsupported,
+    reduce_prompt,
+)
 from servers.backends import make_backend
 from servers.sam_server import ServerSettings, create_app
 
@@ -64,7 +72,7 @@ def _record_images(client):
 
 def test_segments_every_prompt_in_one_request(sam, samples):
     url = sam()
-    client = _client(url, instance_policy="top1")
+    client = _client(url, instance_policy="top1", prompt_mode="box_points")
     s = samples[0]
     box = s.target_boxes[0]
     prompts = [Prompt(box=box), Prompt(text="the thing", box=box),
@@ -80,7 +88,8 @@ def test_segments_every_prompt_in_one_request(sam, samples):
         assert iou(*iou_counts(masks.decode(segs[k].rle), s.gt)) > 0.5
         assert 0.0 <= segs[k].score <= 1.0 and segs[k].box is not None
     assert segs[0].rle == segs[3].rle
-    assert not segs[2].ok and segs[2].error.startswith("execute:prompt")  # classical: no text
+    assert not segs[2].ok and segs[2].error.startswith("execute:empty_prompt")  # box modes
+    assert "prompt_mode=box_points" in segs[2].error
     assert segs[4].ok
 
 
@@ -116,16 +125,107 @@ def test_chunks_large_prompt_lists(sam, samples):
     assert sent == ["b64", "sha256", "sha256"]
 
 
-def test_prompt_parts_reduce_what_is_sent(sam, samples):
+FULL = Prompt(text="the Red cup", box=(10, 12, 40, 50), points=((20, 30),), point_labels=(1,))
+
+
+@pytest.mark.parametrize("mode, sent", [
+    ("text", Prompt(text="the red cup")),
+    ("text_box", Prompt(text="the red cup", box=(10, 12, 40, 50))),
+    ("box", Prompt(box=(10, 12, 40, 50))),
+    ("box_points", Prompt(box=(10, 12, 40, 50), points=((20, 30),), point_labels=(1,))),
+])
+def test_each_prompt_mode_sends_its_parts(mode, sent):
+    assert reduce_prompt(FULL, mode_parts(mode)) == sent
+    assert set(PROMPT_MODES) == {"text", "text_box", "box", "box_points"}
+    assert DEFAULT_PROMPT_MODE == "text_box"  # SAM3's concept path, the box as its exemplar
+
+
+def test_the_mode_decides_what_reaches_the_server(sam, samples):
     url = sam()
-    client = _client(url, prompt_parts=["text"])
     s = samples[0]
-    segs = run(client.segment(s, [Prompt(box=s.target_boxes[0]), Prompt(text="x", box=(1, 1,
-                                                                                        9, 9))]))
-    assert segs[0].error.startswith("execute:empty_prompt") and client.stats()["requests"] == 1
-    assert segs[1].error.startswith("execute:prompt")  # text-only reached the server
-    assert reduce_prompt(Prompt(text="A", box=(1, 2, 3, 4), points=((1, 1),),
-                                point_labels=(1,)), ["box"]) == Prompt(box=(1, 2, 3, 4))
+    box = s.target_boxes[0]
+    sent = {}
+    for mode in ("text", "box", "box_points"):
+        client = _client(url, prompt_mode=mode)
+        post = client._post
+
+        async def recording(payload, post=post, mode=mode):
+            sent[mode] = payload["prompts"]
+            return await post(payload)
+
+        client._post = recording
+        segs = run(client.segment(s, [Prompt(text="x", box=box, points=((box[0] + 2,
+                                                                           box[1] + 2),),
+                                             point_labels=(1,)), Prompt(box=box)]))
+        if mode == "text":  # the phrase alone; the box-only hypothesis has nothing to send
+            assert segs[0].error.startswith("execute:prompt")  # classical reads no text
+            assert segs[1].error.startswith("execute:empty_prompt")
+        else:
+            assert segs[0].ok and segs[1].ok
+    assert sent["text"] == [{"text": "x"}]
+    assert [set(p) for p in sent["box"]] == [{"box"}]  # one prompt left after dedupe
+    assert [set(p) for p in sent["box_points"]] == [{"box", "points", "point_labels"}, {"box"}]
+
+
+def test_instances_are_chosen_with_the_hypothesis_box_in_every_mode():
+    """In text mode the box is not sent, but it still picks the referred instance among
+    SAM3's matches of the phrase (union_in_box), as it does in text_box mode."""
+    h, w = 40, 60
+    left, right = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    left[5:15, 2:12] = True
+    right[5:15, 40:50] = True
+    result = {"instances": [_inst(right, 0.9), _inst(left, 0.6)], "error": None}
+    sent = Prompt(text="cup")  # what text mode sent
+    seg = choose_instances(result, sent, "union_in_box", h, w, select_box=(0, 0, 20, 20))
+    assert np.array_equal(masks.decode(seg.rle), left)
+
+
+def test_an_unknown_prompt_mode_is_refused_in_one_line():
+    with pytest.raises(ValueError) as err:
+        SamClient("http://x", prompt_mode="mask")
+    msg = str(err.value)
+    assert "\n" not in msg and "executor.prompt_mode" in msg and "'mask'" in msg
+    assert all(m in msg for m in PROMPT_MODES)
+    with pytest.raises(TypeError):  # the raw parts list is gone: the mode is the one setting
+        SamClient("http://x", prompt_parts=["box"])
+
+
+def test_what_each_backend_can_serve():
+    classical = {"text": False, "box": True, "points": True, "multimask": False}
+    sam3 = {"text": True, "box": True, "points": True, "multimask": True}
+    sam3_no_points = {"text": True, "box": False, "points": False, "multimask": False}
+    assert [m for m in PROMPT_MODES if mode_unsupported(m, classical) is None] == \
+        ["box", "box_points"]
+    assert all(mode_unsupported(m, sam3) is None for m in PROMPT_MODES)
+    assert [m for m in PROMPT_MODES if mode_unsupported(m, sam3_no_points) is None] == \
+        ["text", "text_box"]
+    why = mode_unsupported("text_box", classical)
+    assert "text" in why and "box|box_points" in why and "\n" not in why
+    assert mode_unsupported("box", None) is not None  # no capabilities: nothing is assumed
+
+
+@pytest.mark.parametrize("mode", ["text", "text_box"])
+def test_a_mode_the_backend_cannot_serve_fails_preflight_in_one_line(sam, samples, mode):
+    url = sam()
+    client = _client(url, prompt_mode=mode)
+    (problem,) = run(client.preflight())
+    assert f"prompt_mode={mode}" in problem and "classical" in problem and "\n" not in problem
+    assert "executor.prompt_mode=box|box_points" in problem
+    # without the preflight (a library caller), the first use says so for each prompt and
+    # sends nothing: a failure as data, which the run's stage guard stops on
+    client = _client(url, prompt_mode=mode)
+    client.identity()
+    segs = run(client.segment(samples[0], [Prompt(text="x", box=samples[0].target_boxes[0])]))
+    assert segs[0].error.startswith("execute:mode_unsupported")
+    assert client.stats()["requests"] == 0
+    assert run(_client(url, prompt_mode="box_points").preflight()) == []
+
+
+def test_the_mode_is_in_the_identity(sam):
+    url = sam()
+    idents = {m: _client(url, prompt_mode=m).identity() for m in PROMPT_MODES}
+    assert [i["prompt_mode"] for i in idents.values()] == list(PROMPT_MODES)
+    assert len({repr(sorted(i.items())) for i in idents.values()}) == len(PROMPT_MODES)
 
 
 def test_identity_comes_from_the_server_and_not_the_url(sam):
@@ -152,7 +252,7 @@ def test_pinned_identity_mismatch_fails_preflight(sam):
     client = _client(url, info={"backend": "sam3", "model": "facebook/sam3", "identity": {}})
     (problem,) = run(client.preflight())
     assert "pins" in problem and "classical" in problem
-    assert run(_client(url).preflight()) == []
+    assert run(_client(url, prompt_mode="box").preflight()) == []
 
 
 def test_token_is_sent_and_a_401_is_not_retried(sam, samples):
@@ -201,5 +301,5 @@ def test_instance_policies():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="instance_policy"):
         SamClient("http://x", instance_policy="biggest")
-    with pytest.raises(ValueError, match="prompt_parts"):
-        SamClient("http://x", prompt_parts=["mask"])
+    with pytest.raises(ValueError, match="prompt_mode"):
+        SamClient("http://x", prompt_mode="points")

@@ -13,7 +13,16 @@ hypothesis gets is `instance_policy`:
                   the prompt's box; top1 when none does or the prompt has no box
     union         union of all instances
 An answer with no instance is an empty mask (score 0): the backend looked and found nothing,
-which is a result, not a failure.
+which is a result, not a failure. The instances are chosen with the hypothesis's own box in
+every prompt mode, sent or not: the planner's box is what localises the one referred object.
+
+Which parts of a hypothesis reach the model is `prompt_mode` (`PROMPT_MODES`); each SAM3 backend
+routes a prompt by its parts (servers/README.md), so the mode decides SAM3's path:
+    text        the label as a noun phrase: the concept path (every instance of the phrase)
+    text_box    the label, with the box as a positive exemplar: the concept path (default)
+    box         the box alone: the interactive (SAM1-style) path
+    box_points  the box and the planner's point(s): the interactive path
+A server whose /v1/info capabilities cannot serve the mode fails the preflight with one line.
 """
 
 from __future__ import annotations
@@ -44,7 +53,23 @@ from rescue.protocols import Segmentation
 from rescue.sample import Sample
 
 INSTANCE_POLICIES = ("top1", "union_in_box", "union")
-PROMPT_PARTS = ("text", "box", "points")
+PROMPT_MODES: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "text_box": ("text", "box"),
+    "box": ("box",),
+    "box_points": ("box", "points"),
+}
+"""Each mode's parts of a hypothesis sent to the server (what the model reads)."""
+MODE_NEEDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "text_box": ("text",),  # a concept prompt's box is its exemplar: `text` covers it
+    "box": ("box",),
+    "box_points": ("box", "points"),
+}
+"""The /v1/info capabilities a server must declare to serve each mode (servers/README.md:
+`text` = concept prompts, a phrase with or without a box exemplar; `box` = a box without text;
+`points` = point prompts)."""
+DEFAULT_PROMPT_MODE = "text_box"
 KNOWN_IMAGES = 4096
 """Digests of images this client has sent, remembered to send the digest instead of bytes."""
 
@@ -57,8 +82,28 @@ def png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
+def mode_parts(mode: str) -> tuple[str, ...]:
+    """The parts `mode` sends; a ValueError of one line for an unknown mode."""
+    if mode not in PROMPT_MODES:
+        raise ValueError(f"executor.prompt_mode must be one of {', '.join(PROMPT_MODES)}; "
+                         f"got {mode!r}")
+    return PROMPT_MODES[mode]
+
+
+def mode_unsupported(mode: str, capabilities: Mapping[str, Any] | None) -> str | None:
+    """Why a server with these /v1/info `capabilities` cannot serve `mode`, or None."""
+    caps = capabilities or {}
+    missing = [c for c in MODE_NEEDS[mode] if not caps.get(c)]
+    if not missing:
+        return None
+    served = [m for m, needs in MODE_NEEDS.items() if all(caps.get(c) for c in needs)]
+    return (f"prompt_mode={mode} needs the capability {'+'.join(MODE_NEEDS[mode])}; this "
+            f"backend lacks {'+'.join(missing)} and serves executor.prompt_mode="
+            f"{'|'.join(served) or 'nothing'}")
+
+
 def reduce_prompt(prompt: Prompt, parts: Sequence[str]) -> Prompt:
-    """The prompt with only the configured parts (e.g. box only for a box-prompted SAM)."""
+    """The prompt with only the given parts (`mode_parts`), canonical."""
     return Prompt(text=prompt.text if "text" in parts else None,
                   box=prompt.box if "box" in parts else None,
                   points=prompt.points if "points" in parts else (),
@@ -78,8 +123,11 @@ def _fraction_in_box(mask: np.ndarray, box: Sequence[float]) -> float:
 
 
 def choose_instances(result: Mapping[str, Any], prompt: Prompt, policy: str,
-                     height: int, width: int, in_box_fraction: float = 0.5) -> Segmentation:
-    """One Segmentation from a server result (`{"instances": [...], "error": ...}`)."""
+                     height: int, width: int, in_box_fraction: float = 0.5,
+                     select_box: Sequence[float] | None = None) -> Segmentation:
+    """One Segmentation from a server result (`{"instances": [...], "error": ...}`) to the
+    `prompt` sent; `union_in_box` selects with `select_box` (default: the prompt's box)."""
+    box_in = select_box if select_box is not None else prompt.box
     if result.get("error"):
         return Segmentation(rle=None, error=f"execute:prompt {result['error']}",
                             meta={"prompt": prompt.to_json()})
@@ -91,10 +139,10 @@ def choose_instances(result: Mapping[str, Any], prompt: Prompt, policy: str,
     chosen = inst[:1]
     if policy == "union":
         chosen = inst
-    elif policy == "union_in_box" and prompt.box is not None and len(inst) > 1:
+    elif policy == "union_in_box" and box_in is not None and len(inst) > 1:
         decoded = [masks.decode(i["rle"]) for i in inst]
         inside = [i for i, m in zip(inst, decoded, strict=True)
-                  if _fraction_in_box(m, prompt.box) >= in_box_fraction]
+                  if _fraction_in_box(m, box_in) >= in_box_fraction]
         chosen = inside or inst[:1]
         if not inside:
             meta["policy_fallback"] = "top1"
@@ -128,7 +176,7 @@ class SamClient:
     def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = 120.0,
                  max_concurrency: int = 4, max_prompts_per_request: int = 64,
                  instance_policy: str = "union_in_box", in_box_fraction: float = 0.5,
-                 prompt_parts: Sequence[str] = PROMPT_PARTS, max_instances: int = 16,
+                 prompt_mode: str = DEFAULT_PROMPT_MODE, max_instances: int = 16,
                  multimask: bool = False, info: Mapping[str, Any] | None = None,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
                  preflight_timeout_s: float = 10.0):
@@ -137,17 +185,14 @@ class SamClient:
         if instance_policy not in INSTANCE_POLICIES:
             raise ValueError(f"executor.instance_policy must be one of {INSTANCE_POLICIES}, got "
                              f"{instance_policy!r}")
-        parts = tuple(plain(prompt_parts))
-        bad = [p for p in parts if p not in PROMPT_PARTS]
-        if bad or not parts:
-            raise ValueError(f"executor.prompt_parts must be a non-empty subset of "
-                             f"{PROMPT_PARTS}, got {list(parts)}")
+        parts = mode_parts(prompt_mode)
         self.base_url = base_url.rstrip("/")
         self.token = token or None
         self.timeout_s = float(timeout_s)
         self.max_prompts = int(max_prompts_per_request)
         self.instance_policy = instance_policy
         self.in_box_fraction = float(in_box_fraction)
+        self.prompt_mode = prompt_mode
         self.prompt_parts = parts
         self.max_instances = int(max_instances)
         self.multimask = bool(multimask)
@@ -204,7 +249,7 @@ class SamClient:
                       else {"unresolved": True})
         return {"kind": "sam_server", "server": server, "instance_policy": self.instance_policy,
                 "in_box_fraction": self.in_box_fraction if self.instance_policy ==
-                "union_in_box" else None, "prompt_parts": list(self.prompt_parts),
+                "union_in_box" else None, "prompt_mode": self.prompt_mode,
                 "max_instances": self.max_instances, "multimask": self.multimask}
 
     # -- transport ----------------------------------------------------------------------------
@@ -282,6 +327,11 @@ class SamClient:
             raise EndpointError(self.base_url, "this client's identity() was taken while the "
                                 f"server was unreachable ({self._unresolved}); cache keys would "
                                 "not name the backend, so it will not segment")
+        unsupported = mode_unsupported(self.prompt_mode, (self._info or {}).get("capabilities")
+                                       ) if self._info else None
+        if unsupported is not None:  # preflight says so first; this guards a run without it
+            return [Segmentation(rle=None, error=f"execute:mode_unsupported {unsupported}")
+                    for _ in prompts]
         reduced = [reduce_prompt(p, self.prompt_parts) for p in prompts]
         unique: dict[str, Prompt] = {}
         for r in reduced:
@@ -302,18 +352,19 @@ class SamClient:
             for chunk, res in zip(chunks[1:], rest, strict=True):
                 answers.update(zip((p.key for p in chunk), res, strict=True))
         out: list[Segmentation] = []
-        for r in reduced:
+        for p, r in zip(prompts, reduced, strict=True):
             if r.empty:
                 out.append(Segmentation(rle=None, error=(
-                    f"execute:empty_prompt nothing left of the prompt with prompt_parts="
-                    f"{list(self.prompt_parts)}")))
-            else:
+                    f"execute:empty_prompt nothing left of the prompt with prompt_mode="
+                    f"{self.prompt_mode} (it sends {'+'.join(self.prompt_parts)})")))
+            else:  # instances chosen with the hypothesis's box, sent or not
                 out.append(choose_instances(answers[r.key], r, self.instance_policy,
-                                            sample.height, sample.width, self.in_box_fraction))
+                                            sample.height, sample.width, self.in_box_fraction,
+                                            select_box=p.canonical().box))
         return out
 
     async def preflight(self) -> list[str]:
-        """Server up and ready; its identity matches a pinned `info`; nothing else."""
+        """Server up and ready; its identity matches a pinned `info`; it serves the mode."""
         health, problems = await get_json("executor", self.base_url + "/health",
                                           self.preflight_timeout_s)
         if problems:
@@ -330,6 +381,9 @@ class SamClient:
             return [f"SAM server {self.base_url} has identity "
                     f"{self._server_identity(self._info)}, but executor.info pins "
                     f"{self._server_identity(self.pinned)}"]
+        unsupported = mode_unsupported(self.prompt_mode, self._info.get("capabilities"))
+        if unsupported is not None:
+            return [f"SAM server {self.base_url} ({self._info.get('backend')}): {unsupported}"]
         return []
 
     async def aclose(self) -> None:

@@ -1,16 +1,24 @@
 """transformers' SAM3 behind the backend seam (`pip install -e '.[sam3-hf]'`, transformers >= 5).
 
-Text and box prompts: `Sam3Model` (promptable concept segmentation). The image is encoded once
-with `get_vision_features`; every prompt reuses those features (`vision_embeds=`), so only the
-text encoder and the DETR-style heads run per prompt. Point prompts: `Sam3TrackerModel` (the
-SAM2-style interactive API); its image embeddings are computed on the first point prompt of an
-image and kept in the same cached state.
+A prompt's parts decide its path (`routing.route`), as in the sam3 backend: text without points
+is a concept prompt for `Sam3Model` (promptable concept segmentation; a box is a positive
+exemplar of the phrase); points, or a box without text, make an interactive prompt for
+`Sam3TrackerModel` (the SAM2-style API; any text is not read there). The image is encoded once
+with `get_vision_features`; every concept prompt reuses those features (`vision_embeds=`). The
+tracker's image embeddings are computed on the first interactive prompt of an image and kept in
+the same cached state.
+
+The tracker is built with the sizes of the checkpoint: a `facebook/sam3` folder (a Sam3Video
+config) carries its own tracker config; a folder saved from a `Sam3Model` does not, and
+`Sam3TrackerModel.from_pretrained` would apply the default decoder sizes (every point prompt
+failed on a model of other sizes), so `tracker_config` derives one from its vision config.
 
 Runs on CPU with tiny random weights (the `torch` test tier) and on a GPU with `facebook/sam3`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +34,42 @@ from servers.backends.base import (
     best_first,
     instance_from_mask,
 )
+from servers.backends.routing import ROUTING, route
+from servers.backends.versions import package_version
+
+log = logging.getLogger(__name__)
+
+TRACKER_SCALES = (4.0, 2.0, 1.0)
+"""The tracker reads three FPN levels: 4x and 2x (high-resolution features), then 1x (the image
+embedding, at image_size / patch_size)."""
+
+
+def tracker_config(config: Any) -> Any:
+    """A `Sam3TrackerConfig` with the sizes of a saved SAM3 config: its own `tracker_config`
+    (a Sam3Video folder such as facebook/sam3), else one derived from a Sam3Model's vision
+    config (prompt encoder and mask decoder at its FPN width, image and patch size, feature
+    sizes from its scale factors)."""
+    from transformers import Sam3TrackerConfig
+
+    own = getattr(config, "tracker_config", None)
+    if own is not None:
+        return own if isinstance(own, Sam3TrackerConfig) else Sam3TrackerConfig(**dict(own))
+    config = getattr(config, "detector_config", None) or config
+    vision = config.vision_config
+    backbone = vision.backbone_config
+    image, patch = int(backbone.image_size), int(backbone.patch_size)
+    scales = tuple(float(f) for f in vision.scale_factors)
+    if scales[:3] != TRACKER_SCALES:
+        raise ValueError(f"the tracker needs vision scale_factors starting {list(TRACKER_SCALES)}"
+                         f"; this Sam3Model has {list(scales)}: start with -o enable_points=false")
+    grid = image // patch
+    vision_dict = vision.to_dict()
+    vision_dict["backbone_feature_sizes"] = [[int(grid * f)] * 2 for f in TRACKER_SCALES]
+    hidden = int(vision.fpn_hidden_size)
+    return Sam3TrackerConfig(
+        vision_config=vision_dict,
+        prompt_encoder_config={"hidden_size": hidden, "image_size": image, "patch_size": patch},
+        mask_decoder_config={"hidden_size": hidden, "iou_head_hidden_dim": hidden})
 
 
 @dataclass
@@ -59,7 +103,9 @@ class Sam3HFBackend:
         self._tracker: Any = None
         self._tracker_processor: Any = None
         self._torch: Any = None
-        self._version = "not loaded"
+        # from package metadata, not from the loaded module: /v1/info's identity is the same
+        # before and after loading, so a client's cache keys do not change under it
+        self._version = package_version("transformers")
         self._lock = threading.Lock()
 
     @classmethod
@@ -69,10 +115,8 @@ class Sam3HFBackend:
         """A backend over already-built objects (a tiny random model in tests, a fine-tune)."""
         self = cls(model=name, enable_points=tracker is not None, **kwargs)
         import torch
-        import transformers
 
         self._torch = torch
-        self._version = transformers.__version__
         self._model = model.to(self.device).eval()
         self._processor = processor
         if tracker is not None:
@@ -91,29 +135,40 @@ class Sam3HFBackend:
             raise ImportError(f"the hf backend needs torch, torchvision and transformers>=5: "
                               f"pip install -e '.[sam3-hf]' ({exc})") from exc
         self._torch = torch
-        self._version = transformers.__version__
+        if transformers.__version__ != self._version:
+            raise RuntimeError(f"transformers {transformers.__version__} imported, but its "
+                               f"package metadata says {self._version}: reinstall it")
         kw = {"revision": self.revision, "local_files_only": self.local_files_only}
         dtype = getattr(torch, self.dtype)
         self._model = Sam3Model.from_pretrained(self.model_id, dtype=dtype, **kw
                                                 ).to(self.device).eval()
         self._processor = Sam3Processor.from_pretrained(self.model_id, **kw)
         if self.enable_points:
-            from transformers import Sam3TrackerModel, Sam3TrackerProcessor
+            from transformers import AutoConfig, Sam3TrackerModel, Sam3TrackerProcessor
 
-            self._tracker = Sam3TrackerModel.from_pretrained(self.model_id, dtype=dtype, **kw
-                                                             ).to(self.device).eval()
+            config = tracker_config(AutoConfig.from_pretrained(self.model_id, **kw))
+            tracker, loading = Sam3TrackerModel.from_pretrained(
+                self.model_id, config=config, dtype=dtype, output_loading_info=True, **kw)
+            untrained = sorted({k.split(".")[0] for k in loading.get("missing_keys", ())
+                                if k.startswith(("prompt_encoder.", "mask_decoder."))})
+            if untrained:
+                log.warning("%s holds no tracker weights for %s: interactive prompts run on "
+                            "random ones", self.model_id, ", ".join(untrained))
+            self._tracker = tracker.to(self.device).eval()
             self._tracker_processor = Sam3TrackerProcessor.from_pretrained(self.model_id, **kw)
 
     def info(self) -> BackendInfo:
         return BackendInfo(
             backend=self.name, model=self.model_id,
             backend_version=f"transformers {self._version}", device=self.device,
-            capabilities={"text": True, "box": True, "points": self.enable_points,
+            # text: concept prompts (a box rides along as the exemplar); box and points:
+            # interactive prompts, which need the tracker
+            capabilities={"text": True, "box": self.enable_points, "points": self.enable_points,
                           "multimask": self.enable_points},
             identity={"backend": self.name, "model": self.model_id, "revision": self.revision,
                       "dtype": self.dtype, "threshold": self.threshold,
                       "mask_threshold": self.mask_threshold, "enable_points": self.enable_points,
-                      "transformers": self._version})
+                      "routing": ROUTING, "transformers": self._version})
 
     def _to_device(self, batch: Any) -> dict:
         torch = self._torch
@@ -145,7 +200,7 @@ class Sam3HFBackend:
         with self._lock, self._torch.inference_mode():
             for p in prompts:
                 try:
-                    if p.points:
+                    if route(p) == "interactive":
                         out.append(self._interactive(state, p, options))
                     else:
                         out.append(self._concept(state, p, options))
@@ -159,9 +214,8 @@ class Sam3HFBackend:
     def _concept(self, state: HFState, p: Prompt, options: SegmentOptions) -> PromptResult:
         kw: dict[str, Any] = {"original_sizes": [[state.height, state.width]],
                               "return_tensors": "pt"}
-        if p.text is not None:
-            kw["text"] = p.text
-        if p.box is not None:  # text None + box: the processor uses the text "visual"
+        kw["text"] = p.text
+        if p.box is not None:  # the box is a positive exemplar of the phrase
             kw["input_boxes"] = [[list(p.box)]]
             kw["input_boxes_labels"] = [[1]]
         inputs = self._to_device(self._processor(**kw))
@@ -181,16 +235,18 @@ class Sam3HFBackend:
 
     def _interactive(self, state: HFState, p: Prompt, options: SegmentOptions) -> PromptResult:
         if self._tracker is None:
-            return PromptResult.failed("point prompts need Sam3TrackerModel: start the hf "
-                                       "backend with -o enable_points=true")
+            return PromptResult.failed("interactive prompts (points, or a box without text) "
+                                       "need Sam3TrackerModel: start the hf backend with "
+                                       "-o enable_points=true")
         proc = self._tracker_processor
         if state.tracker_embeds is None:  # once per image, kept with the cached state
             pix = self._to_device(proc(images=state.pil, return_tensors="pt"))
             state.tracker_embeds = self._tracker.get_image_embeddings(pix["pixel_values"])
-        kw: dict[str, Any] = {
-            "original_sizes": [[state.height, state.width]], "return_tensors": "pt",
-            "input_points": [[[list(pt) for pt in p.points]]],
-            "input_labels": [[list(p.point_labels)]]}
+        kw: dict[str, Any] = {"original_sizes": [[state.height, state.width]],
+                              "return_tensors": "pt"}
+        if p.points:
+            kw["input_points"] = [[[list(pt) for pt in p.points]]]
+            kw["input_labels"] = [[list(p.point_labels)]]
         if p.box is not None:
             kw["input_boxes"] = [[list(p.box)]]
         inputs = self._to_device(proc(**kw))

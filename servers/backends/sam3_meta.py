@@ -1,10 +1,12 @@
 """Meta's `sam3` package behind the backend seam (GPU; `pip install -e '.[sam3]'`).
 
-Text and box prompts go through `Sam3Processor` (promptable concept segmentation: every
-instance of the phrase / of the boxed exemplar, each with sigmoid × presence score). Points go
-through the SAM1-style interactive predictor (`model.predict_inst`), which needs the model built
-with `enable_inst_interactivity=True`. The image is encoded once (`set_image`); each prompt runs
-on a shallow copy of that state, so the cached encoding is never mutated by a prompt.
+A prompt's parts decide its path (`routing.route`): text without points goes through
+`Sam3Processor` (promptable concept segmentation: every instance of the phrase, a box as its
+positive exemplar, each with sigmoid × presence score); points, or a box without text, go
+through the SAM1-style interactive predictor (`model.predict_inst`; any text is not read
+there), which needs the model built with `enable_inst_interactivity=True`. The image is encoded
+once (`set_image`); each prompt runs on a shallow copy of that state, so the cached encoding is
+never mutated by a prompt.
 
 Written against facebookresearch/sam3 (sam3/model/sam3_image_processor.py, model_builder.py,
 sam1_task_predictor.py); it cannot run without a GPU and the gated `facebook/sam3` weights.
@@ -31,6 +33,8 @@ from servers.backends.base import (
     best_first,
     instance_from_mask,
 )
+from servers.backends.routing import ROUTING, route
+from servers.backends.versions import package_version
 
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -85,14 +89,7 @@ class Sam3MetaBackend:
     def __init__(self, checkpoint: str | None = None, load_from_hf: bool = True,
                  bpe_path: str | None = None, device: str = "cuda", resolution: int = 1008,
                  confidence_threshold: float = 0.5, enable_points: bool = True,
-                 box_mode: str = "concept", dtype: str = "bfloat16", compile: bool = False
-                 ) -> None:
-        if box_mode not in ("concept", "instance"):
-            raise ValueError("box_mode is 'concept' (box as an exemplar of the concept, via the "
-                             "processor) or 'instance' (SAM1-style box, via predict_inst)")
-        if box_mode == "instance" and not enable_points:
-            raise ValueError("box_mode=instance needs enable_points=true (the interactive "
-                             "predictor)")
+                 dtype: str = "bfloat16", compile: bool = False) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError("dtype is bfloat16, float16 or float32")
         self.checkpoint = checkpoint
@@ -102,13 +99,14 @@ class Sam3MetaBackend:
         self.resolution = int(resolution)
         self.confidence_threshold = float(confidence_threshold)
         self.enable_points = bool(enable_points)
-        self.box_mode = box_mode
         self.dtype = dtype
         self.compile = bool(compile)
         self._model: Any = None
         self._processor: Any = None
         self._torch: Any = None
-        self._version = "not loaded"
+        # from package metadata, not from the loaded module: /v1/info's identity is the same
+        # before and after loading, so a client's cache keys do not change under it
+        self._version = package_version("sam3")
         # one GPU, one model: prompts and encodes run one at a time; predict_inst also keeps
         # per-call features on the predictor object, which is not safe to share across threads
         self._lock = threading.Lock()
@@ -125,12 +123,6 @@ class Sam3MetaBackend:
                               f"torch for your platform, then pip install -e '.[sam3]' ({exc})"
                               ) from exc
         self._torch = torch
-        try:
-            import sam3
-
-            self._version = str(getattr(sam3, "__version__", "unknown"))
-        except Exception:
-            self._version = "unknown"
         model = build_sam3_image_model(
             bpe_path=find_bpe_file(self.bpe_path), device=self.device, eval_mode=True,
             checkpoint_path=self.checkpoint,
@@ -148,12 +140,14 @@ class Sam3MetaBackend:
             backend=self.name, model="facebook/sam3" if self.checkpoint is None else
             os.path.basename(self.checkpoint),
             backend_version=f"sam3 {self._version}", device=self.device,
-            capabilities={"text": True, "box": True, "points": self.enable_points,
+            # text: concept prompts (a box rides along as the exemplar); box and points:
+            # interactive prompts, which need the predictor
+            capabilities={"text": True, "box": self.enable_points, "points": self.enable_points,
                           "multimask": self.enable_points},
             identity={"backend": self.name, "checkpoint": self.checkpoint or "facebook/sam3",
                       "resolution": self.resolution,
                       "confidence_threshold": self.confidence_threshold,
-                      "box_mode": self.box_mode, "enable_points": self.enable_points,
+                      "routing": ROUTING, "enable_points": self.enable_points,
                       "dtype": self.dtype, "sam3": self._version})
 
     def _autocast(self) -> Any:
@@ -189,10 +183,11 @@ class Sam3MetaBackend:
         return out
 
     def _one(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
-        if p.points or (p.box is not None and p.text is None and self.box_mode == "instance"):
+        if route(p) == "interactive":
             if not self.enable_points:
-                return PromptResult.failed("point prompts need the interactive predictor: start "
-                                           "the sam3 backend with -o enable_points=true")
+                return PromptResult.failed("interactive prompts (points, or a box without text) "
+                                           "need the predictor: start the sam3 backend with "
+                                           "-o enable_points=true")
             return self._interactive(state, p, options)
         return self._concept(state, p, options)
 
@@ -210,15 +205,14 @@ class Sam3MetaBackend:
     def _concept(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
         proc = self._processor
         st = self._fresh(state)
+        assert p.text is not None  # route(): concept prompts carry text
         if p.box is None:
-            assert p.text is not None
             st = proc.set_text_prompt(prompt=p.text, state=st)
         else:
-            if p.text is not None:
-                # text features first, then one grounding pass with text and box together
-                # (set_text_prompt would run a grounding pass of its own)
-                st["backbone_out"].update(
-                    self._model.backbone.forward_text([p.text], device=self.device))
+            # text features first, then one grounding pass with text and box together
+            # (set_text_prompt would run a grounding pass of its own)
+            st["backbone_out"].update(
+                self._model.backbone.forward_text([p.text], device=self.device))
             x1, y1, x2, y2 = p.box
             w, h = state.width, state.height
             cxcywh = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]

@@ -1,9 +1,11 @@
 """A tiny, randomly initialised transformers `Sam3Model` and its processor, built offline.
 
 Loaded by the SAM server subprocess of the torch tier as `--backend sam_tiny_hf:tiny_hf_backend`
-and, with the same seed, in the test process to compute the expected masks. The tokenizer is
-CLIP's BPE from the copy inside `open_clip_torch` (written out as vocab.json + merges.txt);
-nothing is downloaded.
+and, with the same seed, in the test process to compute the expected masks; or saved to a folder
+(`save_tiny_sam3`) that the real `--backend hf -o model=FOLDER` loads, tracker included. Its
+sizes are all far from the defaults (hidden 32, image 224, 5 queries), so a part built with
+default sizes cannot run. The tokenizer is CLIP's BPE from the copy inside `open_clip_torch`
+(written out as vocab.json + merges.txt); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ def tiny_config() -> Any:
                         intermediate_size=64, image_size=IMAGE_SIZE, patch_size=14,
                         window_size=8, global_attn_indexes=[0, 1])
     return Sam3Config(
+        # four FPN levels as facebook/sam3 has: the tracker reads the 4x, 2x and 1x ones
         vision_config=Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
-                                       scale_factors=[2.0, 1.0]),
+                                       scale_factors=[4.0, 2.0, 1.0, 0.5]),
         text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
                      "projection_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "max_position_embeddings": 32, "hidden_act": "gelu"},
@@ -126,3 +129,12 @@ def tiny_hf_backend(seed: int = 0, threshold: float = 0.0, mask_threshold: float
     model, processor = tiny_model_and_processor(seed)
     return Sam3HFBackend.from_components(model, processor, name="tiny-random-sam3",
                                          threshold=threshold, mask_threshold=mask_threshold)
+
+
+def save_tiny_sam3(folder: str | os.PathLike, seed: int = 0) -> str:
+    """The tiny Sam3Model and its processor saved as a `Sam3Model.save_pretrained` folder (no
+    tracker config, no tracker weights: the hf backend derives the tracker from it)."""
+    model, processor = tiny_model_and_processor(seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

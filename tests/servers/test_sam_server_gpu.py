@@ -73,10 +73,10 @@ def test_every_prompt_kind_runs(sam3_server) -> None:
     r = sam3_server.post({"image": {"b64": png_b64(SCENE.image)}, "prompts": prompts})
     assert r.status_code == 200, r.text
     res = r.json()["results"]
-    for i in range(3):  # concept prompts: max_instances of the 200 queries
+    for i in (0, 2):  # concept prompts (text, text + box exemplar): max_instances of 200
         _check_instances(res[i], 4)
         assert len(res[i]["instances"]) == 4
-    for i in (3, 4):  # interactive prompts: the single best mask
+    for i in (1, 3, 4):  # interactive prompts (a box without text, points): the best mask
         _check_instances(res[i], 1)
     assert sam3_server.info()["stats"]["encodes"] == 1
 

@@ -1,6 +1,8 @@
 """Torch tier: the `hf` backend with a tiny random transformers Sam3Model on CPU, through the
-same HTTP path as the classical tests. Runs when torch, torchvision, transformers >= 5 and
-open_clip_torch are installed:
+same HTTP path as the classical tests: built in memory (concept prompts against a plain
+forward), and loaded from a saved folder as a deployment loads `facebook/sam3` (the tracker
+built to the checkpoint's sizes; every prompt mode of the client). Runs when torch,
+torchvision, transformers >= 5 and open_clip_torch are installed:
 
     pip install torch==2.14.1 torchvision==0.29.1 'transformers>=5' open_clip_torch
     pytest -m torch tests/servers
@@ -25,8 +27,12 @@ if MISSING:
 SCENE = make_scene(0)
 H, W = SCENE.image.shape[:2]
 BOX = [float(v) for v in SCENE.shapes[0].box]
-PROMPTS = [{"text": "red rectangle"}, {"box": BOX}, {"text": "shape", "box": BOX},
-           {"points": [list(SCENE.shapes[0].centre)], "point_labels": [1]}]
+CENTRE = [float(v) for v in SCENE.shapes[0].centre]
+CONCEPT = [{"text": "red rectangle"}, {"text": "shape", "box": BOX}]  # Sam3Model
+INTERACTIVE = [{"box": BOX}, {"points": [CENTRE], "point_labels": [1]},  # Sam3TrackerModel
+               {"box": BOX, "points": [CENTRE], "point_labels": [1]},
+               {"text": "shape", "box": BOX, "points": [CENTRE], "point_labels": [1]}]
+PROMPTS = CONCEPT + INTERACTIVE
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def test_hf_backend_over_http(hf_server) -> None:
     r = hf_server.post({"image": {"b64": png_b64(SCENE.image)}, "prompts": PROMPTS})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    for res in results[:3]:  # text, box, text + box: Sam3Model
+    for res in results[:len(CONCEPT)]:  # text, text + box: Sam3Model
         assert res["error"] is None, res
         assert 1 <= len(res["instances"]) <= 3  # threshold 0 keeps queries; capped at 3
         scores = [i["score"] for i in res["instances"]]
@@ -55,13 +61,17 @@ def test_hf_backend_over_http(hf_server) -> None:
             m = masks.decode(inst["rle"])
             assert m.shape == (H, W)
             assert inst["box"] == (list(masks.bbox(m)) if m.any() else None)
-    # no tracker model was given: points are that prompt's error, not the request's
-    assert results[3]["instances"] == [] and "Sam3TrackerModel" in results[3]["error"]
+    # no tracker model was given: interactive prompts are each that prompt's error, not the
+    # request's, and the server says it cannot take them
+    for res in results[len(CONCEPT):]:
+        assert res["instances"] == [] and "Sam3TrackerModel" in res["error"]
+    assert info["capabilities"] == {"text": True, "box": False, "points": False,
+                                    "multimask": False}
 
 
 def test_vision_features_are_computed_once_and_reused(hf_server) -> None:
     before = hf_server.info()["stats"]["encodes"]
-    body = {"image": {"b64": png_b64(make_scene(1).image)}, "prompts": PROMPTS[:3]}
+    body = {"image": {"b64": png_b64(make_scene(1).image)}, "prompts": CONCEPT}
     first = hf_server.post(body).json()
     second = hf_server.post({**body, "image": {"sha256": first["image_sha256"]}}).json()
     assert hf_server.info()["stats"]["encodes"] == before + 1
@@ -91,3 +101,82 @@ def test_reused_features_give_the_plain_forward_masks(hf_server) -> None:
     assert [i["rle"] for i in served["instances"]] == want
     np.testing.assert_allclose([i["score"] for i in served["instances"]],
                                local["scores"].float().numpy()[order], atol=1e-5)
+
+
+# --- loaded from a saved folder, as a deployment loads facebook/sam3 ----------------------------
+
+
+@pytest.fixture(scope="module")
+def sam3_folder(tmp_path_factory):
+    from sam_tiny_hf import save_tiny_sam3
+
+    return save_tiny_sam3(tmp_path_factory.mktemp("tiny_sam3"))
+
+
+@pytest.fixture(scope="module")
+def folder_server(sam3_folder, tmp_path_factory):
+    from sam_harness import start_server, stop_server
+
+    server = start_server(tmp_path_factory.mktemp("hf_folder"), "--max-instances", "3",
+                          "-o", f"model={sam3_folder}", "-o", "local_files_only=true",
+                          "-o", "threshold=0.0", backend="hf", env={"HF_HUB_OFFLINE": "1"},
+                          ready_timeout_s=300)
+    yield server
+    stop_server(server)
+
+
+def test_hf_backend_from_a_saved_folder_builds_the_tracker_to_its_sizes(folder_server):
+    """A Sam3Model folder has no tracker config: built with default sizes (hidden 256, 288 px
+    features) every point or box prompt failed on this hidden-32, 224 px model."""
+    info = folder_server.info()
+    assert info["capabilities"] == {"text": True, "box": True, "points": True,
+                                    "multimask": True}
+    r = folder_server.post({"image": {"b64": png_b64(SCENE.image)}, "prompts": PROMPTS})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    for prompt, res in zip(PROMPTS, results, strict=True):
+        assert res["error"] is None, (prompt, res)
+        assert res["instances"], prompt
+        for inst in res["instances"]:
+            assert masks.decode(inst["rle"]).shape == (H, W)
+    for res in results[len(CONCEPT):]:  # the interactive path: one mask (multimask off)
+        assert len(res["instances"]) == 1
+
+
+def test_hf_identity_is_the_same_before_and_after_loading(sam3_folder):
+    """/v1/info is read by a client's preflight and again later: an identity that changed on
+    load ('transformers': 'not loaded' -> '5.x') changed every execute cache key between them."""
+    from servers.backends.sam3_hf import Sam3HFBackend
+
+    backend = Sam3HFBackend(model=sam3_folder, local_files_only=True, threshold=0.0)
+    before = backend.info()
+    backend.load()
+    after = backend.info()
+    assert before.identity == after.identity and before.capabilities == after.capabilities
+    assert before.backend_version == after.backend_version
+
+
+@pytest.mark.parametrize("mode", ["text", "text_box", "box", "box_points"])
+def test_every_prompt_mode_through_the_client(folder_server, mode):
+    """The client's modes against the real hf backend: preflight passes, each hypothesis gets a
+    mask, and the identity (cache key) names the mode."""
+    import asyncio
+
+    from rescue.hypothesis import Prompt
+    from rescue.models.sam_client import SamClient
+    from rescue.sample import Sample
+
+    sample = Sample(sample_id="s0", image=SCENE.image, query="the red shape",
+                    gt=np.zeros((H, W), np.uint8), target_boxes=(tuple(BOX),))
+    prompt = Prompt(text="shape", box=tuple(BOX), points=(tuple(CENTRE),), point_labels=(1,))
+    client = SamClient(folder_server.url, prompt_mode=mode, retry={"attempts": 2})
+
+    async def go():
+        problems = await client.preflight()
+        segs = await client.segment(sample, [prompt])
+        await client.aclose()
+        return problems, segs
+
+    problems, (seg,) = asyncio.run(go())
+    assert problems == [] and seg.ok, (problems, seg.error)
+    assert client.identity()["prompt_mode"] == mode

@@ -29,6 +29,7 @@ from rescue.failures import RunAborted, StageGuard
 from rescue.pipeline import Pipeline
 from rescue.protocols import aclose, preflight
 from rescue.records import SampleRecord
+from rescue.sample import Sample
 
 log = logging.getLogger("rescue")
 
@@ -52,11 +53,26 @@ def build_models(cfg: DictConfig) -> Models:
                   verifier=instantiate(cfg.verifier))
 
 
-async def check_endpoints(models: Models) -> None:
+async def check_endpoints(models: Models, sample: Sample | None = None) -> None:
+    """Every endpoint is up and serves its model; with `sample`, each accepts a real request
+    of the run (`rescue.models.probe`). One line per problem, before any work."""
     results = await asyncio.gather(*(preflight(m) for m in models.all().values()))
+    if sample is not None and not any(results):
+        results = await asyncio.gather(*(preflight(m, sample) for m in models.all().values()))
     problems = [f"{role}: {p}" for role, ps in zip(models.all(), results, strict=True) for p in ps]
     if problems:
         raise PreflightError("preflight failed:\n  " + "\n  ".join(problems))
+
+
+def probe_sample(dataset: Dataset, ids: Sequence[str], tries: int = 4) -> Sample | None:
+    """The first of the run's samples that loads (a corrupt image is the pipeline's to
+    record, not the preflight's to crash on)."""
+    for sid in ids[:tries]:
+        try:
+            return dataset.load(sid)
+        except Exception as exc:  # reported per sample by the run itself
+            log.debug("probe sample %s does not load: %s", sid, exc)
+    return None
 
 
 def n_values(cfg: DictConfig) -> list[int]:
@@ -87,7 +103,8 @@ async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: 
     models = build_models(cfg)
     try:
         if not cfg.offline:
-            await check_endpoints(models)
+            probe = probe_sample(dataset, ids) if cfg.pipeline.get("probe", True) else None
+            await check_endpoints(models, probe)
         pipe = Pipeline(models.planner, models.executor, models.verifier, cache,
                         max_n=int(cfg.max_n),
                         samples_in_flight=int(cfg.pipeline.samples_in_flight),
@@ -226,6 +243,8 @@ def main(cfg: DictConfig) -> float | None:
         except RunAborted as exc:  # one line; the records so far stay in records.partial.jsonl
             log.error("run stopped: %s", exc)
             raise SystemExit(f"rescue: run stopped: {exc}") from None
+        except PreflightError as exc:  # one line per problem, no traceback: nothing ran yet
+            raise SystemExit(f"rescue: {exc}") from None
     elif mode == "evaluate":
         result = evaluate_only(cfg)
     elif mode == "infer":

@@ -11,6 +11,7 @@ never a model, and every record made with them says so.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -112,13 +113,19 @@ class Verifier(Protocol):
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict: ...
 
 
-async def preflight(model: object) -> list[str]:
-    """Problems that make `model` unusable (endpoint down, wrong model name); [] when ready.
+async def preflight(model: object, sample: Sample | None = None) -> list[str]:
+    """Problems that make `model` unusable (endpoint down, wrong model name, a request the
+    server refuses); [] when ready. With `sample`, clients that take one probe a real request
+    of the run on it.
 
     Models without a `preflight` coroutine (in-process ones) are always ready.
     """
     check = getattr(model, "preflight", None)
-    return list(await check()) if check is not None else []
+    if check is None:
+        return []
+    if sample is not None and "sample" in inspect.signature(check).parameters:
+        return list(await check(sample=sample))
+    return list(await check())
 
 
 async def aclose(model: object) -> None:

@@ -100,15 +100,26 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     # one planner request per sample (8 hypotheses: n=8), one executor request per sample,
     # one verifier request per distinct non-empty mask
     assert calls["requests"]["plan"] == len(samples)
-    assert len(standin.chat_requests(PLANNER)) == len(samples)
-    assert all(b["n"] == 8 and b["seed"] == 0 for b in standin.chat_requests(PLANNER))
+    # before any work, each chat endpoint got one probe: the run's own request, max_tokens=1
+    probes = {role: [b for b in standin.chat_requests(model) if b["max_tokens"] == 1]
+              for role, model in (("planner", PLANNER), ("verifier", VERIFIER))}
+    assert [len(p) for p in probes.values()] == [1, 1]
+    work = {role: [b for b in standin.chat_requests(model) if b["max_tokens"] != 1]
+            for role, model in (("planner", PLANNER), ("verifier", VERIFIER))}
+    def same(body):  # n: the probe asks for a full request (16), this run's max_n is 8
+        return {k: v for k, v in body.items() if k not in ("max_tokens", "n")}
+
+    assert same(probes["planner"][0]) in [same(b) for b in work["planner"]]
+    assert len(work["planner"]) == len(samples)
+    assert all(b["n"] == 8 and b["seed"] == 0 for b in work["planner"])
     assert calls["requests"]["execute"] == len(samples)
     assert _sam_requests(sam_url) - sam_before == len(samples)
-    assert len(standin.chat_requests(VERIFIER)) <= calls["requests"]["verify"]
-    # every HTTP request is counted per endpoint in stats.json (no faults here: no retries)
+    assert len(work["verifier"]) <= calls["requests"]["verify"]
+    # every HTTP request of the work is counted per endpoint in stats.json (no faults here:
+    # no retries); the probes are the preflight's, outside the counters
     endpoints = stats["endpoints"]
-    assert endpoints["planner"]["requests"] == len(standin.chat_requests(PLANNER))
-    assert endpoints["verifier"]["requests"] == len(standin.chat_requests(VERIFIER))
+    assert endpoints["planner"]["requests"] == len(work["planner"])
+    assert endpoints["verifier"]["requests"] == len(work["verifier"])
     assert endpoints["planner"]["retries"] == endpoints["verifier"]["retries"] == 0
     records = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     assert len(records) == len(samples)
@@ -155,8 +166,9 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
 
 def test_a_server_refusing_every_verification_stops_the_run_with_one_line(tmp_path, servers,
                                                                            samples):
-    """top_logprobs above the server's --max-logprobs: every verification is a 400. The run
-    must stop non-zero naming the cause, not exit 0 with gIoU numbers."""
+    """top_logprobs above the server's --max-logprobs: every verification is a 400. Even with
+    the preflight probe off, the run must stop non-zero naming the cause, not exit 0 with gIoU
+    numbers."""
     _, api, sam_url = servers
     strict = StandIn({PLANNER: PlannerScript(Targets(samples)),
                       VERIFIER: VerifierScript(iou_judge(Targets(samples)))}, max_logprobs=5)
@@ -165,12 +177,12 @@ def test_a_server_refusing_every_verification_stops_the_run_with_one_line(tmp_pa
                "EXECUTOR_API_BASE": sam_url, "WANDB_MODE": "disabled"}
         cmd = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'run'}",
                f"paths.cache_dir={tmp_path / 'cache'}", *MODELS, *RUN,
-               "pipeline.abort.min_calls=4"]
+               "pipeline.abort.min_calls=4", "pipeline.probe=false"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rescue: run stopped: verify:") and "request:rejected" in last
-    assert "max_logprobs" in last
+    assert "max allowed: 5" in last
     assert not (tmp_path / "run" / "metrics.csv").exists()
     assert (tmp_path / "run" / "records.partial.jsonl").is_file()  # nothing done is lost

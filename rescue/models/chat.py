@@ -20,7 +20,9 @@ import numpy as np
 import openai
 from PIL import Image
 
-from rescue.models.http import Endpoint, RetryPolicy, check_openai_endpoint, plain
+from rescue.failures import RETRYABLE_4XX
+from rescue.models import probe
+from rescue.models.http import Endpoint, RetryPolicy, describe, openai_model_entry, plain
 
 RESERVED = frozenset({"seed", "n", "logprobs", "top_logprobs", "messages", "model", "stream"})
 """Request fields the clients own; `sampling.extra` may not override them."""
@@ -207,10 +209,51 @@ class ChatEndpoint:
 
         return await self.endpoint.call(once, what=what)
 
-    async def preflight(self) -> list[str]:
-        return await check_openai_endpoint(self.role, self.base_url, self.model,
-                                           timeout_s=self.preflight_timeout_s,
-                                           api_key=self.api_key)
+    async def preflight(self, payload: Mapping[str, Any] | None = None) -> list[str]:
+        """/models answers in time and serves the model; with `payload` (the keyword arguments
+        of a real call of the run), one probe request checks that the server accepts it and
+        that its prompt plus max_tokens fits the context (see `rescue.models.probe`)."""
+        entry, problems = await openai_model_entry(self.role, self.base_url, self.model,
+                                                   timeout_s=self.preflight_timeout_s,
+                                                   api_key=self.api_key)
+        if problems or payload is None:
+            return problems
+        return await self._probe(payload, entry)
+
+    async def _probe(self, payload: Mapping[str, Any], entry: Mapping[str, Any] | None,
+                     attempts: int = 3) -> list[str]:
+        """The run's request with max_tokens=1, outside the run's retries and counters. A
+        transient answer is tried again (vLLM fails the request after a 400 on the same images
+        once with a 500); a refusal is reported at once."""
+        images = probe.count_images(payload.get("messages"))
+        failure = ""
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(0.5 * attempt)
+            try:
+                resp = await asyncio.wait_for(self.client().chat.completions.create(
+                    model=self.model, **{**payload, "max_tokens": 1}), self.timeout_s)
+            except openai.APIStatusError as exc:
+                body = exc.body if isinstance(exc.body, Mapping) else {}
+                if isinstance(body.get("error"), Mapping):
+                    body = body["error"]
+                message = str(body.get("message") or exc.message)
+                if exc.status_code < 500 and exc.status_code not in RETRYABLE_4XX:
+                    return [probe.rejection(exc.status_code, message, role=self.role,
+                                            payload=payload)]
+                failure = f"HTTP {exc.status_code}: {' '.join(message.split())[:200]}"
+                continue
+            except (openai.APIConnectionError, TimeoutError) as exc:
+                failure = describe(exc)
+                continue
+            prompt_tokens = getattr(getattr(resp, "usage", None), "prompt_tokens", None)
+            problem = probe.context_problem(prompt_tokens, int(payload.get("max_tokens") or 0),
+                                            probe.max_model_len(entry), role=self.role,
+                                            images=images)
+            return [problem] if problem else []
+        return [f"the probe request (the run's payload, max_tokens=1) to {self.base_url} "
+                f"failed {attempts} times, last: {failure}; the server is failing or "
+                f"overloaded (pipeline.probe=false skips the probe)"]
 
     async def aclose(self) -> None:
         if self._client is not None:

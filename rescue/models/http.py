@@ -242,20 +242,29 @@ async def get_json(role: str, url: str, timeout_s: float,
         return None, [f"GET {url} did not answer JSON: {resp.text[:200].strip()!r}"]
 
 
-async def check_openai_endpoint(role: str, base_url: str, model: str, *,
-                                timeout_s: float = 10.0, api_key: str | None = None) -> list[str]:
-    """The endpoint answers /models in time and serves `model`; one message per problem."""
+async def openai_model_entry(role: str, base_url: str, model: str, *, timeout_s: float = 10.0,
+                             api_key: str | None = None
+                             ) -> tuple[dict[str, Any] | None, list[str]]:
+    """`model`'s entry in the endpoint's /models (vLLM's carries `max_model_len`), or the
+    problems: down, slow, not OpenAI-compatible, or serving other models."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/models"
     body, problems = await get_json(role, url, timeout_s, headers)
     if problems:
-        return problems
+        return None, problems
     try:
-        served = [str(m["id"]) for m in body["data"]]
-    except (KeyError, TypeError):
-        return [f"{url} is not an OpenAI-compatible model list: {str(body)[:200]}"]
-    if model not in served:
-        return [f"endpoint {base_url} does not serve model {model!r}; it serves "
-                f"{served}. Set {role}.model to one of them, or restart the server with "
-                f"--served-model-name {model}"]
-    return []
+        entries = {str(m["id"]): dict(m) for m in body["data"]}
+    except (KeyError, TypeError, ValueError):
+        return None, [f"{url} is not an OpenAI-compatible model list: {str(body)[:200]}"]
+    if model not in entries:
+        return None, [f"endpoint {base_url} does not serve model {model!r}; it serves "
+                      f"{sorted(entries)}. Set {role}.model to one of them, or restart the "
+                      f"server with --served-model-name {model}"]
+    return entries[model], []
+
+
+async def check_openai_endpoint(role: str, base_url: str, model: str, *,
+                                timeout_s: float = 10.0, api_key: str | None = None) -> list[str]:
+    """The endpoint answers /models in time and serves `model`; one message per problem."""
+    return (await openai_model_entry(role, base_url, model, timeout_s=timeout_s,
+                                     api_key=api_key))[1]

@@ -146,15 +146,20 @@ class OpenAIPlanner:
                                 partial=[by_index[i] for i in sorted(by_index)]) from first
         return [by_index[int(i)] for i in indices]
 
-    async def _request(self, messages: list[dict[str, Any]], start: int, count: int,
-                       frame: Frame) -> list[Hypothesis]:
-        seed = self.base_seed + start
+    def payload(self, messages: list[dict[str, Any]], start: int, count: int) -> dict[str, Any]:
+        """The keyword arguments of the chat call for indices start..start+count-1 (the run's
+        requests and the preflight probe are built here, so they cannot differ)."""
         kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
         if self.structured_output:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "grounding", "schema": GROUNDING_SCHEMA}}
-        resp = await self.chat.create(f"plan n={count} seed={seed}", messages=messages,
-                                      n=count, seed=seed, **kwargs)
+        return {"messages": messages, "n": count, "seed": self.base_seed + start, **kwargs}
+
+    async def _request(self, messages: list[dict[str, Any]], start: int, count: int,
+                       frame: Frame) -> list[Hypothesis]:
+        seed = self.base_seed + start
+        resp = await self.chat.create(f"plan n={count} seed={seed}",
+                                      **self.payload(messages, start, count))
         hyps: dict[int, Hypothesis] = {}
         for choice in resp.choices or []:
             k = int(choice.index)
@@ -199,8 +204,14 @@ class OpenAIPlanner:
         h.meta.update(meta)
         return h
 
-    async def preflight(self) -> list[str]:
-        return await self.chat.preflight()
+    async def preflight(self, sample: Sample | None = None) -> list[str]:
+        """The endpoint serves the model; with `sample`, the run's first request (as many
+        hypotheses as one request holds) is probed with max_tokens=1."""
+        if sample is None:
+            return await self.chat.preflight()
+        url = await asyncio.to_thread(self.image.data_url, sample.image)
+        return await self.chat.preflight(self.payload(self.messages(sample, url), 0,
+                                                      self.max_per_request))
 
     async def aclose(self) -> None:
         await self.chat.aclose()

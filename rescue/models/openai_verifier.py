@@ -106,14 +106,17 @@ class OpenAIVerifier:
             return Verdict(score=self.empty_mask_score, answer="", source="rule",
                            meta={"rule": "empty_mask"})
         messages = await asyncio.to_thread(self.render, sample, m)
-        kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
-        if self.logprobs:
-            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
-        resp = await self.chat.create("verify", messages=messages, n=1, seed=self.seed,
-                                      **kwargs)
+        resp = await self.chat.create("verify", **self.payload(messages))
         if not resp.choices:
             return Verdict(score=None, source="", error="verify:no_choice server returned none")
         return self.read(resp.choices[0])
+
+    def payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The keyword arguments of one verification call (the run's and the probe's)."""
+        kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
+        if self.logprobs:
+            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return {"messages": messages, "n": 1, "seed": self.seed, **kwargs}
 
     def read(self, choice: Any) -> Verdict:
         """The Verdict in one response choice (pure; exposed for tests and re-scoring).
@@ -179,8 +182,17 @@ class OpenAIVerifier:
             meta["bounded"] = True
         return yn.score
 
-    async def preflight(self) -> list[str]:
-        return await self.chat.preflight()
+    async def preflight(self, sample: Sample | None = None) -> list[str]:
+        """The endpoint serves the model; with `sample`, one verification of a box-shaped mask
+        on it (every view drawn, so the image count is the run's) is probed with
+        max_tokens=1."""
+        if sample is None:
+            return await self.chat.preflight()
+        h, w = sample.image.shape[:2]
+        mask = np.zeros((h, w), dtype=bool)
+        mask[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True
+        messages = await asyncio.to_thread(self.render, sample, mask)
+        return await self.chat.preflight(self.payload(messages))
 
     async def aclose(self) -> None:
         await self.chat.aclose()

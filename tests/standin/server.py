@@ -4,7 +4,12 @@ It answers from scripted policies (`scripts.py`) instead of a model, so the real
 tested end to end over real HTTP: `choices` of length n with `index`, `message` with `reasoning`
 / `reasoning_content` (or the reasoning left in `content` up to `</think>`, as vLLM does without
 a reasoning parser), `logprobs.content[].top_logprobs` covering every generated token reasoning
-included, `usage`, and vLLM's error JSON (404 for an unknown model, 400 for too many logprobs).
+included (the sampled token first in each `top_logprobs`, the EOS token last, -9999.0 for what a
+grammar forbade), `usage` with `completion_tokens_details.reasoning_tokens`, `stop_reason` as
+the EOS id, no `tool_calls`, and vLLM's error JSON and wording: 404 for an unknown model, 400 for
+too many logprobs, too many images, a prompt + max_tokens past max_model_len or a schema the
+grammar backend refuses, and the 500 vLLM answers once to the next request with the images of
+such a 400. Each of these was seen on vLLM 0.32 (tests/fixtures/vllm_captured/).
 
 Faults are deterministic: whether a request fails depends on (seed, the request body, how many
 times that same body was seen), never on arrival order, so a concurrent client meets the same
@@ -107,23 +112,42 @@ def _lp_entry(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
+MASKED = -9999.0
+"""What vLLM lists for a token a grammar forbade (its clamp of -inf)."""
+
+
 def logprobs_content(tokens: list[str], answer_at: int | None, dist: Mapping[str, float] | None,
-                     k: int) -> list[dict[str, Any]]:
-    """vLLM's `logprobs.content`: per token the sampled token and the top-k alternatives."""
+                     k: int, masked: bool = False) -> list[dict[str, Any]]:
+    """vLLM's `logprobs.content`: per token the sampled token first, then the most likely
+    others in rank order, k in all. Under a grammar (`masked`) the alternatives it forbade are
+    listed at -9999.0."""
     out = []
     for i, tok in enumerate(tokens):
         if i == answer_at and dist:
             ranked = sorted(((t, math.log(p)) for t, p in dist.items() if p > 0),
                             key=lambda x: -x[1])
             sampled = dict(ranked).get(tok, -20.0)
-            top = [_lp_entry(t, lp) for t, lp in ranked[:k]]
+            others = [(t, lp) for t, lp in ranked if t != tok]
         else:
             sampled = -0.05
-            top = [_lp_entry(tok, sampled)]
-            fill = [f for f in _FILLERS if f != tok][: max(0, k - 1)]
-            top += [_lp_entry(f, -4.0 - j * 0.25) for j, f in enumerate(fill)]
+            fill = [f for f in _FILLERS if f != tok]
+            others = [(f, MASKED if masked else -4.0 - j * 0.25) for j, f in enumerate(fill)]
+        top = [_lp_entry(tok, sampled)] + [_lp_entry(t, lp) for t, lp in others]
         out.append({**_lp_entry(tok, sampled), "top_logprobs": top[:k]})
     return out
+
+
+def prompt_tokens(text: str, images: list[np.ndarray]) -> int:
+    """The stand-in's prompt length: its text tokens plus 256 per image."""
+    return len(tokenize(text)) + 256 * len(images)
+
+
+def _images_key(body: Mapping[str, Any]) -> str | None:
+    """A digest of a request's image URLs (None without images)."""
+    urls = [part["image_url"]["url"] for m in body.get("messages") or []
+            if isinstance(m.get("content"), list) for part in m["content"]
+            if isinstance(part, Mapping) and part.get("type") == "image_url"]
+    return hashlib.sha256("|".join(urls).encode()).hexdigest() if urls else None
 
 
 def _decode_data_url(url: str) -> np.ndarray | None:
@@ -181,7 +205,12 @@ class StandIn:
     delay_s: float = 0.0  # every chat answer waits this long (slow mode)
     models_delay_s: float = 0.0  # /v1/models waits this long (slow preflight)
     max_logprobs: int = 20
-    max_model_len: int = 32768
+    max_model_len: int = 262144  # Qwen3-VL native context: vLLM's default without --max-model-len
+    max_images: int | None = None  # --limit-mm-per-prompt '{"image": k}' (None: no limit)
+    structured_outputs: bool = True  # False: a response_format is refused, as by xgrammar
+    eos_token: str = "<|im_end|>"
+    eos_token_id: int = 151645
+    _poisoned: Counter[str] = field(default_factory=Counter)  # images of a 400: next one 500s
     requests: list[dict[str, Any]] = field(default_factory=list)  # chat bodies that got an answer
     received: Counter[str] = field(default_factory=Counter)  # per path, faults included
     faults_served: Counter[str] = field(default_factory=Counter)
@@ -255,14 +284,48 @@ class StandIn:
                               "model")
             top_k = int(body.get("top_logprobs") or 0)
             if body.get("logprobs") and top_k > self.max_logprobs:
-                return _error(400, f"Requested top_logprobs={top_k} exceeds max_logprobs "
-                              f"{self.max_logprobs}", "BadRequestError", "top_logprobs")
+                return _error(400, f"Requested sample logprobs of {top_k}, which is greater "
+                              f"than max allowed: {self.max_logprobs}", "BadRequestError",
+                              "logprobs")
+            if body.get("response_format") and not self.structured_outputs:
+                return _error(400, "The provided JSON schema contains features not supported "
+                              "by xgrammar.", "BadRequestError")
+            images_key = _images_key(body)
+            with self._lock:
+                poisoned = images_key is not None and self._poisoned.pop(images_key, 0) > 0
+            if poisoned:  # vLLM: the request after a 400 on the same images fails once
+                return _error(500, "EngineCore encountered an issue. See stack trace (above) "
+                              "for the root cause.", "InternalServerError")
+            refusal = self._refusal(body)
+            if refusal is not None:
+                if images_key is not None:
+                    with self._lock:
+                        self._poisoned[images_key] += 1
+                return refusal
             resp = await asyncio.to_thread(self._complete, body)
             with self._lock:
                 self.requests.append(body)
             return JSONResponse(resp)
 
         return app
+
+    def _refusal(self, body: dict[str, Any]) -> JSONResponse | None:
+        """vLLM's 400s decided after the images are processed: too many images, or a prompt
+        plus max_tokens past max_model_len (vLLM >= 0.10 wording)."""
+        text, images = _read_messages(body.get("messages") or [])
+        if self.max_images is not None and len(images) > self.max_images:
+            return _error(400, f"At most {self.max_images} image(s) may be provided in one "
+                          "prompt. Set `--limit-mm-per-prompt` to increase this limit.",
+                          "BadRequestError", "image")
+        prompt = prompt_tokens(text, images)
+        max_tokens = int(body.get("max_tokens") or 0)
+        if prompt + max_tokens > self.max_model_len:
+            return _error(400, f"'max_tokens' or 'max_completion_tokens' is too large: "
+                          f"{max_tokens}. This model's maximum context length is "
+                          f"{self.max_model_len} tokens and your request has {prompt} input "
+                          f"tokens ({max_tokens} > {self.max_model_len} - {prompt}).",
+                          "BadRequestError")
+        return None
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
         text, images = _read_messages(body.get("messages") or [])
@@ -272,24 +335,26 @@ class StandIn:
         assert len(completions) == n, "a policy must return n completions"
         want_lp = bool(body.get("logprobs"))
         k = int(body.get("top_logprobs") or 0)
-        prompt_tokens = len(tokenize(text)) + 256 * len(images)
-        choices, completion_tokens = [], 0
+        grammar = bool(body.get("response_format"))
+        prompt = prompt_tokens(text, images)
+        choices, completion_tokens, reasoning_tokens = [], 0, 0
         for index, c in enumerate(completions):
-            choice, n_tokens = self._choice(index, c, want_lp, k)
+            choice, n_tokens, n_reasoning = self._choice(index, c, want_lp, k, grammar)
             choices.append(choice)
             completion_tokens += n_tokens
+            reasoning_tokens += n_reasoning
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "service_tier": None, "system_fingerprint": None,
-            "usage": {"prompt_tokens": prompt_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens,
-                      "completion_tokens": completion_tokens, "prompt_tokens_details": None},
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None,
+                      "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}},
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
         }
 
-    def _choice(self, index: int, c: Completion, want_lp: bool,
-                k: int) -> tuple[dict[str, Any], int]:
+    def _choice(self, index: int, c: Completion, want_lp: bool, k: int,
+                grammar: bool = False) -> tuple[dict[str, Any], int, int]:
         placement = self.reasoning_placement
         if c.reasoning is None:
             generated = c.text
@@ -319,13 +384,17 @@ class StandIn:
                         answer_at = i
                         break
                     pos += len(t)
-            logprobs = {"content": logprobs_content(tokens, answer_at, c.answer_dist, max(k, 1))}
+            listed = tokens + ([self.eos_token] if c.finish_reason == "stop" else [])
+            logprobs = {"content": logprobs_content(listed, answer_at, c.answer_dist, max(k, 1),
+                                                    masked=grammar)}
+        n_reasoning = len(tokenize(c.reasoning)) if c.reasoning else 0
+        n_tokens = len(tokens) + (1 if c.finish_reason == "stop" else 0)
         message = {"role": "assistant", "content": content, "refusal": None,
-                   "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
-                   **fields}
+                   "annotations": None, "audio": None, "function_call": None, **fields}
+        stop_reason = self.eos_token_id if c.finish_reason == "stop" else None
         return ({"index": index, "message": message, "logprobs": logprobs,
-                 "finish_reason": c.finish_reason, "stop_reason": None, "token_ids": None},
-                len(tokens))
+                 "finish_reason": c.finish_reason, "stop_reason": stop_reason,
+                 "token_ids": None}, n_tokens, n_reasoning)
 
 
 class ServerThread:

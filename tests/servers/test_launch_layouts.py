@@ -32,7 +32,7 @@ GOLDEN = {
             {"HIP_VISIBLE_DEVICES": "0,1"},
             ["vllm", "serve", "Qwen/Qwen3-VL-32B-Thinking", "--host", "127.0.0.1", "--port",
              "8000", "--served-model-name", "Qwen3-VL-32B-Thinking", "--tensor-parallel-size",
-             "2", "--max-model-len", "32768", "--gpu-memory-utilization", "0.9",
+             "2", "--max-model-len", "49152", "--gpu-memory-utilization", "0.9",
              *VLLM_COMMON, "--reasoning-parser", "deepseek_r1", "--generation-config", "vllm",
              "--max-logprobs", "20"]),
         "planner": (
@@ -53,7 +53,8 @@ GOLDEN = {
             {"CUDA_VISIBLE_DEVICES": "0"},
             ["vllm", "serve", "Qwen/Qwen3-VL-32B-Thinking-FP8", "--host", "127.0.0.1", "--port",
              "8000", "--served-model-name", "Qwen3-VL-32B-Thinking", "--tensor-parallel-size",
-             "1", "--max-model-len", "16384", "--gpu-memory-utilization", "0.55",
+             "1", "--max-model-len", "49152", "--kv-cache-dtype", "fp8",
+             "--gpu-memory-utilization", "0.55",
              *VLLM_COMMON, "--reasoning-parser", "deepseek_r1", "--generation-config", "vllm",
              "--max-logprobs", "20"]),
         "planner": (
@@ -336,3 +337,18 @@ def test_download_without_huggingface_hub(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(download_models.DownloadError, match="pip install huggingface_hub"):
         download_models.download([download_models.Download("planner", "Qwen/x")])
+
+
+@pytest.mark.parametrize("layout", ["h100_1", "mi325x_4"])
+def test_the_verifier_server_has_room_for_the_verifier_config(layout: str) -> None:
+    """The verifier asks for max_tokens from its model card (40960); a server whose
+    --max-model-len leaves no room for the prompt on top refuses every verification."""
+    from hydra import compose, initialize_config_dir
+
+    from servers.launch import CONF_DIR
+
+    (spec,) = [s for s in resolve_specs(LaunchArgs(layout=layout)) if s.name == "verifier"]
+    max_model_len = int(spec.argv[spec.argv.index("--max-model-len") + 1])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["verifier=qwen3vl_32b_thinking"])
+    assert max_model_len >= cfg.verifier.sampling.max_tokens + 4096  # 2 views + the question

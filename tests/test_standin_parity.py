@@ -42,6 +42,8 @@ def post():
 
 
 MSG = [{"role": "user", "content": "is it?"}]
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNg"
+         "YGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC")
 
 
 def test_sampled_token_first_then_the_others_by_rank(post):
@@ -69,14 +71,13 @@ def test_grammar_masked_alternatives_are_minus_9999(post):
                                                                       "schema": {}}}}
     _, out = post(body, policy=_policy(reasoning=None))
     first = out["choices"][0]["logprobs"]["content"][0]
-    assert [a["logprob"] for a in first["top_logprobs"][1:]] == [-9999.0, -9999.0]
+    assert [a["logprob"] for a in first["top_logprobs"][2:]] == [-9999.0]
 
 
 def test_message_and_choice_fields_as_vllm_sends_them(post):
     _, out = post({"messages": MSG, "max_tokens": 64})
     choice = out["choices"][0]
-    assert "tool_calls" not in choice["message"]
-    assert isinstance(choice["stop_reason"], int) and choice["finish_reason"] == "stop"
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "stop"
     usage = out["usage"]
     assert usage["completion_tokens_details"]["reasoning_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -85,22 +86,59 @@ def test_message_and_choice_fields_as_vllm_sends_them(post):
 def test_vllm_wording_of_refusals(post):
     status, out = post({"messages": MSG, "logprobs": True, "top_logprobs": 21})
     assert status == 400 and out["error"]["message"] == (
-        "Requested sample logprobs of 21, which is greater than max allowed: 20")
+        "Requested sample logprobs of 21, which is greater than max allowed: 20 "
+        "(parameter=logprobs, value=21)")
     status, out = post({"messages": MSG, "max_tokens": 5000}, max_model_len=4096)
     assert status == 400 and "maximum context length is 4096 tokens" in out["error"]["message"]
 
 
-@pytest.mark.skipif(not CAPTURED.is_dir(), reason="no captured vLLM responses in this checkout")
-def test_same_keys_as_a_captured_vllm_response(post):
-    """Every captured chat response's keys (response, choice, message, usage) are the
-    stand-in's: a field vLLM sends that the stand-in lacks, or the reverse, fails here."""
-    pairs = sorted(CAPTURED.glob("*.json"))
-    real = [json.loads(p.read_text()) for p in pairs]
-    real = [r.get("response", r) for r in real if "choices" in r.get("response", r)]
-    assert real, f"no chat responses among {[p.name for p in pairs]}"
+def _captured():
+    return {p.stem: json.loads(p.read_text()) for p in sorted(CAPTURED.glob("*.json"))}
+
+
+def test_same_keys_as_the_captured_vllm_responses(post):
+    """Every captured chat response's keys (response, choice, message) are the stand-in's: a
+    field vLLM sends that the stand-in lacks, or the reverse, fails here."""
+    real = [c["response"]["body"] for c in _captured().values()
+            if "choices" in c["response"]["body"]]
+    assert len(real) >= 5
     _, ours = post({"messages": MSG, "logprobs": True, "top_logprobs": 2, "max_tokens": 64})
     for r in real:
         assert set(r) == set(ours)
         assert set(r["choices"][0]) == set(ours["choices"][0])
-        assert set(r["choices"][0]["message"]) - {"reasoning", "reasoning_content"} == \
-            set(ours["choices"][0]["message"]) - {"reasoning", "reasoning_content"}
+        assert set(r["choices"][0]["message"]) == set(ours["choices"][0]["message"])
+        assert set(r["usage"]) == set(ours["usage"])
+
+
+def test_captured_layout_holds_in_the_stand_in(post):
+    """What the captures show, checked on both: the sampled token first even when another is
+    likelier, EOS ending a finished reply's logprobs, -9999.0 under a grammar, None or an int
+    as stop_reason."""
+    cap = _captured()
+    verifier = cap["verifier_logprobs_top5"]["response"]["body"]["choices"][0]
+    first = verifier["logprobs"]["content"][0]
+    assert first["top_logprobs"][0]["token"] == first["token"]
+    assert max(a["logprob"] for a in first["top_logprobs"]) > first["logprob"]
+    assert verifier["logprobs"]["content"][-1]["token"] == "<|im_end|>"
+    grammar = cap["planner_json_schema_logprobs"]["response"]["body"]["choices"][0]
+    assert any(a["logprob"] == -9999.0 for t in grammar["logprobs"]["content"]
+               for a in t["top_logprobs"])
+    _, ours = post({"messages": MSG, "n": 2, "max_tokens": 64})
+    assert [c["stop_reason"] for c in ours["choices"]] == [None, 151643]
+    for c in [c["response"]["body"]["choices"][0] for c in cap.values()
+              if "choices" in c["response"]["body"]]:
+        assert c["stop_reason"] is None or isinstance(c["stop_reason"], int)
+
+
+@pytest.mark.parametrize(("name", "body", "kw"), [
+    ("error_top_logprobs_over_max_logprobs", {"logprobs": True, "top_logprobs": 6},
+     {"max_logprobs": 5}),
+    ("error_too_many_images", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": PIXEL}}] * 3 + [
+        {"type": "text", "text": "Is it red?"}]}], "max_tokens": 2}, {"max_images": 2}),
+])
+def test_refusals_word_for_word_as_captured(post, name, body, kw):
+    real = _captured()[name]["response"]
+    status, ours = post({"messages": MSG, **body}, **kw)
+    assert status == real["status"] == 400
+    assert ours["error"] == real["body"]["error"]

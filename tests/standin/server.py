@@ -1,15 +1,17 @@
 """An OpenAI-compatible stand-in for vLLM: /v1/models and /v1/chat/completions, vLLM's wire format.
 
 It answers from scripted policies (`scripts.py`) instead of a model, so the real clients can be
-tested end to end over real HTTP: `choices` of length n with `index`, `message` with `reasoning`
-/ `reasoning_content` (or the reasoning left in `content` up to `</think>`, as vLLM does without
-a reasoning parser), `logprobs.content[].top_logprobs` covering every generated token reasoning
-included (the sampled token first in each `top_logprobs`, the EOS token last, -9999.0 for what a
-grammar forbade), `usage` with `completion_tokens_details.reasoning_tokens`, `stop_reason` as
-the EOS id, no `tool_calls`, and vLLM's error JSON and wording: 404 for an unknown model, 400 for
-too many logprobs, too many images, a prompt + max_tokens past max_model_len or a schema the
-grammar backend refuses, and the 500 vLLM answers once to the next request with the images of
-such a 400. Each of these was seen on vLLM 0.32 (tests/fixtures/vllm_captured/).
+tested end to end over real HTTP, in vLLM 0.32's layout as captured from the real server
+(tests/fixtures/vllm_captured/, checked by tests/test_standin_parity.py):
+- `choices` of length n with `index`; `message` with `reasoning` / `reasoning_content` (or the
+  reasoning left in `content` up to `</think>`, as without a reasoning parser), no `tool_calls`;
+- `logprobs.content[].top_logprobs` for every generated token, reasoning included: the sampled
+  token first, the EOS token last, -9999.0 for what a grammar forbade;
+- `usage.completion_tokens_details.reasoning_tokens` behind a reasoning parser; `stop_reason`
+  None or a stop token's id; vLLM's response keys;
+- vLLM's error JSON and wording: 404 for an unknown model; 400 for too many logprobs, too many
+  images, a prompt + max_tokens past max_model_len or a schema the grammar backend refuses; the
+  500 vLLM answers once to the next request with the images of such a 400.
 
 Faults are deterministic: whether a request fails depends on (seed, the request body, how many
 times that same body was seen), never on arrival order, so a concurrent client meets the same
@@ -120,7 +122,7 @@ def logprobs_content(tokens: list[str], answer_at: int | None, dist: Mapping[str
                      k: int, masked: bool = False) -> list[dict[str, Any]]:
     """vLLM's `logprobs.content`: per token the sampled token first, then the most likely
     others in rank order, k in all. Under a grammar (`masked`) the alternatives it forbade are
-    listed at -9999.0."""
+    listed at -9999.0 (all but the likeliest, as captured)."""
     out = []
     for i, tok in enumerate(tokens):
         if i == answer_at and dist:
@@ -131,7 +133,8 @@ def logprobs_content(tokens: list[str], answer_at: int | None, dist: Mapping[str
         else:
             sampled = -0.05
             fill = [f for f in _FILLERS if f != tok]
-            others = [(f, MASKED if masked else -4.0 - j * 0.25) for j, f in enumerate(fill)]
+            others = [(f, MASKED if masked and j > 0 else -4.0 - j * 0.25)
+                      for j, f in enumerate(fill)]
         top = [_lp_entry(tok, sampled)] + [_lp_entry(t, lp) for t, lp in others]
         out.append({**_lp_entry(tok, sampled), "top_logprobs": top[:k]})
     return out
@@ -209,7 +212,7 @@ class StandIn:
     max_images: int | None = None  # --limit-mm-per-prompt '{"image": k}' (None: no limit)
     structured_outputs: bool = True  # False: a response_format is refused, as by xgrammar
     eos_token: str = "<|im_end|>"
-    eos_token_id: int = 151645
+    eos_token_id: int = 151645  # <|im_end|>; <|endoftext|> is 151643
     _poisoned: Counter[str] = field(default_factory=Counter)  # images of a 400: next one 500s
     requests: list[dict[str, Any]] = field(default_factory=list)  # chat bodies that got an answer
     received: Counter[str] = field(default_factory=Counter)  # per path, faults included
@@ -285,8 +288,8 @@ class StandIn:
             top_k = int(body.get("top_logprobs") or 0)
             if body.get("logprobs") and top_k > self.max_logprobs:
                 return _error(400, f"Requested sample logprobs of {top_k}, which is greater "
-                              f"than max allowed: {self.max_logprobs}", "BadRequestError",
-                              "logprobs")
+                              f"than max allowed: {self.max_logprobs} (parameter=logprobs, "
+                              f"value={top_k})", "BadRequestError", "logprobs")
             if body.get("response_format") and not self.structured_outputs:
                 return _error(400, "The provided JSON schema contains features not supported "
                               "by xgrammar.", "BadRequestError")
@@ -309,14 +312,17 @@ class StandIn:
 
         return app
 
+    def _parser(self) -> bool:
+        """Whether a reasoning parser runs (vLLM then fills completion_tokens_details)."""
+        return self.reasoning_placement in ("reasoning", "reasoning_content", "both")
+
     def _refusal(self, body: dict[str, Any]) -> JSONResponse | None:
         """vLLM's 400s decided after the images are processed: too many images, or a prompt
         plus max_tokens past max_model_len (vLLM >= 0.10 wording)."""
         text, images = _read_messages(body.get("messages") or [])
         if self.max_images is not None and len(images) > self.max_images:
             return _error(400, f"At most {self.max_images} image(s) may be provided in one "
-                          "prompt. Set `--limit-mm-per-prompt` to increase this limit.",
-                          "BadRequestError", "image")
+                          "prompt. (parameter=image)", "BadRequestError", "image")
         prompt = prompt_tokens(text, images)
         max_tokens = int(body.get("max_tokens") or 0)
         if prompt + max_tokens > self.max_model_len:
@@ -340,17 +346,20 @@ class StandIn:
         choices, completion_tokens, reasoning_tokens = [], 0, 0
         for index, c in enumerate(completions):
             choice, n_tokens, n_reasoning = self._choice(index, c, want_lp, k, grammar)
+            choice["routed_experts"] = None
             choices.append(choice)
             completion_tokens += n_tokens
             reasoning_tokens += n_reasoning
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
-            "service_tier": None, "system_fingerprint": None,
+            "service_tier": None, "system_fingerprint": "vllm-0.32.0-standin",
             "usage": {"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
                       "completion_tokens": completion_tokens, "prompt_tokens_details": None,
-                      "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}},
+                      "completion_tokens_details": (
+                          {"reasoning_tokens": reasoning_tokens} if self._parser() else None)},
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
+            "ec_transfer_params": None, "metrics": None, "prompt_text": None,
         }
 
     def _choice(self, index: int, c: Completion, want_lp: bool, k: int,
@@ -372,6 +381,10 @@ class StandIn:
                     {"reasoning_content": c.reasoning} if placement == "reasoning_content" else
                     {"reasoning": c.reasoning, "reasoning_content": c.reasoning})
         tokens = tokenize(generated)
+        # Qwen's generation_config stops on <|im_end|> (the tokenizer's EOS: stop_reason None)
+        # and <|endoftext|> (a stop token: stop_reason its id); odd choices take the second
+        eos, stop_id = ((self.eos_token, None) if index % 2 == 0 else
+                        ("<|endoftext|>", self.eos_token_id - 2))
         logprobs = None
         if want_lp:
             answer_at = None
@@ -384,14 +397,14 @@ class StandIn:
                         answer_at = i
                         break
                     pos += len(t)
-            listed = tokens + ([self.eos_token] if c.finish_reason == "stop" else [])
+            listed = tokens + ([eos] if c.finish_reason == "stop" else [])
             logprobs = {"content": logprobs_content(listed, answer_at, c.answer_dist, max(k, 1),
                                                     masked=grammar)}
         n_reasoning = len(tokenize(c.reasoning)) if c.reasoning else 0
         n_tokens = len(tokens) + (1 if c.finish_reason == "stop" else 0)
         message = {"role": "assistant", "content": content, "refusal": None,
                    "annotations": None, "audio": None, "function_call": None, **fields}
-        stop_reason = self.eos_token_id if c.finish_reason == "stop" else None
+        stop_reason = stop_id if c.finish_reason == "stop" else None
         return ({"index": index, "message": message, "logprobs": logprobs,
                  "finish_reason": c.finish_reason, "stop_reason": stop_reason,
                  "token_ids": None}, n_tokens, n_reasoning)

@@ -11,10 +11,12 @@ import math
 from collections.abc import Sequence
 
 from rescue.hypothesis import Prompt
+from rescue.models.grounding import MIN_BOX_PX
 from servers.protocol import PromptIn
 
-MIN_SIDE_PX = 1.0
-"""A box narrower or shorter than this after clipping is degenerate."""
+MIN_SIDE_PX = MIN_BOX_PX
+"""A box narrower or shorter than this after clipping is degenerate: the planner's limit too
+(`rescue.models.grounding.MIN_BOX_PX`), so the server never refuses a box the planner kept."""
 
 
 class PromptInvalid(ValueError):

@@ -1,20 +1,37 @@
-"""The Qwen-VL grounding parser over a corpus of real-looking and broken outputs."""
+"""The Qwen-VL grounding parser over a corpus of real-looking and broken outputs; the one
+minimum box size; the bounded structured-output schema. Real published outputs are replayed in
+test_grounding_replay.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
+from rescue.hypothesis import Prompt
+from rescue.models import classical
 from rescue.models.grounding import (
+    MAX_LABEL_CHARS,
+    MAX_OBJECTS,
+    MIN_BOX_PX,
     Frame,
     frame_for,
+    grounding_schema,
     parse_grounding,
     smart_resize,
 )
+from rescue.models.openai_planner import GROUNDING_SCHEMA, OpenAIPlanner
 from rescue.records import reason_code
+from servers import prompts as server_prompts
+from servers.protocol import PromptIn
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 W, H = 640, 480
 REL = Frame(W, H)  # relative 0-1000
@@ -48,6 +65,8 @@ GOOD = [  # (raw output, expected box in relative coords, expected label)
     ('[{"bbox_2d": [300, 400, 100, 200], "label": "inverted"}]', (100, 200, 300, 400),
      "inverted"),
     ('[{"bbox_2d": [-20, -10, 1030, 1040], "label": "all"}]', (0, 0, 1000, 1000), "all"),
+    # a client that strips only the backticks leaves the fence's language tag (synthetic)
+    ('json\n[{"bbox_2d": [100, 200, 300, 400], "label": "mug"}]', (100, 200, 300, 400), "mug"),
 ]
 
 
@@ -100,6 +119,25 @@ def test_bad_outputs_become_invalid_with_a_stable_code(raw, finish, code):
     assert h.index == 7 and h.prompt is None
     assert reason_code(h.error) == code, h.error
     assert h.raw == (raw or "")
+
+
+@pytest.mark.parametrize(("raw", "finish"), [
+    ('[]\n[{"bbox_2d": [100, 200, 3', "length"),   # an empty list, then the answer cut off
+    ("[]", "length"),                                # the server stopped it, not the model
+    ('{"objects": []}', "length"),
+    ('```json\n[]\n```\nOr rather [{"bbox_2d": [100, 2', None),  # still open at the end
+])
+def test_truncation_is_checked_before_the_empty_list(raw, finish):
+    """An output cut off at max_tokens is unfinished: a `[]` inside it is not the model's
+    "nothing here" (ground:no_object), it is parse:truncated."""
+    h = parse_grounding(0, raw, REL, finish_reason=finish)
+    assert not h.valid and reason_code(h.error) == "parse:truncated", h.error
+
+
+def test_a_finished_empty_list_is_still_no_object():
+    for finish in (None, "stop"):
+        h = parse_grounding(0, "[]", REL, finish_reason=finish)
+        assert reason_code(h.error) == "ground:no_object"
 
 
 def test_truncated_list_keeps_the_complete_objects():
@@ -229,3 +267,102 @@ def test_bad_policy_or_coords_is_a_config_error():
         Frame(W, H, coords="normalized")
     with pytest.raises(ValueError, match=r"resize\.kind"):
         frame_for(W, H, "absolute", {"kind": "bilinear"})
+
+
+# --- one minimum box size -------------------------------------------------------------------
+
+
+def test_one_minimum_box_size_for_the_planner_and_every_executor():
+    """The planner's parser, the classical executor and the SAM server (every backend behind it)
+    read one constant, so a box the planner accepts is never refused downstream, and back."""
+    assert parse_grounding.__kwdefaults__["min_box_px"] == MIN_BOX_PX
+    default = inspect.signature(OpenAIPlanner).parameters["min_box_px"].default
+    assert default == MIN_BOX_PX
+    assert OpenAIPlanner("m", "http://x/v1", {"user": "{query}"}).min_box_px == MIN_BOX_PX
+    assert classical.MIN_BOX_PX is MIN_BOX_PX
+    assert server_prompts.MIN_SIDE_PX is MIN_BOX_PX
+    for path in sorted((CONF / "planner").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg.get("min_box_px", MIN_BOX_PX) == MIN_BOX_PX, path.name
+
+
+@pytest.mark.parametrize(("side", "ok"), [(MIN_BOX_PX, True), (MIN_BOX_PX * 0.9, False),
+                                          (MIN_BOX_PX * 1.5, True)])
+def test_planner_executor_and_server_agree_on_a_thin_box(side, ok):
+    w, h = 1000, 800  # 1 relative unit = 1 px across
+    frame = Frame(w, h)
+    x1, y1 = 400.0, 400.0 * 1000 / h
+    raw = json.dumps([{"bbox_2d": [x1, y1, x1 + side, y1 + 100], "label": "pole"}])
+    planned = parse_grounding(0, raw, frame)
+    assert planned.valid is ok, planned.error
+    box = (400.0, 400.0, 400.0 + side, 500.0)
+    image = np.full((h, w, 3), 127, np.uint8)
+    seg = classical.grabcut_segment(image, Prompt(box=box))
+    assert ("box:degenerate" not in (seg.error or "")) is ok, seg.error
+    try:
+        server_prompts.validate_prompt(PromptIn(box=list(box)), w, h, 0.05, 64)
+        served = True
+    except server_prompts.PromptInvalid:
+        served = False
+    assert served is ok
+
+
+# --- the structured-output schema -----------------------------------------------------------
+
+
+def _coord(schema, key):
+    return schema["items"]["properties"][key]["items"]
+
+
+def test_relative_schema_bounds_coordinates_items_and_labels():
+    s = grounding_schema("relative_1000")
+    for key in ("bbox_2d", "point_2d"):
+        assert _coord(s, key) == {"type": "integer", "minimum": 0, "maximum": 1000}
+    assert s["minItems"] == 1 and s["maxItems"] == MAX_OBJECTS
+    assert s["items"]["properties"]["label"]["maxLength"] == MAX_LABEL_CHARS
+    assert s["items"]["additionalProperties"] is False
+    assert set(s["items"]["required"]) == {"label", "bbox_2d"}
+    assert s == GROUNDING_SCHEMA
+
+
+def test_absolute_schema_is_integer_and_non_negative_but_not_bounded_above():
+    s = grounding_schema("absolute")
+    for key in ("bbox_2d", "point_2d"):
+        assert _coord(s, key) == {"type": "integer", "minimum": 0}
+    with pytest.raises(ValueError, match="coords"):
+        grounding_schema("normalized")
+
+
+@pytest.mark.parametrize("coords", ["relative_1000", "absolute"])
+def test_the_planner_sends_and_keys_on_the_schema_of_its_coords(coords):
+    planner = OpenAIPlanner("m", "http://x/v1", {"user": "{query}"}, coords=coords,
+                            structured_output=True)
+    sent = planner.payload([], 0, 2)["response_format"]["json_schema"]["schema"]
+    assert sent == grounding_schema(coords) == planner.identity()["structured_output"]
+
+
+def test_the_schema_refuses_what_a_model_ran_wild_with():
+    jsonschema = pytest.importorskip("jsonschema")
+    s = grounding_schema("relative_1000")
+    ok = [{"label": "cup", "bbox_2d": [1, 2, 300, 400], "point_2d": [150, 200]}]
+    jsonschema.validate(ok, s)
+    bad = [
+        [{"label": "cup", "bbox_2d": [-900000, 6, 7, -80]}],           # seen on a real vLLM
+        [{"label": "cup", "bbox_2d": [1, 2, 300, 1001]}],
+        [{"label": "cup", "bbox_2d": [1.5, 2, 300, 400]}],
+        [{"label": "cup", "bbox_2d": [1, 2, 300, 400], "confidence": 0.9}],
+        [{"label": "x" * (MAX_LABEL_CHARS + 1), "bbox_2d": [1, 2, 300, 400]}],
+        ok * (MAX_OBJECTS + 1),
+        [],
+    ]
+    for value in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(value, s)
+    jsonschema.validate([{"label": "cup", "bbox_2d": [0, 0, 4032, 3024]}],
+                        grounding_schema("absolute"))
+
+
+def test_the_whitespace_flag_is_documented_where_structured_output_is_configured():
+    """The schema cannot bound whitespace between tokens; the server flag does."""
+    text = (CONF / "planner" / "qwen3vl_8b_instruct.yaml").read_text()
+    assert "disable_any_whitespace" in text and "--structured-outputs-config" in text

@@ -17,11 +17,9 @@ import numpy as np
 
 from rescue import masks
 from rescue.hypothesis import Prompt
+from rescue.models.grounding import MIN_BOX_PX
 from rescue.protocols import Segmentation
 from rescue.sample import Box, Sample
-
-MIN_BOX_PX = 2.0
-"""A box narrower or shorter than this after clipping is degenerate: nothing to segment."""
 
 MIN_GRABCUT_PX = 64
 """Below this many pixels in the (working-scale) box GrabCut's 5-component GMMs cannot be fit;

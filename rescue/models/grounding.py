@@ -12,15 +12,17 @@ first space), so failure tables can group them:
 
     parse:empty        no text at all
     parse:no_json      no JSON object or list anywhere in the text
-    parse:truncated    JSON cut off before a single object was complete
+    parse:truncated    cut off (finish_reason "length", or a [ or { still open) before a
+                       single object was complete; checked before ground:no_object, since a
+                       `[]` inside an unfinished answer is not the model's final word
     parse:bad_schema   JSON, but no object with a box, point or label
-    ground:no_object   the model answered an empty list (it found nothing)
+    ground:no_object   the model answered an empty list (it found nothing) and finished
     ground:empty_object  an object with none of box, point, label
     box:malformed      box is not four numbers
     box:nonfinite      NaN or infinity in the box
     box:out_of_image   box beyond the image by more than the tolerance (often a
                        coordinate-convention mismatch: absolute pixels read as 0-1000)
-    box:degenerate     box thinner than `min_box_px` after clipping
+    box:degenerate     box thinner than `min_box_px` (default MIN_BOX_PX) after clipping
     point:invalid      no usable point and nothing else to go on
 
 Several objects (policy `multi_object`): `first` (default: the first object decides, the others
@@ -47,7 +49,21 @@ BOX_KEYS = ("bbox_2d", "bbox", "box", "bounding_box", "bbox2d")
 POINT_KEYS = ("point_2d", "points", "point", "points_2d", "point2d")
 LABEL_KEYS = ("label", "name", "phrase", "category")
 MAX_LABEL_CHARS = 200
+"""Labels are cut to this; the structured-output schema's `maxLength` for them."""
 MAX_OTHERS_KEPT = 8
+MAX_OBJECTS = 32
+"""The structured-output schema's `maxItems`: real Qwen3-VL lists reach 27 objects (a dining
+table, QwenLM/Qwen3-VL cookbooks/2d_grounding.ipynb), and Qwen's cookbook warns that past 40-50
+instances the model may loop endlessly; the cap keeps every real answer legal and ends a loop."""
+
+MIN_BOX_PX = 1.0
+"""A box narrower or shorter than this many pixels (after clipping to the image) is degenerate:
+the one limit of the planner's parser, the classical executor and the SAM server's prompt check
+(so every backend), so no stage accepts a box another refuses. One pixel because a thinner box
+covers no whole mask pixel, so nothing can be segmented inside it, while anything wider may be
+a real, small object (judging it is the verifier's job, not the parser's). It is the limit the
+planner and the SAM server always had; the classical executor's former 2 px only turned 1-2 px
+boxes into errors."""
 
 
 # --- coordinate frames ----------------------------------------------------------------------
@@ -125,6 +141,45 @@ def frame_for(width: int, height: int, coords: str = "relative_1000",
         raise ValueError(f"resize.kind must be smart_resize or absent, got {kind!r}")
     mh, mw = smart_resize(sh, sw, **r)
     return Frame(width, height, coords, mw, mh)
+
+
+# --- structured output ----------------------------------------------------------------------
+
+
+def grounding_schema(coords: str = "relative_1000") -> dict[str, Any]:
+    """The JSON schema of a planner answer with `coords`, for `structured_output: true`.
+
+    A grammar follows the schema token by token, so every bound here is one the model cannot
+    break: integer coordinates (0-1000 for relative_1000; for absolute only >= 0, since the
+    image size the model saw differs per sample and the parser's out-of-image check covers the
+    rest), at most MAX_OBJECTS entries, labels of at most MAX_LABEL_CHARS, and only the keys the
+    prompt asks for (`additionalProperties: false`; Qwen's habit of adding keys such as
+    `name_en` or `confidence` is read only in free text). Whitespace between tokens cannot be
+    bounded by a schema: vLLM's `--structured-outputs-config` `disable_any_whitespace` does that
+    (see conf/planner/qwen3vl_8b_instruct.yaml).
+    """
+    if coords not in COORDS:
+        raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
+    coord: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if coords == "relative_1000":
+        coord["maximum"] = 1000
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_OBJECTS,
+        "items": {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                "bbox_2d": {"type": "array", "items": dict(coord), "minItems": 4,
+                            "maxItems": 4},
+                "point_2d": {"type": "array", "items": dict(coord), "minItems": 2,
+                             "maxItems": 2},
+            },
+            "required": ["label", "bbox_2d"],
+            "additionalProperties": False,
+        },
+    }
 
 
 # --- JSON extraction ------------------------------------------------------------------------
@@ -387,7 +442,7 @@ def _parse_object(obj: Mapping[str, Any], frame: Frame, tol: float,
 
 
 def parse_grounding(index: int, raw: str | None, frame: Frame, *, multi_object: str = "first",
-                    tolerance: float = 0.05, min_box_px: float = 1.0,
+                    tolerance: float = 0.05, min_box_px: float = MIN_BOX_PX,
                     finish_reason: str | None = None) -> Hypothesis:
     """Hypothesis `index` from the planner's text `raw`; never raises on bad model output.
 
@@ -417,10 +472,10 @@ def parse_grounding(index: int, raw: str | None, frame: Frame, *, multi_object: 
             break
     truncated = finish_reason == "length" or _unclosed(text)
     if not objs:
+        if truncated:  # before the empty list: an unfinished answer has not said "nothing"
+            return Hypothesis.invalid(index, raw, "parse:truncated no complete object", **meta)
         if saw_empty:
             return Hypothesis.invalid(index, raw, "ground:no_object empty list", **meta)
-        if truncated:
-            return Hypothesis.invalid(index, raw, "parse:truncated no complete object", **meta)
         if decoded_any:
             return Hypothesis.invalid(index, raw, "parse:bad_schema no box, point or label",
                                       **meta)

@@ -22,26 +22,21 @@ from typing import Any
 from rescue.hypothesis import Hypothesis, contiguous_runs
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
-from rescue.models.grounding import COORDS, MULTI_OBJECT, Frame, frame_for, parse_grounding
+from rescue.models.grounding import (
+    COORDS,
+    MIN_BOX_PX,
+    MULTI_OBJECT,
+    Frame,
+    frame_for,
+    grounding_schema,
+    parse_grounding,
+)
 from rescue.models.http import EndpointError, RetryPolicy, plain
 from rescue.sample import Sample
 
-GROUNDING_SCHEMA: dict[str, Any] = {
-    "type": "array",
-    "minItems": 1,
-    "items": {
-        "type": "object",
-        "properties": {
-            "label": {"type": "string"},
-            "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4,
-                        "maxItems": 4},
-            "point_2d": {"type": "array", "items": {"type": "number"}, "minItems": 2,
-                         "maxItems": 2},
-        },
-        "required": ["label", "bbox_2d"],
-    },
-}
-"""JSON schema for `structured_output: true` (sent as response_format json_schema)."""
+GROUNDING_SCHEMA: dict[str, Any] = grounding_schema("relative_1000")
+"""The schema a relative_1000 planner sends with `structured_output: true` (response_format
+json_schema); a planner builds its own from its coords (`grounding_schema`, bounds there)."""
 
 
 class OpenAIPlanner:
@@ -56,7 +51,8 @@ class OpenAIPlanner:
                  coords: str = "relative_1000", resize: Mapping[str, Any] | None = None,
                  image: Mapping[str, Any] | None = None, structured_output: bool = False,
                  multi_object: str = "first", out_of_image_tolerance: float = 0.05,
-                 min_box_px: float = 1.0, retry: Mapping[str, Any] | RetryPolicy | None = None,
+                 min_box_px: float = MIN_BOX_PX,
+                 retry: Mapping[str, Any] | RetryPolicy | None = None,
                  preflight_timeout_s: float = 10.0, thinking: bool = False):
         if coords not in COORDS:
             raise ValueError(f"planner.coords must be one of {COORDS}, got {coords!r}")
@@ -74,6 +70,7 @@ class OpenAIPlanner:
         self.resize = plain(resize)
         self.image = ImageEncoding.from_config(image)
         self.structured_output = bool(structured_output)
+        self.schema = grounding_schema(coords)
         self.multi_object = multi_object
         self.tolerance = float(out_of_image_tolerance)
         self.min_box_px = float(min_box_px)
@@ -101,7 +98,7 @@ class OpenAIPlanner:
             "coords": self.coords,
             "resize": self.resize,
             "image": self.image.to_json(),
-            "structured_output": GROUNDING_SCHEMA if self.structured_output else None,
+            "structured_output": self.schema if self.structured_output else None,
             "multi_object": self.multi_object,
             "out_of_image_tolerance": self.tolerance,
             "min_box_px": self.min_box_px,
@@ -152,7 +149,7 @@ class OpenAIPlanner:
         kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
         if self.structured_output:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "grounding", "schema": GROUNDING_SCHEMA}}
+                "name": "grounding", "schema": self.schema}}
         return {"messages": messages, "n": count, "seed": self.base_seed + start, **kwargs}
 
     async def _request(self, messages: list[dict[str, Any]], start: int, count: int,

@@ -1,0 +1,34 @@
+"""The CPU demo's outputs are byte-identical to the stored ones (a refactoring changes no number).
+
+The digests are those of `python run.py` at commit e4690ae (the demo is deterministic: seeded
+simulators, a fresh cache, sorted records). A change that means to alter the demo's records or
+metrics updates them here, in the same commit, and says why.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGESTS = {
+    "records.jsonl": "015eab14f2569120ca00206e5ca6f61b3c24cd9f81a038dda9320881aa888175",
+    "metrics.csv": "ab61a7923abbb91d0d86660719da0ca17cbfe9049f6ad82803f8e89af12085d7",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_writes_the_stored_records_and_metrics(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DIR": str(tmp_path), "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = {name: hashlib.sha256((tmp_path / "run" / name).read_bytes()).hexdigest()
+           for name in DIGESTS}
+    assert got == DIGESTS

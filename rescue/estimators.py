@@ -2,7 +2,7 @@
 
 A run generates M = max_n candidates per sample once. "Best of N" is the candidate a selector
 prefers among a uniformly random N-subset of the pool; its expected IoU is a weighted sum over the
-pool, with weights that depend only on each candidate's rank (DESIGN §5):
+pool, with weights that depend only on each candidate's rank:
 
     P(rank j is the best of the subset) = C(M-1-j, N-1) / C(M, N)     (j = 0 is the best)
 
@@ -19,13 +19,12 @@ returns weights of the same shape, in the candidates' original order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-ScoreFn = Callable[[np.ndarray], np.ndarray]
-"""Scores of the candidates in a subset (given as pool indices): a subset-dependent selector."""
+ESTIMATORS = ("best_of_n", "prefix")
+"""best_of_n: the exact expectation over uniformly random N-subsets; prefix: the first N."""
 
 
 def _keys(scores: np.ndarray) -> np.ndarray:
@@ -96,32 +95,6 @@ class Ranking:
         return w
 
 
-def best_of_n_weights(scores: np.ndarray, n: int) -> np.ndarray:
-    """P(candidate k is the selector's pick among a uniformly random N-subset of the pool).
-
-    Higher score = preferred. Sums to 1 over the pool; N = 1 gives the uniform 1/M; N = M gives
-    the argmax (shared among ties). O(M log M) per pool.
-    """
-    scores = np.asarray(scores, dtype=float)
-    if scores.ndim not in (1, 2):
-        raise ValueError(f"scores must have shape (M,) or (B, M), got {scores.shape}")
-    _check_n(scores.shape[-1], n)
-    w = Ranking.of(scores).best_of_n(n)
-    return w[0] if scores.ndim == 1 else w
-
-
-def prefix_weights(m: int, n: int) -> np.ndarray:
-    """Which candidates the prefix estimator draws: 1/N on each of the first N, 0 elsewhere.
-
-    It is also the prefix estimator's answer for a selector that cannot tell candidates apart
-    (all scores tied); with scores, use `prefix_select_weights`.
-    """
-    _check_n(m, n)
-    w = np.zeros(m)
-    w[:n] = 1.0 / n
-    return w
-
-
 def prefix_select_weights(scores: np.ndarray, n: int) -> np.ndarray:
     """The selector applied to the first N candidates: their argmax, shared evenly among ties."""
     keys = _keys(scores)
@@ -133,48 +106,3 @@ def prefix_select_weights(scores: np.ndarray, n: int) -> np.ndarray:
     w = np.zeros(keys.shape)
     w[..., :n] = top / top.sum(axis=-1, keepdims=True)
     return w
-
-
-def expected_counts(
-    weights: np.ndarray, intersection: np.ndarray, union: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """E[I] and E[U] of the selected candidate (over the last axis); floats, one per pool."""
-    w = np.asarray(weights, dtype=float)
-    return (
-        np.sum(w * np.asarray(intersection, dtype=float), axis=-1),
-        np.sum(w * np.asarray(union, dtype=float), axis=-1),
-    )
-
-
-def monte_carlo_best_of_n(
-    scores: np.ndarray | ScoreFn,
-    values: np.ndarray,
-    n: int,
-    draws: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Monte-Carlo mean and standard error of `values` at the pick among random N-subsets.
-
-    `scores` is either a score per pool candidate, or a function from a subset (pool indices) to
-    the scores of those candidates — a selector whose scores depend on the subset, such as
-    consensus within the subset, which the exact estimator cannot express. Ties are broken
-    uniformly at random. `values` has shape (M,) or (M, K); results have shape () or (K,).
-    """
-    values = np.asarray(values, dtype=float)
-    m = values.shape[0]
-    _check_n(m, n)
-    if draws < 2:
-        raise ValueError("need at least 2 draws for a standard error")
-    subsets = np.argpartition(rng.random((draws, m)), n - 1, axis=1)[:, :n]
-    if callable(scores):
-        sub_keys = np.stack([_keys(scores(s)) for s in subsets])
-    else:
-        keys = _keys(scores)
-        if keys.shape != (m,):
-            raise ValueError(f"scores shape {keys.shape} does not match values {values.shape}")
-        sub_keys = keys[subsets]
-    top = sub_keys == sub_keys.max(axis=1, keepdims=True)
-    tiebreak = (rng.random(top.shape) + 1.0) * top  # positive exactly on the tied maxima
-    picks = subsets[np.arange(draws), np.argmax(tiebreak, axis=1)]
-    v = values[picks]
-    return v.mean(axis=0), v.std(axis=0, ddof=1) / np.sqrt(draws)

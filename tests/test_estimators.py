@@ -6,16 +6,14 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-
-from rescue.estimators import (
-    Ranking,
+from reference_estimators import (
     best_of_n_weights,
     expected_counts,
     monte_carlo_best_of_n,
-    prefix_select_weights,
     prefix_weights,
-    rank_probabilities,
 )
+
+from rescue.estimators import Ranking, prefix_select_weights, rank_probabilities
 
 
 def _key(x: float) -> float:

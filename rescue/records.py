@@ -11,10 +11,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _CODE = re.compile(r"^[A-Za-z_]+:[A-Za-z_]+")
 
@@ -98,14 +100,27 @@ class SampleRecord:
         return cls(**known)
 
 
-def json_safe(obj: Any) -> Any:
-    """JSON has no NaN/inf; store them as null so every line is standard JSON."""
+def json_safe(obj: Any, *, nonfinite: Callable[[float], Any] | None = None,
+              text: Callable[[str], str] | None = None) -> Any:
+    """`obj` as standard JSON values, the one sanitiser of every JSON file and reply written.
+
+    JSON has no NaN/inf: they become null (or `nonfinite(value)`), so every line is standard
+    JSON. Numpy scalars and arrays become Python numbers and lists; `text`, where given, maps
+    every string (keys too), e.g. to replace what a strict encoder refuses.
+    """
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return None if nonfinite is None else nonfinite(obj)
+    if isinstance(obj, str):
+        return obj if text is None else text(obj)
+    if isinstance(obj, Mapping):
+        return {json_safe(k, nonfinite=nonfinite, text=text):
+                json_safe(v, nonfinite=nonfinite, text=text) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, nonfinite=nonfinite, text=text) for v in obj]
     return obj
 
 

@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -33,6 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rescue.records import json_safe
 from rescue.sample import image_digest
 from servers import __version__
 from servers.backends import SegmenterBackend, SegmentOptions, make_backend
@@ -97,18 +97,14 @@ class ApiError(Exception):
                             headers=self.headers)
 
 
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _json_safe(value: Any) -> Any:
     """`value` with what strict JSON cannot carry made printable: an error may echo the client's
     input, which Python's json reads with NaN, Infinity and lone surrogates in it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+    return json_safe(value, nonfinite=str, text=_utf8)
 
 
 @dataclass

@@ -183,9 +183,53 @@ def grounding_schema(coords: str = "relative_1000") -> dict[str, Any]:
 
 
 # --- JSON extraction ------------------------------------------------------------------------
+#
+# Model text is untrusted: the extraction below is linear in the text's length whatever the
+# text. Every character scanned or decoded is charged to a `Budget` of WORK_PER_CHAR per
+# character parsed, a hard stop that real answers never reach; within it, three rules keep the
+# work linear: an opener whose bracket never closes is not decoded (no JSON value can start
+# there), one deeper than MAX_DEPTH is not decoded either, and each scan records the closing
+# bracket of every opener it meets, so an inner value is never re-scanned.
+
+MAX_PARSE_CHARS = 65536
+"""Only the head of an answer this long is parsed (after the reasoning is stripped), and the
+answer is then treated as cut off: real grounding answers are a few KB (MAX_OBJECTS entries of
+~80 characters), so a longer one is a loop or hostile, and its first objects are all the
+`first` policy reads anyway. With no complete object in the head it is `parse:too_long`."""
+MAX_DEPTH = 8
+"""Deepest nesting decoded: the deepest real answer nests 5 ({"objects": [{"points": [[x, y]]}]});
+a value nested deeper is skipped and the values inside it are tried instead."""
+WORK_PER_CHAR = 32
+"""The budget of characters scanned or decoded per character parsed (`Budget`); spent only by
+hostile text (the corpus in tests/test_grounding_hostile.py stays below MAX_DEPTH + 2)."""
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|js)?[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 _DECODER = json.JSONDecoder()
+_OPENER = re.compile(r"[\[{]")
+_SPECIAL = re.compile(r'[\[\]{}"\\]')
+_TOO_DEEP = -1
+
+
+class Budget:
+    """Characters the extraction may still scan or decode: its work, bounded whatever the text."""
+
+    def __init__(self, chars: int) -> None:
+        self.left = int(chars)
+        self.used = 0
+
+    def spend(self, chars: int) -> bool:
+        """Charge `chars`; False (and nothing left) when they exceed what is left."""
+        if chars > self.left:
+            self.used += self.left
+            self.left = 0
+            return False
+        self.left -= chars
+        self.used += chars
+        return True
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
 
 
 def _strip_reasoning(text: str) -> str:
@@ -201,25 +245,78 @@ def _regions(text: str) -> list[str]:
     return [*blocks, text]
 
 
-def _decode_all(text: str) -> tuple[list[Any], bool]:
+def _scan(text: str, start: int, budget: Budget, ends: dict[int, int | None]) -> None:
+    """Match brackets from the opener at `start` (JSON strings skipped) and record in `ends`
+    where each opener met outside a string closes (the index after its closer), None for those
+    still open at the end of the text, `_TOO_DEEP` for `start` when its value nests deeper than
+    MAX_DEPTH. Records nothing for `start` when the budget runs out first."""
+    stack: list[int] = []
+    in_str = False
+    skip = -1
+    stop = len(text)
+    for m in _SPECIAL.finditer(text, start):
+        i = m.start()
+        if i - start > budget.left:
+            budget.spend(i - start)
+            return
+        if i < skip:
+            continue
+        ch = text[i]
+        if in_str:
+            if ch == "\\":
+                skip = i + 2
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            stack.append(i)
+            if len(stack) > MAX_DEPTH:
+                ends[start] = _TOO_DEEP
+                stop = i + 1
+                break
+        elif ch in "]}":
+            ends[stack.pop()] = i + 1
+            if not stack:
+                stop = i + 1
+                break
+    else:
+        for k in stack:
+            ends[k] = None
+    budget.spend(stop - start)
+
+
+def _decode_all(text: str, budget: Budget) -> tuple[list[Any], bool]:
     """Every top-level JSON object/list in `text`, left to right, not overlapping; and whether
     the first [ or { began one (if not, the outer value is broken and inner ones were found)."""
     out: list[Any] = []
     first_ok: bool | None = None
-    i, n = 0, len(text)
-    while i < n:
-        j = min((k for k in (text.find("[", i), text.find("{", i)) if k >= 0), default=-1)
-        if j < 0:
+    ends: dict[int, int | None] = {}
+    i = 0
+    while not budget.spent:
+        m = _OPENER.search(text, i)
+        if m is None:
             break
-        try:
-            value, end = _DECODER.raw_decode(text, j)
-        except (json.JSONDecodeError, RecursionError):
+        j = m.start()
+        if j not in ends:
+            _scan(text, j, budget, ends)
+            if j not in ends:
+                break
+        end = ends[j]
+        value, ok = None, False
+        if end is not None and end != _TOO_DEEP and budget.spend(end - j):
+            try:  # on the slice: a decode error's line count is then O(value), not O(text)
+                value, stop = _DECODER.raw_decode(text[j:end])
+                ok = stop == end - j
+            except (json.JSONDecodeError, RecursionError):
+                pass
+        if ok:
+            first_ok = True if first_ok is None else first_ok
+            out.append(value)
+            i = end  # type: ignore[assignment]
+        else:
             first_ok = False if first_ok is None else first_ok
             i = j + 1
-            continue
-        first_ok = True if first_ok is None else first_ok
-        out.append(value)
-        i = end
     return out, bool(first_ok)
 
 
@@ -228,25 +325,27 @@ _NAN = re.compile(r"(?<![\w\"'])nan(?![\w\"'])", re.I)
 _INF = re.compile(r"(?<![\w\"'])inf(?:inity)?(?![\w\"'])", re.I)
 
 
-def _repair(text: str) -> list[Any]:
+def _repair(text: str, budget: Budget) -> list[Any]:
     """Near-JSON that models write: nan/inf, Python literals, single quotes, trailing commas."""
-    start = min((k for k in (text.find("["), text.find("{")) if k >= 0), default=-1)
-    if start < 0:
+    m = _OPENER.search(text)
+    if m is None:
         return []
-    candidate = text[start:]
+    candidate = text[m.start():]
     end = max(candidate.rfind("]"), candidate.rfind("}"))
     if end < 0:
         return []
     candidate = _TRAILING_COMMA.sub(r"\1", candidate[: end + 1])
     candidate = _INF.sub("Infinity", _NAN.sub("NaN", candidate))
-    values, ok = _decode_all(candidate)
+    values, ok = _decode_all(candidate, budget)
     if ok:
         return values
     fixed = re.sub(r"\bNone\b", "null", candidate)
     fixed = re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", fixed))
-    values, ok = _decode_all(fixed.replace("'", '"'))
+    values, ok = _decode_all(fixed.replace("'", '"'), budget)
     if ok:
         return values
+    if not budget.spend(len(candidate)):
+        return []
     try:
         value = ast.literal_eval(candidate)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -256,15 +355,45 @@ def _repair(text: str) -> list[Any]:
     return [value] if isinstance(value, list | dict) else []
 
 
+@dataclass(frozen=True)
+class Extracted:
+    """The JSON values found in one answer, and what finding them cost."""
+
+    values: list[Any]
+    saw_json: bool
+    work: int
+    exhausted: bool
+
+
+def extract_json(text: str, budget: Budget | None = None) -> Extracted:
+    """The values of the first region (fenced block, else the whole text) holding a grounding
+    object or an empty list, near-JSON repaired; within `budget` (default WORK_PER_CHAR per
+    character of `text`)."""
+    budget = budget or Budget(WORK_PER_CHAR * max(1, len(text)))
+    values: list[Any] = []
+    saw_json = False
+    for region in _regions(text):
+        values, first_ok = _decode_all(region, budget)
+        if not first_ok and not budget.spent:
+            values = _repair(region, budget) or values
+        saw_json = saw_json or bool(values)
+        objs, saw_empty = _objects(values)
+        if objs or saw_empty or budget.spent:
+            break
+    return Extracted(values, saw_json, budget.used, budget.spent)
+
+
 def _unclosed(text: str) -> bool:
     """True when a [ or { is still open at the end of the text (strings skipped)."""
-    depth, in_str, esc = 0, False, False
-    for ch in text:
+    depth, in_str, skip = 0, False, -1
+    for m in _SPECIAL.finditer(text):
+        i = m.start()
+        if i < skip:
+            continue
+        ch = text[i]
         if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
+            if ch == "\\":
+                skip = i + 2
             elif ch == '"':
                 in_str = False
         elif ch == '"':
@@ -459,24 +588,21 @@ def parse_grounding(index: int, raw: str | None, frame: Frame, *, multi_object: 
     if not text.strip():
         return Hypothesis.invalid(index, raw, "parse:empty no text", **meta)
 
-    objs: list[dict[str, Any]] = []
-    saw_empty = False
-    decoded_any = False
-    for region in _regions(text):
-        values, first_ok = _decode_all(region)
-        if not first_ok:
-            values = _repair(region) or values
-        decoded_any = decoded_any or bool(values)
-        objs, saw_empty = _objects(values)
-        if objs or saw_empty:
-            break
-    truncated = finish_reason == "length" or _unclosed(text)
+    cut = len(text) > MAX_PARSE_CHARS
+    head = text[:MAX_PARSE_CHARS] if cut else text
+    found = extract_json(head)
+    objs, saw_empty = _objects(found.values)
+    truncated = cut or finish_reason == "length" or _unclosed(head)
     if not objs:
+        if cut or found.exhausted:
+            return Hypothesis.invalid(
+                index, raw, f"parse:too_long no complete object in the first "
+                f"{min(len(text), MAX_PARSE_CHARS)} characters", **meta)
         if truncated:  # before the empty list: an unfinished answer has not said "nothing"
             return Hypothesis.invalid(index, raw, "parse:truncated no complete object", **meta)
         if saw_empty:
             return Hypothesis.invalid(index, raw, "ground:no_object empty list", **meta)
-        if decoded_any:
+        if found.saw_json:
             return Hypothesis.invalid(index, raw, "parse:bad_schema no box, point or label",
                                       **meta)
         return Hypothesis.invalid(index, raw, "parse:no_json", **meta)

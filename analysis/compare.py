@@ -16,37 +16,24 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
 
-from analysis.runs import NoRunsError, Run, find_runs, load_run, run_labels, study_table
+from analysis.runs import NoRunsError, Run, cli, find_runs, load_run, run_labels, study_table
+from rescue.reporting.plots import band, n_axis, new_figure, save_png
 from rescue.reporting.tables import (
     ESTIMATOR_TITLES,
     METRIC_TITLES,
     SELECTOR_ORDER,
     SIMULATED_NOTE,
+    by_n_table,
+    markdown_table,
     ordered,
+    pct,
 )
 
 PLOT_NAMES = {"giou": "study_iou_vs_n.png", "ciou": "study_ciou_vs_n.png"}
-
-
-def _pct(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
-        return "–"
-    return f"{100.0 * float(v):.1f}"
-
-
-def _cell(row: pd.Series, metric: str) -> str:
-    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
-        return _pct(row[metric])
-    return f"{_pct(row[metric])} [{_pct(lo)}, {_pct(hi)}]"
 
 
 def _short(label: str, width: int = 90) -> str:
@@ -61,39 +48,22 @@ def _block(table: pd.DataFrame, estimator: str, subset: str) -> pd.DataFrame:
 def _runs_by_n(block: pd.DataFrame, labels: Sequence[str], selector: str, metric: str,
                bold: bool = True) -> list[str]:
     """Rows N, columns runs; the best run at each N in bold (none when they all tie)."""
-    sel = block[block["selector"] == selector]
-    ns = sorted(int(n) for n in sel["n"].unique())
-    lines = ["| N | " + " | ".join(f"`{lab}`" for lab in labels) + " |",
-             "|---:|" + "|".join("---:" for _ in labels) + "|"]
-    for n in ns:
-        at_n = sel[sel["n"] == n].set_index("run")
-        values = at_n[metric].dropna()
-        best = (set(values.index[values == values.max()])
-                if bold and values.nunique() > 1 else set())
-        cells = []
-        for lab in labels:
-            if lab not in at_n.index:
-                cells.append("")
-                continue
-            text = _cell(at_n.loc[lab], metric)
-            cells.append(f"**{text}**" if lab in best else text)
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return lines
+    return by_n_table(block[block["selector"] == selector], "run", labels, metric,
+                      header=[f"`{lab}`" for lab in labels], bold=bold)
 
 
 def _selectors_at_max(block: pd.DataFrame, labels: Sequence[str], metric: str) -> list[str]:
     selectors = ordered(block["selector"].astype(str).unique(), SELECTOR_ORDER)
-    lines = ["| run | N | " + " | ".join(selectors) + " |",
-             "|---|---:|" + "|".join("---:" for _ in selectors) + "|"]
+    rows = []
     for lab in labels:
-        rows = block[block["run"] == lab]
-        if rows.empty:
+        at_run = block[block["run"] == lab]
+        if at_run.empty:
             continue
-        n = int(rows["n"].max())
-        at = rows[rows["n"] == n].set_index("selector")
-        cells = [_pct(at.loc[s, metric]) if s in at.index else "" for s in selectors]
-        lines.append(f"| `{lab}` | {n} | " + " | ".join(cells) + " |")
-    return lines
+        n = int(at_run["n"].max())
+        at = at_run[at_run["n"] == n].set_index("selector")
+        rows.append([f"`{lab}`", str(n),
+                     *(pct(at.loc[s, metric]) if s in at.index else "" for s in selectors)])
+    return markdown_table(["run", "N", *selectors], "lr" + "r" * len(selectors), rows)
 
 
 def study_markdown(table: pd.DataFrame, runs: Sequence[Run], selector: str = "verifier",
@@ -110,13 +80,14 @@ def study_markdown(table: pd.DataFrame, runs: Sequence[Run], selector: str = "ve
     out += [f"_{ESTIMATOR_TITLES.get(estimator, estimator)}._ Subset `{subset}`. "
             "Values are percentages; `[lo, hi]` is the bootstrap confidence interval over "
             "samples. **Bold**: the best run at that N.", "",
-            "Varying overrides: " + (", ".join(f"`{k}`" for k in varying) or "none") + ".", "",
-            "| run | directory | samples | simulated |", "|---|---|---:|---|"]
+            "Varying overrides: " + (", ".join(f"`{k}`" for k in varying) or "none") + ".", ""]
+    listed = []
     for lab, run in zip(labels, runs, strict=True):
         rows = block[block["run"] == lab]
         samples = int(rows["num_samples"].max()) if "num_samples" in rows and len(rows) else "–"
-        out.append(f"| `{lab}` | `{run.path}` | {samples} | "
-                   f"{'SIMULATED' if run.simulated else 'no'} |")
+        listed.append([f"`{lab}`", f"`{run.path}`", str(samples),
+                       "SIMULATED" if run.simulated else "no"])
+    out += markdown_table(["run", "directory", "samples", "simulated"], "llrl", listed)
     out.append("")
     missing = [lab for lab in labels if block[(block["run"] == lab)
                                               & (block["selector"] == selector)].empty]
@@ -142,9 +113,7 @@ def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
     below = len(labels) > 6
     ncols = 2 if max(len(lab) for lab in labels) <= 45 else 1
     height = 4.8 + (0.2 * math.ceil((len(labels) + 1) / ncols) if below else 0.0)
-    fig = Figure(figsize=(7.5, height), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_figure(height)
     cmap = colormaps["tab10"]
     ns: set[int] = set()
     for i, lab in enumerate(labels):
@@ -160,23 +129,12 @@ def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
             x, y = s["n"].to_numpy(float), 100.0 * s[metric].to_numpy(float)
             ns.update(int(n) for n in x)
             ax.plot(x, y, color=color, **style)
-            lo, hi = s.get(f"{metric}_lo"), s.get(f"{metric}_hi")
-            if sel == selector and lo is not None and hi is not None and lo.notna().any():
-                ax.fill_between(x, 100.0 * lo.to_numpy(float), 100.0 * hi.to_numpy(float),
-                                color=color, alpha=0.10, linewidth=0)
+            if sel == selector:
+                band(ax, s, metric, color, 0.10)
     if not ns:
         raise ValueError(f"no rows for selector={selector!r}, estimator={estimator!r}, "
                          f"subset={subset!r} in any run")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(sorted(ns)))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([str(n) for n in sorted(ns)])
-    if len(ns) == 1:
-        (n,) = ns
-        ax.set_xlim(n / 1.5, n * 1.5)
-    ax.set_xlabel("N (hypotheses per sample)")
-    ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
-    ax.grid(True, which="major", alpha=0.3)
+    n_axis(ax, sorted(ns), metric)
     ax.plot([], [], color="#555555", linestyle="--", alpha=0.45, label="oracle (each run)")
     if below:
         fig.legend(loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
@@ -184,13 +142,7 @@ def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
         ax.legend(loc="best", fontsize=8, frameon=False)
     ax.set_title(f"{METRIC_TITLES[metric]} of {selector} vs N ({estimator}, subset {subset})",
                  fontsize=11)
-    if any(r.simulated for r in runs):
-        fig.suptitle("SIMULATED models — measures the framework, not a model",
-                     color="#b00020", fontsize=12, fontweight="bold")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return save_png(fig, out_path, any(r.simulated for r in runs))
 
 
 def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = "verifier",
@@ -226,15 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is None and len(args.dirs) != 1:
         parser.error("--out is required when comparing more than one directory")
-    try:
-        paths = compare(args.dirs, args.out or args.dirs[0], args.selector, args.metric,
-                        args.estimator, args.subset)
-    except (NoRunsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in paths.values():
-        print(p)
-    return 0
+    return cli(lambda: compare(args.dirs, args.out or args.dirs[0], args.selector, args.metric,
+                               args.estimator, args.subset), (NoRunsError, ValueError))
 
 
 if __name__ == "__main__":

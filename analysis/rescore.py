@@ -4,8 +4,9 @@
 
 The new selector's score of a candidate is a weighted sum of existing selectors' scores, each
 z-scored within the sample's pool (so a verifier's [0, 1] and consensus IoU mix on one scale).
-It is evaluated exactly as the run's own selectors were — same estimators, N grid, bootstrap,
-seed and accounting, read from the run's config — and written next to the original table as
+It is a `Selector` like any other, evaluated exactly as the run's own selectors were — same
+settings (`Run.evaluation_settings`: estimators, N grid, bootstrap, seed, consensus draws) and
+accounting — and written next to the original table as
 `metrics_rescore_<weights>.csv` / `.md`, holding the run's selectors and the new one (paired
 intervals: the same bootstrap resamples).
 
@@ -29,15 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.runs import load_run
+from analysis.runs import cli, load_run
 from rescue import selection
-from rescue.evaluation import ESTIMATORS, evaluate
-from rescue.records import SampleRecord
+from rescue.evaluation import evaluate
+from rescue.records import CandidateRecord, SampleRecord
 from rescue.reporting.plots import plot_iou_vs_n
 from rescue.reporting.tables import metrics_markdown
-
-CARRIER = "verifier"
-"""The selector whose score field carries the combined score through `evaluate`."""
+from rescue.selection import Selector
+from rescue.settings import EvaluationSettings
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -75,43 +75,32 @@ def _zscores(scores: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return z
 
 
-def combined_scores(record: SampleRecord, weights: Mapping[str, float],
-                    seed: int = 0) -> np.ndarray:
-    """The weighted sum of z-scored selector scores of one pool; -inf for failed candidates."""
-    cands = record.candidates
-    ok = np.array([c.ok for c in cands], dtype=bool)
-    total = np.zeros(len(cands))
-    for name, w in weights.items():
-        if w:
-            raw = selection.scores(name, cands, key=record.sample_id, seed=seed)
+def default_name(weights: Mapping[str, float]) -> str:
+    return "+".join(f"{w:g}*{s}" for s, w in weights.items())
+
+
+def combined_selector(weights: Mapping[str, float], name: str | None = None) -> Selector:
+    """The selector scoring a pool by the weighted sum of z-scored selector scores; failed
+    candidates -inf. Named `default_name(weights)` unless `name` is given."""
+    parts = [(selection.get(s), w) for s, w in weights.items() if w]
+
+    def score(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
+        ok = np.array([c.ok for c in candidates], dtype=bool)
+        total = np.zeros(len(candidates))
+        for sel, w in parts:
+            raw = sel.scores(candidates, key=key, seed=seed)
             total += w * _zscores(np.asarray(raw, dtype=float), ok)
-    return np.where(ok, total, -np.inf)
+        return np.where(ok, total, -np.inf)
 
-
-def _carried(record: SampleRecord, scores: np.ndarray) -> SampleRecord:
-    """A copy of the record whose verifier scores are `scores` (the record itself is kept)."""
-    cands = [dataclasses.replace(c, verifier_score=float(s) if c.ok else None)
-             for c, s in zip(record.candidates, scores, strict=True)]
-    return dataclasses.replace(record, candidates=cands)
+    return Selector(name or default_name(weights), score)
 
 
 def rescore(records: Sequence[SampleRecord], weights: Mapping[str, float], name: str,
-            n_grid: Sequence[int], estimators: Sequence[str] = ESTIMATORS,
-            bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Metrics rows of the combined selector, labelled `name`, as `evaluate` computes them.
-
-    The combined score rides in the verifier field of copies of the records, so `evaluate`
-    (estimators, bootstrap, accounting) runs unchanged; only the selector column is renamed.
-    """
-    carried = [_carried(r, combined_scores(r, weights, seed)) for r in records]
-    df = evaluate(carried, n_grid, [CARRIER], estimators=estimators, bootstrap=bootstrap, ci=ci,
-                  seed=seed)
-    df["selector"] = name
-    return df
-
-
-def default_name(weights: Mapping[str, float]) -> str:
-    return "+".join(f"{w:g}*{s}" for s, w in weights.items())
+            settings: EvaluationSettings) -> pd.DataFrame:
+    """Metrics rows of the combined selector, labelled `name`, as `evaluate` computes them
+    with `settings` (their selectors aside)."""
+    new = combined_selector(weights, name)
+    return evaluate(records, dataclasses.replace(settings, selectors=(new,), primary=new))
 
 
 def _slug(weights: Mapping[str, float]) -> str:
@@ -125,21 +114,14 @@ def rescore_run(run_dir: str | Path, weights: Mapping[str, float], name: str | N
     `metrics_rescore_<weights>.csv/.md` (and the gIoU plot) into `out_dir` (the run dir)."""
     run = load_run(run_dir)
     recs = run.records()
-    cfg = run.config
-    sel = cfg.get("selection", {})
-    n_grid = [int(n) for n in cfg.get("n_grid", [1])]
-    settings = dict(
-        estimators=list(sel.get("estimators", ESTIMATORS)),
-        bootstrap=int(sel.get("bootstrap", 1000) if bootstrap is None else bootstrap),
-        ci=float(sel.get("ci", 0.95)),
-        seed=int(cfg.get("seed", 0)),
-    )
-    selectors = list(sel.get("selectors", selection.SELECTORS))
+    settings = run.evaluation_settings()
+    if bootstrap is not None:
+        settings = dataclasses.replace(settings, bootstrap=bootstrap)
     name = name or default_name(weights)
-    if name in selectors:
+    if name in {s.name for s in settings.selectors}:
         raise ValueError(f"name {name!r} is already a selector; choose another with --name")
-    base = evaluate(recs, n_grid, selectors, **settings)
-    new = rescore(recs, weights, name, n_grid, **settings)
+    base = evaluate(recs, settings)
+    new = rescore(recs, weights, name, settings)
     metrics = pd.concat([base, new], ignore_index=True)
     out = Path(out_dir) if out_dir is not None else run.path
     out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +131,8 @@ def rescore_run(run_dir: str | Path, weights: Mapping[str, float], name: str | N
     paths["md"].write_text(metrics_markdown(metrics, simulated=run.simulated), encoding="utf-8")
     if plot:
         paths["plot"] = plot_iou_vs_n(metrics, out / f"iou_vs_n_rescore_{_slug(weights)}.png",
-                                      "giou", estimator=settings["estimators"][0],
-                                      simulated=run.simulated)
+                                      "giou", estimator=settings.estimators[0],
+                                      simulated=run.simulated, selectors=settings.selectors)
     return paths
 
 
@@ -166,16 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, help="resamples (default: the run's)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        weights = parse_weights(args.selector_weights)
-        paths = rescore_run(args.run_dir, weights, args.name, args.out, args.bootstrap,
-                            plot=not args.no_plot)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in paths.values():
-        print(p)
-    return 0
+    return cli(lambda: rescore_run(args.run_dir, parse_weights(args.selector_weights),
+                                   args.name, args.out, args.bootstrap, plot=not args.no_plot),
+               (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ of one sweep are one study, told apart by the command-line overrides that vary b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 
 from rescue import records
 from rescue.records import SampleRecord
+from rescue.settings import EvaluationSettings
 
 RUN_MARKERS = ("metrics.csv", "records.jsonl")
 """A directory holding either of these is a run directory."""
@@ -101,6 +103,12 @@ class Run:
         if not self.records_path.is_file():
             raise FileNotFoundError(f"{self.records_path} not found")
         return list(records.read(self.records_path))
+
+    def evaluation_settings(self) -> EvaluationSettings:
+        """How the run evaluated its metrics.csv, from its saved `config_resolved.yaml`
+        (`.hydra/config.yaml` for a run that wrote none); its records' pools bound N."""
+        resolved = _yaml(self.path / "config_resolved.yaml")
+        return EvaluationSettings.from_config(resolved or self.config, bounded=False)
 
     def override_values(self) -> dict[str, str]:
         """`key -> value` of the command-line overrides (`+`/`++` prefixes dropped)."""
@@ -228,3 +236,16 @@ def newest_run(root: str | Path) -> Path:
     if not found:
         raise NoRunsError(f"no run directory under {root}; run `python run.py` first")
     return max(found, key=lambda p: (p / "metrics.csv").stat().st_mtime)
+
+
+def cli(write: Callable[[], Mapping[str, Path]], errors: tuple[type[Exception], ...]) -> int:
+    """An analysis command's ending: the paths it wrote on stdout (exit 0), or one of `errors`
+    in one line on stderr (exit 2, no traceback)."""
+    try:
+        paths = write()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths.values():
+        print(p)
+    return 0

@@ -7,6 +7,7 @@ Usage: python benchmarks/bench_evaluation.py [--samples 5000] [--m 64] [--bootst
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, uninstalled
 
+from rescue import selection
 from rescue.evaluation import evaluate
 from rescue.records import CandidateRecord, SampleRecord
+from rescue.settings import EvaluationSettings
 
-SELECTORS = ["verifier", "executor", "consensus", "first", "random", "oracle"]
+SELECTORS = tuple(selection.SELECTORS.values())
 
 
 def make_records(samples: int, m: int, seed: int = 0) -> list[SampleRecord]:
@@ -65,12 +68,14 @@ def main() -> None:
     t0 = time.perf_counter()
     records = make_records(args.samples, args.m)
     t1 = time.perf_counter()
-    df = evaluate(records, n_grid, SELECTORS, bootstrap=args.bootstrap, by_tag=False)
+    settings = EvaluationSettings(n_grid=tuple(n_grid), selectors=SELECTORS,
+                                  bootstrap=args.bootstrap)
+    df = evaluate(records, settings, by_tag=False)
     t2 = time.perf_counter()
-    df_tags = evaluate(records, n_grid, SELECTORS, bootstrap=args.bootstrap, by_tag=True)
+    df_tags = evaluate(records, settings, by_tag=True)
     t3 = time.perf_counter()
-    evaluate(records, n_grid, [s for s in SELECTORS if s != "consensus"],
-             bootstrap=args.bootstrap, by_tag=False)
+    pool_level = tuple(s for s in SELECTORS if s.within is None)
+    evaluate(records, dataclasses.replace(settings, selectors=pool_level), by_tag=False)
     t4 = time.perf_counter()
     print(f"records: {args.samples} samples x {args.m} candidates (built in {t1 - t0:.2f} s)")
     print(f"grid: {len(SELECTORS)} selectors x {len(n_grid)} N x 2 estimators = {len(df)} rows, "
@@ -79,7 +84,7 @@ def main() -> None:
     print(f"evaluate (all + 2 tags): {t3 - t2:.2f} s, {args.samples / (t3 - t2):,.0f} samples/s "
           f"({len(df_tags)} rows)")
     print(f"evaluate (no consensus): {t4 - t3:.2f} s: consensus within subsets costs "
-          f"{(t2 - t1) / (t4 - t3):.1f}x the other five selectors together")
+          f"{(t2 - t1) / (t4 - t3):.1f}x the other {len(pool_level)} selectors together")
 
 
 if __name__ == "__main__":

@@ -20,16 +20,17 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import records, selection
+from rescue import records
 from rescue.cache import Cache
 from rescue.datasets.base import Dataset
 from rescue.datasets.subset import select_ids
-from rescue.evaluation import evaluate, failure_shares, truncation_shares
+from rescue.evaluation import curve, evaluate, failure_shares, headline, truncation_shares
 from rescue.failures import RunAborted, StageGuard
 from rescue.pipeline import Pipeline
 from rescue.protocols import aclose, preflight
 from rescue.records import SampleRecord
 from rescue.sample import Sample
+from rescue.settings import EvaluationSettings
 
 log = logging.getLogger("rescue")
 
@@ -75,23 +76,6 @@ def probe_sample(dataset: Dataset, ids: Sequence[str], tries: int = 4) -> Sample
     return None
 
 
-def n_values(cfg: DictConfig) -> list[int]:
-    grid = sorted({int(n) for n in cfg.n_grid})
-    bad = [n for n in grid if n < 1 or n > cfg.max_n]
-    if bad:
-        raise ValueError(f"n_grid values {bad} are outside 1..max_n={cfg.max_n}")
-    return grid
-
-
-def evaluate_records(cfg: DictConfig, recs: Sequence[SampleRecord],
-                     grid: Sequence[int] | None = None) -> pd.DataFrame:
-    sel = cfg.selection
-    grid = n_values(cfg) if grid is None else grid
-    return evaluate(recs, grid, list(sel.selectors), estimators=list(sel.estimators),
-                    bootstrap=int(sel.bootstrap), ci=float(sel.ci), seed=int(cfg.seed),
-                    consensus_draws=int(sel.get("consensus_draws", 256)))
-
-
 def endpoint_stats(models: Models) -> dict[str, Any]:
     """Requests, retries and failures per HTTP endpoint, from clients that count them."""
     return {role: m.stats() for role, m in models.all().items()
@@ -120,28 +104,33 @@ async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: 
 
 
 def overlay_items(cfg: DictConfig, dataset: Dataset, pipe: Pipeline,
-                  recs: Sequence[SampleRecord]) -> list[Any]:
+                  recs: Sequence[SampleRecord], settings: EvaluationSettings) -> list[Any]:
     """A few samples drawn with their candidates (the primary selector's pick marked)."""
     from rescue.reporting.overlays import OverlayItem
 
     items = []
     for rec in [r for r in recs if r.candidates][: int(cfg.report.overlays)]:
         sample = dataset.load(rec.sample_id)
-        pos = selection.select(cfg.selection.primary, rec.candidates, key=rec.sample_id,
-                               seed=int(cfg.seed))
-        selected = rec.candidates[pos].index if pos is not None else None
         items.append(OverlayItem(sample=sample, record=rec, masks=pipe.masks_of(sample, rec),
-                                 selected=selected))
+                                 selected=settings.primary.answer(rec, settings.seed)))
     return items
+
+
+def _write_report(cfg: DictConfig, out_dir: Path, recs: Sequence[SampleRecord],
+                  metrics: pd.DataFrame, items: Sequence[Any], settings: EvaluationSettings,
+                  *, simulated: bool) -> dict[str, Path]:
+    from rescue.reporting import write_report
+
+    return write_report(out_dir, recs, metrics, items, simulated=simulated,
+                        primary=settings.primary.name, selectors=settings.selectors,
+                        plots=bool(cfg.report.plot))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (or read back from the cache) every candidate, then evaluate and report."""
-    from rescue.reporting import write_report
-
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_values(cfg)  # fail before any model call on a bad grid
+    settings = EvaluationSettings.from_config(cfg)  # fail before any model call
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     dataset: Dataset = instantiate(cfg.dataset)
     ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
@@ -158,16 +147,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
              "cache": cache.stats(), "simulated": pipe.simulated,
              "endpoints": endpoints, "models": pipe.identities}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    metrics = evaluate_records(cfg, recs)
-    items = overlay_items(cfg, dataset, pipe, recs) if int(cfg.report.overlays) > 0 else []
-    paths = write_report(out_dir, recs, metrics, items, simulated=pipe.simulated,
-                         primary=str(cfg.selection.primary))
+    metrics = evaluate(recs, settings)
+    items = (overlay_items(cfg, dataset, pipe, recs, settings)
+             if int(cfg.report.overlays) > 0 else [])
+    paths = _write_report(cfg, out_dir, recs, metrics, items, settings, simulated=pipe.simulated)
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)
     _log_failure_shares(recs, float(cfg.pipeline.get("max_truncated_share", 0.05)))
-    _log_headline(metrics, str(cfg.selection.primary), simulated=pipe.simulated)
-    return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths}
+    _log_headline(metrics, settings, simulated=pipe.simulated)
+    return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths,
+            "settings": settings}
 
 
 def _log_failure_shares(recs: Sequence[SampleRecord], max_truncated: float) -> None:
@@ -197,15 +187,14 @@ def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path
         logger.finish()
 
 
-def _log_headline(metrics: pd.DataFrame, primary: str, *, simulated: bool) -> None:
+def _log_headline(metrics: pd.DataFrame, settings: EvaluationSettings, *,
+                  simulated: bool) -> None:
     """The number the study is about, on the console: the primary selector's gIoU from N=1 to
-    max N beside the oracle's (best-of-N over all samples)."""
-    m = metrics[metrics.estimator == "best_of_n"]
-    if "subset" in m:
-        m = m[m.subset == "all"]
+    max N beside the upper bounds' (the oracle; best-of-N over all samples)."""
+    bounds = [s.name for s in settings.selectors if s.needs_truth and s != settings.primary]
     line = []
-    for sel in (primary, "oracle"):
-        s = m[m.selector == sel].sort_values("n")
+    for sel in (settings.primary.name, *bounds):
+        s = curve(metrics, sel)
         if len(s):
             line.append(f"{sel} " + " ".join(f"@{int(n)}:{100 * g:.1f}"
                                               for n, g in zip(s.n, s.giou, strict=True)))
@@ -216,22 +205,20 @@ def _log_headline(metrics: pd.DataFrame, primary: str, *, simulated: bool) -> No
 
 def evaluate_only(cfg: DictConfig) -> dict[str, Any]:
     """Recompute metrics from an existing run's records (`records_from=<run dir>`)."""
-    from rescue.reporting import write_report
-
+    # the pools are whatever the run generated: N is bounded by them, not by this max_n
+    settings = EvaluationSettings.from_config(cfg, bounded=False)
     src = Path(cfg.records_from) / "records.jsonl"
     if not src.is_file():
         raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
     recs = list(records.read(src))
     out_dir = Path(cfg.paths.output_dir)
-    # the pools are whatever the run generated: N is bounded by them, not by this max_n
-    grid = sorted({int(n) for n in cfg.n_grid})
-    if not grid or grid[0] < 1:
-        raise ValueError(f"n_grid must hold integers >= 1, got {list(cfg.n_grid)}")
-    metrics = evaluate_records(cfg, recs, grid)
-    simulated = any(r.simulated for r in recs)
-    paths = write_report(out_dir, recs, metrics, [], simulated=simulated,
-                         primary=str(cfg.selection.primary))
-    return {"records": recs, "metrics": metrics, "paths": paths}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # what made this metrics.csv, for the analysis tools (`analysis.runs.Run.evaluation_settings`)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    metrics = evaluate(recs, settings)
+    paths = _write_report(cfg, out_dir, recs, metrics, [], settings,
+                          simulated=any(r.simulated for r in recs))
+    return {"records": recs, "metrics": metrics, "paths": paths, "settings": settings}
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -257,8 +244,4 @@ def main(cfg: DictConfig) -> float | None:
         return merge_main(cfg)
     else:
         raise ValueError(f"unknown mode={mode!r}; valid modes: run, evaluate, infer, merge")
-    m = result["metrics"]
-    head = m[(m.selector == cfg.selection.primary) & (m.estimator == "best_of_n")]
-    if "subset" in head:
-        head = head[head.subset == "all"]
-    return float(head.sort_values("n").giou.iloc[-1]) if len(head) else None
+    return headline(result["metrics"], result["settings"])

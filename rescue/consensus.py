@@ -15,6 +15,7 @@ The pairwise IoU of a sample's distinct masks is kept in its record (`SampleReco
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from itertools import combinations
 from math import comb
 
@@ -77,13 +78,13 @@ def subsets_of(m: int, n: int, draws: int, rng: np.random.Generator) -> np.ndarr
     return np.argsort(rng.random((draws, m)), axis=1)[:, :n]
 
 
-def best_of_n_weights(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,
-                      rng: np.random.Generator) -> np.ndarray:
+def best_of_n_within(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,
+                     rng: np.random.Generator) -> np.ndarray:
     """Probability that each candidate is the consensus pick of a uniformly random N-subset."""
     return pick_weights(ious, ok, subsets_of(len(ok), n, draws, rng)).mean(axis=0)
 
 
-def prefix_weights(ious: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
+def prefix_within(ious: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
     """The consensus pick among the first N candidates (exact)."""
     return pick_weights(ious, ok, np.arange(min(n, len(ok)))[None])[0]
 
@@ -92,3 +93,27 @@ def rng_for(seed: int, sample_id: str, n: int) -> np.random.Generator:
     """Draws fixed by (seed, sample, N): reruns and record order change nothing."""
     digest = hashlib.sha256(f"consensus|{seed}|{sample_id}|{n}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class SubsetConsensus:
+    """One sample's consensus weights within subsets (`rescue.selection.SubsetWeights`)."""
+
+    ious: np.ndarray
+    ok: np.ndarray
+    sample_id: str
+    seed: int
+    draws: int
+
+    @classmethod
+    def of(cls, record: SampleRecord, seed: int, draws: int) -> SubsetConsensus | None:
+        """None for records made before pairwise mask IoUs were kept (scored over the pool)."""
+        pool = candidate_ious(record)
+        return None if pool is None else cls(*pool, record.sample_id, seed, draws)
+
+    def best_of_n(self, n: int) -> np.ndarray:
+        return best_of_n_within(self.ious, self.ok, n, draws=self.draws,
+                                rng=rng_for(self.seed, self.sample_id, n))
+
+    def prefix(self, n: int) -> np.ndarray:
+        return prefix_within(self.ious, self.ok, n)

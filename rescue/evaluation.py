@@ -18,6 +18,7 @@ Accounting, stated once here and in the outputs:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -26,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rescue import consensus, selection
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.records import SampleRecord, reason_code
+from rescue.selection import Selector
+from rescue.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = ("best_of_n", "prefix")
 CIOU_DEFINITION = (
     "cIoU@N = E[sum I] / E[sum U]: selection weights applied to intersection and union "
     "separately, each summed over samples, then divided"
@@ -67,16 +68,6 @@ class _PerSample:
     pool_size: np.ndarray  # (S,) int
 
 
-def _check_names(selectors: Sequence[str], estimators: Sequence[str]) -> None:
-    for name in selectors:
-        selection.get(name)
-    for name in estimators:
-        if name not in ESTIMATORS:
-            raise ValueError(
-                f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}"
-            )
-
-
 def _check_records(records: Sequence[SampleRecord]) -> None:
     if not records:
         raise ValueError("no records to evaluate")
@@ -89,7 +80,8 @@ def _sample_failed(r: SampleRecord) -> bool:
     return r.error is not None or not r.candidates
 
 
-def _pools(records: Sequence[SampleRecord], selectors: Sequence[str], seed: int) -> list[_Pools]:
+def _pools(records: Sequence[SampleRecord], selectors: Sequence[Selector],
+           seed: int) -> list[_Pools]:
     by_m: dict[int, list[int]] = {}
     for row, r in enumerate(records):
         if not _sample_failed(r):
@@ -98,7 +90,7 @@ def _pools(records: Sequence[SampleRecord], selectors: Sequence[str], seed: int)
     for m, rows in sorted(by_m.items()):
         inter = np.zeros((len(rows), m))
         union = np.zeros((len(rows), m))
-        scores = {s: np.empty((len(rows), m)) for s in selectors}
+        scores = {s.name: np.empty((len(rows), m)) for s in selectors}
         for b, row in enumerate(rows):
             r = records[row]
             for k, c in enumerate(r.candidates):
@@ -107,72 +99,48 @@ def _pools(records: Sequence[SampleRecord], selectors: Sequence[str], seed: int)
                 else:
                     union[b, k] = r.target_area  # an empty prediction
             for s in selectors:
-                scores[s][b] = selection.scores(s, r.candidates, key=r.sample_id, seed=seed)
+                scores[s.name][b] = s.scores(r.candidates, key=r.sample_id, seed=seed)
         iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
         out.append(_Pools(np.asarray(rows), inter, union, iou, scores))
     return out
 
 
-def _per_sample(
-    records: Sequence[SampleRecord],
-    n_grid: Sequence[int],
-    selectors: Sequence[str],
-    estimators: Sequence[str],
-    seed: int,
-    consensus_draws: int = 256,
-) -> _PerSample:
+def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
+                settings: EvaluationSettings) -> _PerSample:
+    selectors, estimators, seed = settings.selectors, settings.estimators, settings.seed
     s_count = len(records)
     failed = np.array([_sample_failed(r) for r in records])
     pool_size = np.array([0 if _sample_failed(r) else len(r.candidates) for r in records])
     target = np.array([float(r.target_area) for r in records])
-    keys = [(e, s, n) for e in estimators for s in selectors for n in n_grid]
+    keys = [(e, s.name, n) for e in estimators for s in selectors for n in n_grid]
     pos = {k: i for i, k in enumerate(keys)}
     inter = np.zeros((len(keys), s_count))
     union = np.tile(target, (len(keys), 1))  # failed samples keep I = 0, U = target area
     iou = np.zeros((len(keys), s_count))
     short = np.zeros((len(keys), s_count), dtype=bool)
-    pairwise: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # row -> candidate IoUs
     for pools in _pools(records, selectors, seed):
         m = pools.inter.shape[1]
         for s in selectors:
-            ranking = Ranking.of(pools.scores[s]) if "best_of_n" in estimators else None
+            scores = pools.scores[s.name]
+            ranking = Ranking.of(scores) if "best_of_n" in estimators else None
+            # a selector scored within each subset drawn: its per-sample weights, or None where
+            # a record lacks what that needs (that sample keeps the pool-level weights)
+            within = ([s.within(records[row], seed, settings.consensus_draws)
+                       for row in pools.rows] if s.within is not None else [])
             for n in n_grid:
                 nn = min(n, m)
                 for e in estimators:
-                    if e == "best_of_n":
-                        w = ranking.best_of_n(nn)
-                    else:
-                        w = prefix_select_weights(pools.scores[s], nn)
-                    if s == "consensus":  # its scores depend on the subset drawn
-                        w = _within_subsets(records, pools.rows, w, e, nn, seed,
-                                            consensus_draws, pairwise)
-                    k = pos[(e, s, n)]
+                    best = e == "best_of_n"
+                    w = ranking.best_of_n(nn) if best else prefix_select_weights(scores, nn)
+                    for b, sub in enumerate(within):
+                        if sub is not None:
+                            w[b] = sub.best_of_n(nn) if best else sub.prefix(nn)
+                    k = pos[(e, s.name, n)]
                     inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
                     iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
                     short[k, pools.rows] = n > m
     return _PerSample(keys, inter, union, iou, short, failed, pool_size)
-
-
-def _within_subsets(records: Sequence[SampleRecord], rows: np.ndarray, pool_weights: np.ndarray,
-                    estimator: str, n: int, seed: int, draws: int,
-                    pairwise: dict[int, tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray:
-    """Consensus weights computed within each N-subset (`rescue.consensus`); records made
-    before pairwise mask IoUs were kept fall back to pool-level consensus."""
-    w = pool_weights.copy()
-    for b, row in enumerate(rows):
-        r = records[row]
-        if row not in pairwise:
-            pairwise[row] = consensus.candidate_ious(r)
-        pool = pairwise[row]
-        if pool is None:
-            continue
-        if estimator == "prefix":
-            w[b] = consensus.prefix_weights(*pool, n)
-        else:
-            w[b] = consensus.best_of_n_weights(*pool, n, draws=draws,
-                                               rng=consensus.rng_for(seed, r.sample_id, n))
-    return w
 
 
 def _resample_counts(rng: np.random.Generator, size: int, draws: int) -> np.ndarray:
@@ -186,9 +154,7 @@ def _ratio(i: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def _usable_n(n_grid: Sequence[int], records: Sequence[SampleRecord]) -> list[int]:
-    grid = sorted(set(int(n) for n in n_grid))
-    if not grid or grid[0] < 1:
-        raise ValueError(f"n_grid must hold integers >= 1, got {list(n_grid)}")
+    grid = list(n_grid)
     max_m = max((len(r.candidates) for r in records if not _sample_failed(r)), default=0)
     if max_m == 0:  # every sample failed: report zeros at every N rather than an empty table
         log.warning("every one of %d samples failed; all metrics are 0", len(records))
@@ -208,35 +174,23 @@ def subsets(records: Sequence[SampleRecord], by_tag: bool = True) -> dict[str, n
     return out
 
 
-def evaluate(
-    records: Sequence[SampleRecord],
-    n_grid: Sequence[int],
-    selectors: Sequence[str],
-    estimators: Sequence[str] = ESTIMATORS,
-    bootstrap: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    by_tag: bool = True,
-    consensus_draws: int = 256,
-) -> pd.DataFrame:
+def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
+             by_tag: bool = True) -> pd.DataFrame:
     """One row per (subset, estimator, selector, N) with gIoU, cIoU and bootstrap intervals.
 
     Failed samples count as IoU 0 (I = 0, U = target area), never dropped; see the module doc for
     the rest of the accounting. cIoU@N = E[ΣI] / E[ΣU]. Intervals are percentile bootstraps over
-    samples (`bootstrap` resamples, the same resamples for every row so rows compare paired);
-    NaN when `bootstrap` is 0. `seed` fixes the resamples and consensus's subset draws.
-    Consensus is scored within each N-subset (`rescue.consensus`): exact where at most
-    `consensus_draws` subsets exist, else a seeded Monte-Carlo average over that many.
+    samples (`settings.bootstrap` resamples, the same resamples for every row so rows compare
+    paired); NaN when it is 0. `settings.seed` fixes the resamples and any selector's subset
+    draws. A selector with `within` (consensus) is scored within each N-subset.
     """
     _check_records(records)
-    _check_names(selectors, estimators)
     # the resamples index samples: fix their order so a run, a merge and a re-evaluation agree
     records = sorted(records, key=lambda r: r.sample_id)
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    grid = _usable_n(n_grid, records)
-    ps = _per_sample(records, grid, list(selectors), list(estimators), seed, consensus_draws)
-    rng = np.random.default_rng(seed)
+    grid = _usable_n(settings.n_grid, records)
+    ps = _per_sample(records, grid, settings)
+    rng = np.random.default_rng(settings.seed)
+    ci, bootstrap = settings.ci, settings.bootstrap
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
     rows = []
     for name, idx in subsets(records, by_tag).items():
@@ -260,30 +214,43 @@ def evaluate(
         ciou_definition=CIOU_DEFINITION,
         bootstrap=bootstrap,
         ci=ci,
-        seed=seed,
+        seed=settings.seed,
         simulated=any(r.simulated for r in records),
     )
     return df
 
 
-def per_sample_table(
-    records: Sequence[SampleRecord],
-    n: int,
-    selector: str,
-    estimator: str = "best_of_n",
-    seed: int = 0,
-    consensus_draws: int = 256,
-) -> pd.DataFrame:
-    """Expected I, U and IoU of the selected candidate for every sample, for slicing.
+def curve(metrics: pd.DataFrame, selector: str, estimator: str = "best_of_n") -> pd.DataFrame:
+    """One selector's rows over all samples (subset "all"), by increasing N."""
+    m = metrics[(metrics.selector == selector) & (metrics.estimator == estimator)]
+    if "subset" in m:
+        m = m[m.subset == "all"]
+    return m.sort_values("n")
+
+
+def headline(metrics: pd.DataFrame, settings: EvaluationSettings) -> float | None:
+    """The number a study is about (and a sweeper optimises): the primary selector's best-of-N
+    gIoU at the largest N, over all samples; None when the table has no such row."""
+    head = curve(metrics, settings.primary.name)
+    return float(head.giou.iloc[-1]) if len(head) else None
+
+
+def per_sample_table(records: Sequence[SampleRecord], settings: EvaluationSettings, n: int,
+                     selector: Selector | None = None,
+                     estimator: str = "best_of_n") -> pd.DataFrame:
+    """Expected I, U and IoU of the pick of `selector` (default: the primary) for every sample,
+    for slicing.
 
     Columns: sample_id, dataset, tags, failed, pool_size, target_area, expected_intersection,
     expected_union, expected_iou. Same accounting as `evaluate` (N clamped to short pools).
     """
     _check_records(records)
-    _check_names([selector], [estimator])
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}")
-    ps = _per_sample(records, [n], [selector], [estimator], seed, consensus_draws)
+    selector = settings.primary if selector is None else selector
+    one = dataclasses.replace(settings, n_grid=(n,), selectors=(selector,), primary=selector,
+                              estimators=(estimator,), max_n=None)
+    ps = _per_sample(records, [n], one)
     return pd.DataFrame({
         "sample_id": [r.sample_id for r in records],
         "dataset": [r.dataset for r in records],

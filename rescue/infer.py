@@ -36,6 +36,8 @@ from rescue.pipeline import Pipeline
 from rescue.protocols import Executor, Planner, Verifier, aclose
 from rescue.records import SampleRecord
 from rescue.sample import Sample
+from rescue.selection import Selector
+from rescue.settings import EvaluationSettings
 
 log = logging.getLogger("rescue.infer")
 
@@ -81,9 +83,9 @@ class InferenceResult:
     calls: dict[str, Any]
 
 
-def _ranked(record: SampleRecord, selector: str, seed: int) -> list[dict[str, Any]]:
+def _ranked(record: SampleRecord, selector: Selector, seed: int) -> list[dict[str, Any]]:
     cands = record.candidates
-    s = selection.scores(selector, cands, key=record.sample_id, seed=seed)
+    s = selector.scores(cands, key=record.sample_id, seed=seed)
     order = sorted(range(len(cands)), key=lambda k: (-s[k] if np.isfinite(s[k]) else np.inf,
                                                      cands[k].index))
     out = []
@@ -131,8 +133,8 @@ def _sheet(image: np.ndarray, ranked: Sequence[dict[str, Any]], masks: dict[int,
 
 async def infer(image_path: str | Path, query: str, planner: Planner, executor: Executor,
                 verifier: Verifier, max_n: int, out_dir: str | Path, *,
-                cache: Cache | None = None, selector: str = "verifier", seed: int = 0,
-                check: bool = True) -> InferenceResult:
+                cache: Cache | None = None, selector: Selector = selection.VERIFIER,
+                seed: int = 0, check: bool = True) -> InferenceResult:
     """Segment what `query` refers to in the image at `image_path`; write the outputs.
 
     `check` runs each model's preflight first (clear errors before any work). The models are
@@ -147,10 +149,10 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
                          "is simulated (it reads a ground truth a lone image does not have); "
                          "run with experiment=http_synthetic (or another experiment with real "
                          "models)")
-    if selector == "oracle":
-        raise ValueError("the oracle selector needs the ground truth; use verifier, executor, "
-                         "consensus or first")
-    selection.get(selector)
+    if selector.needs_truth:
+        usable = [s.name for s in selection.SELECTORS.values() if not s.needs_truth]
+        raise ValueError(f"the {selector.name} selector needs the ground truth; use one of "
+                         f"{', '.join(usable)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image = load_image(image_path)
@@ -164,8 +166,7 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
                     samples_in_flight=1, progress=False)
     (record,) = await pipe.run(_OneImage(sample), [sample.sample_id])
     masks = pipe.masks_of(sample, record)
-    pos = selection.select(selector, record.candidates, key=record.sample_id, seed=seed)
-    selected = record.candidates[pos].index if pos is not None else None
+    selected = selector.answer(record, seed)
     mask = masks.get(selected, np.zeros(image.shape[:2], bool)) if selected is not None else \
         np.zeros(image.shape[:2], bool)
     ranked = _ranked(record, selector, seed)
@@ -178,10 +179,10 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
     calls = pipe.stats.to_json()
     paths["candidates"].write_text(json.dumps({
         "image": str(image_path), "query": sample.query, "width": sample.width,
-        "height": sample.height, "max_n": max_n, "selector": selector, "selected": selected,
+        "height": sample.height, "max_n": max_n, "selector": selector.name, "selected": selected,
         "models": {k: dict(v) for k, v in pipe._ids.items()}, "calls": calls,
         "candidates": ranked}, indent=2, default=str))
-    return InferenceResult(sample=sample, record=record, selector=selector, selected=selected,
+    return InferenceResult(sample=sample, record=record, selector=selector.name, selected=selected,
                            mask=mask, ranked=ranked, paths=paths, calls=calls)
 
 
@@ -196,6 +197,7 @@ def main(cfg: DictConfig) -> float | None:
     if not cfg.get("image") or not cfg.get("query"):
         raise ValueError('mode=infer needs image=<path> and query="<text>"')
     image = Path(to_absolute_path(str(cfg.image)))
+    settings = EvaluationSettings.from_config(cfg, bounded=False)  # the primary and the seed
     models = build_models(cfg)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
 
@@ -203,8 +205,8 @@ def main(cfg: DictConfig) -> float | None:
         try:
             return await infer(image, str(cfg.query), models.planner, models.executor,
                                models.verifier, int(cfg.max_n), cfg.paths.output_dir,
-                               cache=cache, selector=str(cfg.selection.primary),
-                               seed=int(cfg.seed), check=not bool(cfg.offline))
+                               cache=cache, selector=settings.primary, seed=settings.seed,
+                               check=not bool(cfg.offline))
         finally:
             for m in models.all().values():
                 await aclose(m)

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rescue import records
+from rescue.evaluation import headline
 from rescue.records import SampleRecord
 
 log = logging.getLogger("rescue")
@@ -171,8 +172,4 @@ def main(cfg: DictConfig) -> float | None:
                 cfg[k] = study[k]
         cfg.records_from = str(out_dir)
     result = evaluate_only(cfg)
-    m = result["metrics"]
-    head = m[(m.selector == cfg.selection.primary) & (m.estimator == "best_of_n")]
-    if "subset" in head:
-        head = head[head.subset == "all"]
-    return float(head.sort_values("n").giou.iloc[-1]) if len(head) else None
+    return headline(result["metrics"], result["settings"])

@@ -1,34 +1,108 @@
-"""Selectors: a score per candidate of one sample's pool; higher is preferred.
+"""Selectors: what picks one candidate of a sample's pool, each one `Selector` defined here.
 
-Every selector gives failed candidates (no mask: failed at plan or execute, `not c.ok`) -inf, so
-a working candidate always wins over a failed one; among failed ones the tie is shared (they all
-count as an empty prediction anyway). A working candidate that lacks the score a selector reads
-(its verification failed, or an executor reports no confidence) gets `UNSCORED`: below every
-scored candidate, above failed ones, tied with the other unscored ones. A duplicate mask that
-was verified once (`duplicate_of`) inherits the score of the candidate it duplicates.
+A selector scores the candidates of a pool; higher is preferred. Every selector gives failed
+candidates (no mask: failed at plan or execute, `not c.ok`) -inf, so a working candidate always
+wins over a failed one; among failed ones the tie is shared (they all count as an empty
+prediction anyway). A working candidate that lacks the score a selector reads (its verification
+failed, or an executor reports no confidence) gets `UNSCORED`: below every scored candidate,
+above failed ones, tied with the other unscored ones. A duplicate mask that was verified once
+(`duplicate_of`) inherits the score of the candidate it duplicates.
 
-Selectors here score the whole pool, which is what the single answer (`select`) and every
-selector but one need. `consensus` depends on which candidates are drawn: its scores here are
-pool-level (mean IoU with the other working candidates of all M, computed by the pipeline), and
-`rescue.evaluation` scores it within each N-subset instead (`rescue/consensus.py`), so that
-consensus@N sees only N candidates.
+Most selectors score a candidate alone, so one score per candidate of the whole pool serves the
+single answer (`Selector.select`) and every N. A selector whose scores depend on which
+candidates are drawn (`consensus`: agreement with the others drawn) also says how it weighs the
+candidates within subsets (`within`); `rescue.evaluation` uses that, so that consensus@N sees
+only N candidates. `SELECTORS` is built from the definitions below: a new selector is one more
+definition there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 
-from rescue.records import CandidateRecord
+from rescue.consensus import SubsetConsensus
+from rescue.records import CandidateRecord, SampleRecord
 
 UNSCORED = float(np.finfo(float).min)
 """Score of a working candidate without the selector's score: last among the working ones."""
 
-Selector = Callable[..., np.ndarray]
-"""(candidates, *, key: str, seed: int) -> float scores, one per candidate, in pool order."""
+
+class PoolScores(Protocol):
+    """One float score per candidate, in pool order; `key` (the sample id) and `seed` fix any
+    draw, so record order is irrelevant."""
+
+    def __call__(self, candidates: Sequence[CandidateRecord], *, key: str,
+                 seed: int) -> np.ndarray: ...
+
+
+class SubsetWeights(Protocol):
+    """A sample's selection weights (one per candidate, summing to 1) for a selector that scores
+    within each subset drawn."""
+
+    def best_of_n(self, n: int) -> np.ndarray:
+        """P(each candidate is the pick of a uniformly random N-subset)."""
+
+    def prefix(self, n: int) -> np.ndarray:
+        """The pick among the first N candidates."""
+
+
+class WithinSubsets(Protocol):
+    """A record's `SubsetWeights`; None when the record lacks what that needs (the selector is
+    then scored over the whole pool). `draws` bounds any Monte-Carlo average."""
+
+    def __call__(self, record: SampleRecord, seed: int, draws: int) -> SubsetWeights | None: ...
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One selection rule, and everything the evaluation, plots and inference need to know of it.
+
+    `score`: the pool's scores. `within`: set when the scores depend on the subset drawn.
+    `needs_truth`: it reads the ground truth (an upper bound, not a method: refused by
+    inference, drawn dashed, never bold in tables). `tie_break`: a second score that orders the
+    candidates tied at the top for the single answer (default: the earliest wins). `color`: its
+    line in every plot (None: the next colour of the cycle).
+    """
+
+    name: str
+    score: PoolScores
+    within: WithinSubsets | None = None
+    needs_truth: bool = False
+    tie_break: PoolScores | None = None
+    color: str | None = None
+
+    def scores(self, candidates: Sequence[CandidateRecord], *, key: str = "",
+               seed: int = 0) -> np.ndarray:
+        return self.score(candidates, key=key, seed=seed)
+
+    def select(self, candidates: Sequence[CandidateRecord], *, key: str = "",
+               seed: int = 0) -> int | None:
+        """Position in `candidates` of the pick over the whole pool (the single answer).
+
+        Ties go to `tie_break`, then to the earliest candidate, so the answer is deterministic.
+        None when the pool is empty or every candidate failed.
+        """
+        if not candidates:
+            return None
+        s = self.scores(candidates, key=key, seed=seed)
+        s = np.where(np.isnan(s), -np.inf, s)
+        if self.tie_break is not None:
+            top = s == s.max()
+            s = np.where(top, self.tie_break(candidates, key=key, seed=seed), -np.inf)
+        best = int(np.argmax(s))
+        return best if candidates[best].ok else None
+
+    def answer(self, record: SampleRecord, seed: int = 0) -> int | None:
+        """Hypothesis index of the record's single answer; None when nothing can be picked."""
+        pos = self.select(record.candidates, key=record.sample_id, seed=seed)
+        return record.candidates[pos].index if pos is not None else None
 
 
 def _field_scores(candidates: Sequence[CandidateRecord], field: str) -> np.ndarray:
@@ -48,59 +122,73 @@ def _field_scores(candidates: Sequence[CandidateRecord], field: str) -> np.ndarr
     return out
 
 
-def verifier(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """The verifier VLM's score of each candidate mask."""
+def _verifier(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return _field_scores(candidates, "verifier_score")
 
 
-def executor(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """The executor's own confidence (SAM3's mask score)."""
+def _executor(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return _field_scores(candidates, "executor_score")
 
 
-def consensus(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """Mask consensus over the whole pool: mean IoU with the other working candidates.
-
-    A lone working candidate (no other to agree with) has consensus None → 0.0, not UNSCORED.
-    """
+def _consensus(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
+    """Over the whole pool (the pipeline's mean IoU with the other working candidates); a lone
+    working candidate (no other to agree with) has consensus None → 0.0, not UNSCORED."""
     s = _field_scores(candidates, "consensus")
     s[s == UNSCORED] = 0.0
     return s
 
 
-def first(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """The lowest hypothesis index wins: no selection, what a budget of one would give."""
+def _first(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return np.array([-float(c.index) if c.ok else -np.inf for c in candidates])
 
 
-def random(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """A uniformly random working candidate, in exact expectation: every working candidate ties.
-
-    Ties share their probability evenly in the estimators, so random@N is the pool's mean IoU at
-    every N with no sampling noise. The single answer (`select`) draws a seeded permutation.
-    """
+def _tied(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return np.array([0.0 if c.ok else -np.inf for c in candidates])
 
 
-def _permutation(n: int, key: str, seed: int) -> np.ndarray:
+def _permutation(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     """A permutation fixed by (seed, key); `key` is the sample id, so record order is irrelevant."""
     digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n)
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.permutation(len(candidates)).astype(float)
 
 
-def oracle(candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0) -> np.ndarray:
-    """True IoU with the ground truth: the upper bound of any selector."""
+def _oracle(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return np.array([float(c.iou) if c.ok else -np.inf for c in candidates])
 
 
-SELECTORS: dict[str, Selector] = {
-    "verifier": verifier,
-    "executor": executor,
-    "consensus": consensus,
-    "first": first,
-    "random": random,
-    "oracle": oracle,
-}
+VERIFIER = Selector("verifier", _verifier, color="#1f77b4")
+"""The verifier VLM's score of each candidate mask."""
+
+EXECUTOR = Selector("executor", _executor, color="#ff7f0e")
+"""The executor's own confidence (SAM3's mask score): it knows nothing of the query."""
+
+CONSENSUS = Selector("consensus", _consensus, within=SubsetConsensus.of, color="#2ca02c")
+"""Mask consensus: mean IoU with the other working candidates drawn (`rescue.consensus`)."""
+
+FIRST = Selector("first", _first, color="#8c564b")
+"""The lowest hypothesis index wins: no selection, what a budget of one would give."""
+
+RANDOM = Selector("random", _tied, tie_break=_permutation, color="#7f7f7f")
+"""A uniformly random working candidate, in exact expectation: every working candidate ties,
+and ties share their probability evenly in the estimators, so random@N is the pool's mean IoU at
+every N with no sampling noise. The single answer draws a seeded permutation."""
+
+ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
+"""True IoU with the ground truth: the upper bound of any selector."""
+
+
+def registry(*selectors: Selector) -> Mapping[str, Selector]:
+    """Name -> definition, in the order given; a name defined twice is an error."""
+    out: dict[str, Selector] = {}
+    for s in selectors:
+        if s.name in out:
+            raise ValueError(f"selector {s.name!r} is defined twice")
+        out[s.name] = s
+    return MappingProxyType(out)
+
+
+SELECTORS = registry(VERIFIER, EXECUTOR, CONSENSUS, FIRST, RANDOM, ORACLE)
 
 
 def get(name: str) -> Selector:
@@ -112,25 +200,6 @@ def get(name: str) -> Selector:
         ) from None
 
 
-def scores(
-    name: str, candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0
-) -> np.ndarray:
-    """Scores of `candidates` under the selector called `name`."""
-    return get(name)(candidates, key=key, seed=seed)
-
-
-def select(
-    name: str, candidates: Sequence[CandidateRecord], *, key: str = "", seed: int = 0
-) -> int | None:
-    """Position in `candidates` of the selector's pick over the whole pool (the single answer).
-
-    Ties go to the earliest candidate, so the answer is deterministic. None when the pool is
-    empty or every candidate failed.
-    """
-    if not candidates:
-        return None
-    s = scores(name, candidates, key=key, seed=seed)
-    if name == "random":  # break the all-way tie by a seeded draw, not by position
-        s = np.where(np.isfinite(s), _permutation(len(candidates), key, seed).astype(float), s)
-    best = int(np.argmax(np.where(np.isnan(s), -np.inf, s)))
-    return best if candidates[best].ok else None
+def named(names: Sequence[str]) -> tuple[Selector, ...]:
+    """The definitions of `names`, in their order."""
+    return tuple(get(str(n)) for n in names)

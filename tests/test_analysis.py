@@ -10,12 +10,12 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from named_settings import evaluate_named, settings_of
 from nbclient import NotebookClient
 
 from analysis import compare, rescore
 from analysis.runs import NoRunsError, find_runs, load_run, newest_run, run_labels, study_table
 from rescue import records
-from rescue.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["dataset.num_samples=6", "max_n=4", "n_grid=[1,2,4]", "selection.bootstrap=50",
@@ -161,20 +161,38 @@ def test_rescore_single_weight_reproduces_the_selector_exactly(made, tmp_path):
     assert (tmp_path / "iou_vs_n_rescore_verifier-1.png").is_file()
 
 
+def test_rescore_base_table_equals_the_runs_metrics_csv(made, tmp_path):
+    """The run's own settings, consensus_draws included: with 2 draws consensus is a
+    Monte-Carlo average that differs from the default's exact enumeration."""
+    ev = tmp_path / "ev"
+    _run("mode=evaluate", f"records_from={made['single']}", "selection.consensus_draws=2",
+         f"hydra.run.dir={ev}")
+    metrics = pd.read_csv(ev / "metrics.csv")
+    paths = rescore.rescore_run(ev, {"verifier": 1.0}, name="v1", out_dir=tmp_path / "re",
+                                plot=False)
+    base = pd.read_csv(paths["csv"])
+    pd.testing.assert_frame_equal(base[base.selector != "v1"].reset_index(drop=True), metrics,
+                                  check_exact=True)
+    default = pd.read_csv(made["single"] / "metrics.csv")
+    assert not np.allclose(metrics[metrics.selector == "consensus"].giou,
+                           default[default.selector == "consensus"].giou)
+
+
 def test_rescore_scale_invariance_and_a_real_combination(made):
     recs = list(records.read(made["sweep"] / "1" / "records.jsonl"))
     grid, kw = [1, 2, 4], {"bootstrap": 0, "seed": 0}
-    ref = evaluate(recs, grid, ["consensus"], **kw)
+    settings = settings_of(grid, ["consensus"], **kw)
+    ref = evaluate_named(recs, grid, ["consensus"], **kw)
     # a rescored term is a fixed per-candidate score (consensus: pool-level), so only its
     # scale is tested here; the consensus selector itself is scored within subsets
-    unit = rescore.rescore(recs, {"consensus": 1.0}, "c", grid, **kw)
-    scaled = rescore.rescore(recs, {"consensus": 3.0}, "c", grid, **kw)
+    unit = rescore.rescore(recs, {"consensus": 1.0}, "c", settings)
+    scaled = rescore.rescore(recs, {"consensus": 3.0}, "c", settings)
     np.testing.assert_array_equal(scaled["giou"], unit["giou"])
     at_max = (unit.n == 4) & (unit.estimator == "best_of_n")
     assert not unit[at_max].empty
     # a combination never beats the oracle, and at N=1 (no selection) equals every selector
-    combo = rescore.rescore(recs, {"verifier": 1.0, "consensus": 0.5}, "combo", grid, **kw)
-    oracle = evaluate(recs, grid, ["oracle"], **kw)
+    combo = rescore.rescore(recs, {"verifier": 1.0, "consensus": 0.5}, "combo", settings)
+    oracle = evaluate_named(recs, grid, ["oracle"], **kw)
     assert (combo["giou"].to_numpy() <= oracle["giou"].to_numpy() + 1e-12).all()
     at1 = combo[(combo.n == 1) & (combo.estimator == "best_of_n") & (combo.subset == "all")]
     assert at1["giou"].item() == pytest.approx(
@@ -189,7 +207,7 @@ def test_combined_scores_by_hand():
              CandidateRecord(index=2, verifier_score=None, consensus=0.4, failed_stage="verify"),
              CandidateRecord(index=3, failed_stage="plan", error="parse:no_json")]
     rec = SampleRecord("s", "d", "q", 4, 4, 2, True, candidates=cands)
-    s = rescore.combined_scores(rec, {"verifier": 1.0, "consensus": 1.0})
+    s = rescore.combined_selector({"verifier": 1.0, "consensus": 1.0}).scores(rec.candidates)
     # verifier z over the two scored: +1, -1; the unscored gets -1 - 1 = -2
     # consensus z over the three working: (0.2, 0.6, 0.4) -> (-1.2247, 1.2247, 0)
     zc = (np.array([0.2, 0.6, 0.4]) - 0.4) / np.std([0.2, 0.6, 0.4])

@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from rescue.app import n_values
+from rescue.settings import EvaluationSettings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -43,7 +43,7 @@ def test_default_is_the_demo(tmp_path):
     assert cfg.task_name == "demo" and cfg.mode == "run"
     assert cfg.dataset._target_.endswith("SyntheticDataset")
     assert cfg.planner._target_.endswith("SimulatedPlanner")
-    assert n_values(cfg)[-1] == cfg.max_n
+    assert EvaluationSettings.from_config(cfg).n_grid[-1] == cfg.max_n
 
 
 def test_every_group_has_options():
@@ -67,7 +67,7 @@ def test_every_experiment_instantiates(experiment, tmp_path, monkeypatch):
     assert text.startswith("# @package _global_"), "experiments only override"
     cfg = _compose([f"experiment={experiment}"], tmp_path)
     _resolve(cfg)
-    assert n_values(cfg)  # the N grid fits max_n
+    assert EvaluationSettings.from_config(cfg).n_grid  # the N grid fits max_n
     for role in ("planner", "executor", "verifier"):
         model = instantiate(cfg[role])
         assert isinstance(dict(model.identity()), dict)

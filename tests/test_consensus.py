@@ -5,9 +5,9 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from named_settings import evaluate_named, per_sample_named
 
 from rescue import consensus
-from rescue.evaluation import evaluate, per_sample_table
 from rescue.records import CandidateRecord, SampleRecord
 
 
@@ -47,9 +47,9 @@ def test_exact_weights_equal_brute_force(trial):
     for n in range(1, m + 1):
         subs = list(combinations(range(m), n))
         brute = np.mean([_brute_pick(ious, ok, s) for s in subs], axis=0)
-        got = consensus.best_of_n_weights(ious, ok, n, draws=10_000, rng=rng)
+        got = consensus.best_of_n_within(ious, ok, n, draws=10_000, rng=rng)
         np.testing.assert_allclose(got, brute, atol=1e-12)
-        np.testing.assert_allclose(consensus.prefix_weights(ious, ok, n),
+        np.testing.assert_allclose(consensus.prefix_within(ious, ok, n),
                                    _brute_pick(ious, ok, tuple(range(n))), atol=1e-12)
 
 
@@ -58,7 +58,7 @@ def test_monte_carlo_is_close_to_exact_on_large_pools():
     ious, ok = _pool(rng, 14)
     values = rng.random(14)
     exact = np.mean([_brute_pick(ious, ok, s) for s in combinations(range(14), 5)], axis=0)
-    mc = consensus.best_of_n_weights(ious, ok, 5, draws=4000, rng=rng)
+    mc = consensus.best_of_n_within(ious, ok, 5, draws=4000, rng=rng)
     # expected value of the pick: the MC standard error with 4000 draws is below 0.005 here
     assert abs(mc @ values - exact @ values) < 0.02
     assert mc.sum() == pytest.approx(1.0)
@@ -69,7 +69,7 @@ def test_two_masks_cannot_outvote_each_other():
     ok = np.ones(3, bool)
     # over the pool, 1 and 2 agree; within a pair every member ties, so N=2 is a coin flip
     assert np.argmax(consensus.pool_scores(ious, ok)) == 1
-    np.testing.assert_allclose(consensus.best_of_n_weights(ious, ok, 2, draws=99, rng=None),
+    np.testing.assert_allclose(consensus.best_of_n_within(ious, ok, 2, draws=99, rng=None),
                                [1 / 3] * 3)
 
 
@@ -91,10 +91,10 @@ def test_duplicates_agree_and_failures_have_no_vote():
     assert ious[0, 2] == 1.0 and ious[0, 1] == 0.2 and ious[3].sum() == 0
     np.testing.assert_allclose(consensus.pool_scores(ious, ok)[:3], [0.6, 0.2, 0.6])
     # N = M: the duplicated mask wins, shared between its two candidates
-    t = per_sample_table([rec], 4, "consensus")
+    t = per_sample_named([rec], 4, "consensus")
     assert t.expected_iou.iloc[0] == pytest.approx(0.5)
     # N = 2, prefix: candidates 0 and 1 tie (each other's only voter)
-    t = per_sample_table([rec], 2, "consensus", estimator="prefix")
+    t = per_sample_named([rec], 2, "consensus", estimator="prefix")
     assert t.expected_iou.iloc[0] == pytest.approx(0.7)
 
 
@@ -112,7 +112,7 @@ def test_pool_level_consensus_would_overstate_small_n():
         for c in cands:
             c.consensus = 1.0 if c.mask_key == "m0" else 0.0  # what the pool says
         recs.append(_rec(f"s{s}", cands, keys, pair.round(6).tolist()))
-    df = evaluate(recs, [2, 8], ["consensus", "oracle"], bootstrap=0)
+    df = evaluate_named(recs, [2, 8], ["consensus", "oracle"], bootstrap=0)
     at = df.set_index(["estimator", "selector", "n"]).giou
     # at N = 8 the triple wins every time; at N = 2 it only wins when two copies are drawn
     assert at["best_of_n", "consensus", 8] == pytest.approx(0.9)

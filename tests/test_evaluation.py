@@ -6,15 +6,10 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 import pytest
+from named_settings import evaluate_named, per_sample_named
 
 from rescue import selection
-from rescue.evaluation import (
-    CIOU_DEFINITION,
-    COLUMNS,
-    evaluate,
-    failure_summary,
-    per_sample_table,
-)
+from rescue.evaluation import CIOU_DEFINITION, COLUMNS, failure_summary
 from rescue.records import CandidateRecord, SampleRecord
 
 ALL = ["verifier", "executor", "consensus", "first", "random", "oracle"]
@@ -68,7 +63,7 @@ def brute(records, n, sel, estimator, seed=0):
             ei.append(0.0), eu.append(float(r.target_area)), eiou.append(0.0)
             continue
         m = len(r.candidates)
-        s = selection.scores(sel, r.candidates, key=r.sample_id, seed=seed)
+        s = selection.get(sel).scores(r.candidates, key=r.sample_id, seed=seed)
         counts = [(c.intersection, c.union) if c.ok else (0, r.target_area) for c in r.candidates]
         subs = [tuple(range(min(n, m)))] if estimator == "prefix" else list(
             combinations(range(m), min(n, m)))
@@ -94,7 +89,7 @@ def _row(df, estimator, sel, n, subset="all"):
 
 def test_columns_attrs_and_row_grid():
     recs = random_records(np.random.default_rng(0), 12)
-    df = evaluate(recs, [1, 2, 4], ALL, bootstrap=50)
+    df = evaluate_named(recs, [1, 2, 4], ALL, bootstrap=50)
     assert list(df.columns) == COLUMNS
     assert len(df) == 3 * 2 * 6 * 3  # subsets (all, long, short) x estimators x selectors x N
     assert set(df.subset) == {"all", "long", "short"}
@@ -106,7 +101,7 @@ def test_columns_attrs_and_row_grid():
 def test_matches_brute_force_enumeration(estimator):
     recs = random_records(np.random.default_rng(1), 30)
     recs.append(_record("failed", 7, [], error="corrupt image"))
-    df = evaluate(recs, [1, 2, 3, 4, 5, 6], ALL, estimators=[estimator], bootstrap=0,
+    df = evaluate_named(recs, [1, 2, 3, 4, 5, 6], ALL, estimators=[estimator], bootstrap=0,
                   by_tag=False, seed=3)
     for sel in ALL:
         for n in range(1, 7):
@@ -114,7 +109,7 @@ def test_matches_brute_force_enumeration(estimator):
             row = _row(df, estimator, sel, n)
             assert row.giou == pytest.approx(v.mean(), abs=1e-12)
             assert row.ciou == pytest.approx(i.sum() / u.sum(), abs=1e-12)
-            table = per_sample_table(recs, n, sel, estimator=estimator, seed=3)
+            table = per_sample_named(recs, n, sel, estimator=estimator, seed=3)
             np.testing.assert_allclose(table.expected_iou, v, atol=1e-12)
             np.testing.assert_allclose(table.expected_intersection, i, atol=1e-9)
             np.testing.assert_allclose(table.expected_union, u, atol=1e-9)
@@ -127,7 +122,7 @@ def test_hand_computed_example():
                           _cand(1, 5, 20, verifier_score=0.8),
                           CandidateRecord(index=2, failed_stage="execute", error="x")])
     b = _record("b", 0, [_cand(0, 0, 0, verifier_score=0.5), _cand(1, 0, 4, verifier_score=0.9)])
-    df = evaluate([a, b], [1, 2], ["verifier"], bootstrap=0)
+    df = evaluate_named([a, b], [1, 2], ["verifier"], bootstrap=0)
     n1 = _row(df, "best_of_n", "verifier", 1)
     # N=1: a: mean IoU (1 + .25 + 0) / 3; b: (1 + 0) / 2
     assert n1.giou == pytest.approx(((1 + 0.25) / 3 + 0.5) / 2)
@@ -145,18 +140,18 @@ def test_hand_computed_example():
 def test_failed_samples_count_as_zero_and_are_not_dropped():
     ok = _record("ok", 10, [_cand(0, 10, 10, verifier_score=1.0)])
     bad = _record("bad", 30, [], error="ValueError: corrupt image")
-    df = evaluate([ok, bad], [1], ["verifier"], bootstrap=0)
+    df = evaluate_named([ok, bad], [1], ["verifier"], bootstrap=0)
     row = _row(df, "best_of_n", "verifier", 1)
     assert row.num_samples == 2 and row.num_failed_samples == 1
     assert row.giou == pytest.approx(0.5)
     assert row.ciou == pytest.approx(10 / 40)  # the failed sample's union is its target area
-    t = per_sample_table([ok, bad], 1, "verifier")
+    t = per_sample_named([ok, bad], 1, "verifier")
     assert list(t.failed) == [False, True] and list(t.expected_iou) == [1.0, 0.0]
 
 
 def test_oracle_is_an_upper_bound_at_every_n():
     recs = random_records(np.random.default_rng(2), 60, m_choices=(8,))
-    df = evaluate(recs, range(1, 9), ALL, bootstrap=0)
+    df = evaluate_named(recs, range(1, 9), ALL, bootstrap=0)
     for est in ("best_of_n", "prefix"):
         for n in range(1, 9):
             best = _row(df, est, "oracle", n).giou
@@ -167,7 +162,7 @@ def test_oracle_is_an_upper_bound_at_every_n():
 def test_limiting_cases():
     rng = np.random.default_rng(4)
     recs = random_records(rng, 40, m_choices=(6,))
-    df = evaluate(recs, [1, 6], ALL, bootstrap=0, by_tag=False)
+    df = evaluate_named(recs, [1, 6], ALL, bootstrap=0, by_tag=False)
     # N = 1 is the pool mean for every selector
     assert np.ptp(df[(df.estimator == "best_of_n") & (df.n == 1)].giou) < 1e-12
     # N = M is the argmax (ties shared): the prefix of all M is the same thing
@@ -181,10 +176,10 @@ def test_random_selector_is_the_pool_mean_at_every_n():
     rng = np.random.default_rng(5)
     recs = [_record(f"s{s}", 20, [_cand(k, int(rng.integers(0, 21)), 20 + int(rng.integers(0, 9)))
                                   for k in range(7)]) for s in range(50)]
-    mean = per_sample_table(recs, 1, "random").expected_iou.to_numpy()
+    mean = per_sample_named(recs, 1, "random").expected_iou.to_numpy()
     for n in (2, 4, 7):
-        np.testing.assert_allclose(per_sample_table(recs, n, "random").expected_iou, mean)
-    oracle_gain = per_sample_table(recs, 7, "oracle").expected_iou.to_numpy() - mean
+        np.testing.assert_allclose(per_sample_named(recs, n, "random").expected_iou, mean)
+    oracle_gain = per_sample_named(recs, 7, "oracle").expected_iou.to_numpy() - mean
     assert oracle_gain.mean() > 0.1
 
 
@@ -193,7 +188,7 @@ def test_n_beyond_every_pool_is_skipped_and_short_pools_are_clamped(caplog):
                                   _cand(1, 10, 10, verifier_score=0.9)])
     big = _record("big", 10, [_cand(k, k, 10, verifier_score=k / 10) for k in range(4)])
     with caplog.at_level(logging.WARNING, logger="rescue.evaluation"):
-        df = evaluate([small, big], [1, 4, 8, 4], ["verifier"], bootstrap=0)
+        df = evaluate_named([small, big], [1, 4, 8, 4], ["verifier"], bootstrap=0)
     assert "N=[8]" in caplog.text
     assert sorted(set(df.n)) == [1, 4]
     row = _row(df, "best_of_n", "verifier", 4)
@@ -203,14 +198,14 @@ def test_n_beyond_every_pool_is_skipped_and_short_pools_are_clamped(caplog):
 
 def test_all_samples_failed_reports_zeros():
     recs = [_record("a", 5, [], error="x"), _record("b", 0, [], error="y")]
-    df = evaluate(recs, [1, 4], ["verifier"], bootstrap=10)
+    df = evaluate_named(recs, [1, 4], ["verifier"], bootstrap=10)
     assert len(df) == 4 and (df.giou == 0).all() and (df.num_failed_samples == 2).all()
 
 
 def test_subsets_by_tag_equal_separate_evaluations():
     recs = random_records(np.random.default_rng(6), 40)
-    df = evaluate(recs, [1, 2, 4], ALL, bootstrap=0)
-    long_only = evaluate([r for r in recs if "long" in r.tags], [1, 2, 4], ALL, bootstrap=0,
+    df = evaluate_named(recs, [1, 2, 4], ALL, bootstrap=0)
+    long_only = evaluate_named([r for r in recs if "long" in r.tags], [1, 2, 4], ALL, bootstrap=0,
                          by_tag=False)
     mine = df[df.subset == "long"].drop(columns="subset").reset_index(drop=True)
     theirs = long_only.drop(columns="subset").reset_index(drop=True)
@@ -221,9 +216,9 @@ def test_subsets_by_tag_equal_separate_evaluations():
 def test_bootstrap_equals_a_naive_loop_and_is_reproducible():
     recs = random_records(np.random.default_rng(7), 25)
     draws, ci = 200, 0.9
-    df = evaluate(recs, [2], ["verifier", "oracle"], estimators=["best_of_n"], bootstrap=draws,
-                  ci=ci, seed=11, by_tag=False)
-    pd.testing.assert_frame_equal(df, evaluate(recs, [2], ["verifier", "oracle"],
+    df = evaluate_named(recs, [2], ["verifier", "oracle"], estimators=["best_of_n"],
+                        bootstrap=draws, ci=ci, seed=11, by_tag=False)
+    pd.testing.assert_frame_equal(df, evaluate_named(recs, [2], ["verifier", "oracle"],
                                                estimators=["best_of_n"], bootstrap=draws, ci=ci,
                                                seed=11, by_tag=False))
     rng = np.random.default_rng(11)  # evaluate draws its resamples from default_rng(seed)
@@ -241,24 +236,24 @@ def test_bootstrap_equals_a_naive_loop_and_is_reproducible():
 
 
 def test_no_bootstrap_gives_nan_intervals():
-    df = evaluate(random_records(np.random.default_rng(8), 5), [1], ["first"], bootstrap=0)
+    df = evaluate_named(random_records(np.random.default_rng(8), 5), [1], ["first"], bootstrap=0)
     assert df[["giou_lo", "giou_hi", "ciou_lo", "ciou_hi"]].isna().all().all()
 
 
 def test_bad_arguments_are_clear_errors():
     recs = random_records(np.random.default_rng(9), 3)
     with pytest.raises(ValueError, match="valid selectors"):
-        evaluate(recs, [1], ["verfier"])
+        evaluate_named(recs, [1], ["verfier"])
     with pytest.raises(ValueError, match="valid estimators"):
-        evaluate(recs, [1], ["first"], estimators=["best_of_m"])
+        evaluate_named(recs, [1], ["first"], estimators=["best_of_m"])
     with pytest.raises(ValueError, match="no records"):
-        evaluate([], [1], ["first"])
+        evaluate_named([], [1], ["first"])
     with pytest.raises(ValueError, match="more than once"):
-        evaluate(recs + recs[:1], [1], ["first"])
+        evaluate_named(recs + recs[:1], [1], ["first"])
     with pytest.raises(ValueError, match="n_grid"):
-        evaluate(recs, [0, 1], ["first"])
+        evaluate_named(recs, [0, 1], ["first"])
     with pytest.raises(ValueError, match="ci"):
-        evaluate(recs, [1], ["first"], ci=1.5)
+        evaluate_named(recs, [1], ["first"], ci=1.5)
 
 
 def test_failure_summary():
@@ -280,6 +275,6 @@ def test_failure_summary():
 
 def test_record_order_does_not_change_any_number():
     recs = random_records(np.random.default_rng(9), 25)
-    a = evaluate(recs, [1, 2, 4], ALL, bootstrap=100, seed=3)
-    b = evaluate(recs[::-1], [1, 2, 4], ALL, bootstrap=100, seed=3)
+    a = evaluate_named(recs, [1, 2, 4], ALL, bootstrap=100, seed=3)
+    b = evaluate_named(recs[::-1], [1, 2, 4], ALL, bootstrap=100, seed=3)
     pd.testing.assert_frame_equal(a, b)

@@ -21,6 +21,7 @@ from reporting_fakes import (
     sample_record,
 )
 
+from rescue import selection
 from rescue.records import CandidateRecord, SampleRecord, reason_code
 from rescue.reporting import (
     NullLogger,
@@ -29,7 +30,6 @@ from rescue.reporting import (
     failure_table,
     log_report,
     plot_iou_vs_n,
-    selected_index,
     summary,
     write_metrics,
     write_overlays,
@@ -274,6 +274,10 @@ def test_tall_images_get_captions_room_and_long_queries_wrap() -> None:
 
 
 def test_selected_index_picks_the_best_score() -> None:
+    # the sheets mark the selector's own single answer (`Selector.answer`)
+    def selected_index(rec, selector="verifier"):
+        return selection.get(selector).answer(rec)
+
     rec = sample_record(make_sample())
     assert selected_index(rec, "verifier") == 0
     assert selected_index(rec, "executor") == 6

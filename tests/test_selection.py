@@ -31,55 +31,55 @@ def test_unknown_selector_names_the_valid_ones():
 
 @pytest.mark.parametrize("name", list(selection.SELECTORS))
 def test_failed_candidates_score_minus_inf_and_working_ones_beat_them(name):
-    s = selection.scores(name, _pool(), key="a", seed=0)
+    s = selection.get(name).scores(_pool(), key="a", seed=0)
     assert s.shape == (6,)
     assert s[1] == -np.inf and s[5] == -np.inf
     assert np.all(s[[0, 2, 3, 4]] > -np.inf)
 
 
 def test_verifier_reads_scores_inherits_duplicates_and_ranks_unscored_last():
-    s = selection.scores("verifier", _pool())
+    s = selection.get("verifier").scores(_pool())
     assert s[0] == 0.4 and s[2] == 0.8
     assert s[3] == 0.8  # duplicate of 2, verified once
     assert s[4] == selection.UNSCORED and s[4] < s[0]
 
 
 def test_executor_scores():
-    s = selection.scores("executor", _pool())
+    s = selection.get("executor").scores(_pool())
     assert list(s[[0, 3, 4]]) == [0.9, 0.2, 0.1]
     assert s[2] == selection.UNSCORED  # 2 has no executor score; 3 has its own
 
 
 def test_consensus_and_oracle_and_first():
-    c = selection.scores("consensus", _pool())
+    c = selection.get("consensus").scores(_pool())
     assert list(c[[0, 2, 3, 4]]) == [0.5, 0.7, 0.7, 0.0]
-    o = selection.scores("oracle", _pool())
+    o = selection.get("oracle").scores(_pool())
     assert list(o[[0, 2, 3, 4]]) == [0.3, 0.9, 0.9, 0.1]
-    f = selection.scores("first", _pool())
+    f = selection.get("first").scores(_pool())
     assert list(f[[0, 2, 3, 4]]) == [0.0, -2.0, -3.0, -4.0]
 
 
 def test_random_ties_every_working_candidate_and_picks_by_seed():
     pool = [CandidateRecord(index=k) for k in range(32)] + [CandidateRecord(
         index=32, failed_stage="plan")]
-    a = selection.scores("random", pool, key="s1", seed=0)
+    a = selection.get("random").scores(pool, key="s1", seed=0)
     assert set(a[:32]) == {0.0} and a[32] == -np.inf
-    picks = {selection.select("random", pool, key=f"s{k}", seed=0) for k in range(40)}
+    picks = {selection.get("random").select(pool, key=f"s{k}", seed=0) for k in range(40)}
     assert len(picks) > 10 and 32 not in picks
-    assert selection.select("random", pool, key="s1", seed=0) == selection.select(
-        "random", pool, key="s1", seed=0)
+    random = selection.get("random")
+    assert random.select(pool, key="s1", seed=0) == random.select(pool, key="s1", seed=0)
 
 
 def test_select_gives_the_single_answer():
-    assert selection.select("verifier", _pool()) == 2  # tie 2/3 goes to the earlier one
-    assert selection.select("executor", _pool()) == 0
-    assert selection.select("first", _pool()) == 0
-    assert selection.select("oracle", []) is None
+    assert selection.get("verifier").select(_pool()) == 2  # tie 2/3 goes to the earlier one
+    assert selection.get("executor").select(_pool()) == 0
+    assert selection.get("first").select(_pool()) == 0
+    assert selection.get("oracle").select([]) is None
     failed = [CandidateRecord(index=0, failed_stage="execute", error="x")]
-    assert selection.select("verifier", failed) is None
+    assert selection.get("verifier").select(failed) is None
     # a failed verification keeps the mask: it is still an answer, below any verified one
     unverified = [CandidateRecord(index=0, failed_stage="verify", error="x"),
                   CandidateRecord(index=1, failed_stage="plan", error="x")]
-    assert selection.select("verifier", unverified) == 0
+    assert selection.get("verifier").select(unverified) == 0
     unverified.append(CandidateRecord(index=2, verifier_score=0.01))
-    assert selection.select("verifier", unverified) == 2
+    assert selection.get("verifier").select(unverified) == 2

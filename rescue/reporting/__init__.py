@@ -15,18 +15,18 @@ from typing import Any
 
 import pandas as pd
 
-from rescue.records import SampleRecord
+from rescue.records import SampleRecord, json_safe
 from rescue.reporting.logger import Logger, NullLogger
-from rescue.reporting.overlays import OverlayItem, draw_candidates, selected_index, write_overlays
+from rescue.reporting.overlays import OverlayItem, draw_candidates, write_overlays
 from rescue.reporting.plots import plot_iou_vs_n, write_plots
 from rescue.reporting.tables import (
     failure_counts,
     failure_table,
-    json_ready,
     summary,
     write_failures,
     write_metrics,
 )
+from rescue.selection import Selector
 
 __all__ = [
     "Logger",
@@ -36,7 +36,6 @@ __all__ = [
     "failure_table",
     "log_report",
     "plot_iou_vs_n",
-    "selected_index",
     "summary",
     "write_metrics",
     "write_overlays",
@@ -48,11 +47,13 @@ log = logging.getLogger(__name__)
 
 def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: pd.DataFrame,
                  overlay_items: Sequence[OverlayItem] = (), simulated: bool = False,
-                 primary: str = "verifier") -> dict[str, Path]:
+                 primary: str = "verifier", selectors: Sequence[Selector] | None = None,
+                 plots: bool = True) -> dict[str, Path]:
     """metrics.csv/.md, failures.csv, iou_vs_n.png, ciou_vs_n.png, overlays/*.png, summary.json.
 
     Returns name → path: "metrics_csv", "metrics_md", "failures_csv", "iou_vs_n", "ciou_vs_n"
-    (and "iou_vs_n_prefix"), "overlays/<file stem>" per sheet, "summary".
+    (and "iou_vs_n_prefix"), "overlays/<file stem>" per sheet, "summary". `selectors` style
+    the plots (`plots.iou_vs_n_figure`); `plots=False` (`report.plot`) draws none.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,9 @@ def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: 
 
     paths["failures_csv"] = write_failures(records, out)
     paths.update(write_metrics(metrics, out, simulated=simulated))  # a bad frame is a bug: raise
-    paths.update(attempt("plots", lambda: write_plots(metrics, out, simulated=simulated)) or {})
+    if plots:
+        paths.update(attempt("plots", lambda: write_plots(metrics, out, simulated=simulated,
+                                                          selectors=selectors)) or {})
     sheets = attempt("overlays", lambda: write_overlays(overlay_items, out / "overlays")) or []
     paths.update({f"overlays/{p.stem}": p for p in sheets})
     head: dict[str, Any] = {"simulated": bool(simulated)}
@@ -80,7 +83,7 @@ def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: 
     if problems:
         head["report_errors"] = problems
     paths["summary"] = out / "summary.json"
-    paths["summary"].write_text(json.dumps(json_ready(head), indent=2, sort_keys=True) + "\n",
+    paths["summary"].write_text(json.dumps(json_safe(head), indent=2, sort_keys=True) + "\n",
                                 encoding="utf-8")
     return paths
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,18 +318,3 @@ def mask_layers(item: OverlayItem, max_candidates: int = 3,
         name = "selected" if s.selected else f"candidate_{s.candidate.index}"
         layers[name] = _scale_mask(mask, shape).astype(np.uint8)
     return small, layers
-
-
-def selected_index(record: SampleRecord, selector: str = "verifier") -> int | None:
-    """The candidate a score selector picks over the full pool (highest score, lowest index)."""
-    field = {"verifier": "verifier_score", "executor": "executor_score",
-             "consensus": "consensus", "oracle": "iou"}.get(selector)
-    pool: Sequence[CandidateRecord] = [c for c in record.candidates if c.ok]
-    if not pool:
-        return None
-    if field is None:  # "first", "random": the first working candidate
-        return min(c.index for c in pool)
-    scored = [c for c in pool if getattr(c, field) is not None]
-    if not scored:
-        return None
-    return min(scored, key=lambda c: (-float(getattr(c, field)), c.index)).index

@@ -6,54 +6,40 @@ pyplot global state is touched (safe in Hydra multiruns and threads).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from rescue.reporting.tables import (
-    ESTIMATOR_ORDER,
-    METRIC_TITLES,
-    SELECTOR_ORDER,
-    ordered,
-    with_subset,
-)
+from rescue import selection
+from rescue.reporting.tables import ESTIMATOR_ORDER, METRIC_TITLES, ordered, with_subset
+from rescue.selection import Selector
 
-# one colour per selector, the same in every plot of every run
-COLORS = {"verifier": "#1f77b4", "executor": "#ff7f0e", "consensus": "#2ca02c",
-          "first": "#8c564b", "random": "#7f7f7f", "oracle": "#d62728"}
 ESTIMATOR_LABELS = {"best_of_n": "best-of-N (exact expectation)", "prefix": "first N (prefix)"}
+SIMULATED_TITLE = "SIMULATED models — measures the framework, not a model"
 
 
-def plot_iou_vs_n(metrics: pd.DataFrame, out_path: Path | str, metric: str = "giou",
-                  estimator: str = "best_of_n", simulated: bool = False,
-                  subset: str = "all") -> Path:
-    """One line per selector with its bootstrap band, N on a log2 axis; oracle dashed."""
-    if metric not in METRIC_TITLES:
-        raise ValueError(f"metric must be one of {sorted(METRIC_TITLES)}, got {metric!r}")
-    df = with_subset(metrics)
-    df = df[(df["estimator"] == estimator) & (df["subset"].astype(str) == subset)]
-    if df.empty:
-        raise ValueError(f"no metrics rows for estimator={estimator!r}, subset={subset!r} "
-                         f"(estimators: {ordered(metrics['estimator'].unique(), ESTIMATOR_ORDER)})")
-    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+def new_figure(height: float = 4.8) -> tuple[Figure, Axes]:
+    """A bare Agg figure with one axes, the size of every quality-vs-N plot."""
+    fig = Figure(figsize=(7.5, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ns = sorted(int(n) for n in df["n"].unique())
-    for sel in ordered(df["selector"].astype(str).unique(), SELECTOR_ORDER):
-        s = df[df["selector"] == sel].sort_values("n")
-        x, y = s["n"].to_numpy(float), 100.0 * s[metric].to_numpy(float)
-        color = COLORS.get(sel)
-        oracle = sel == "oracle"
-        (line,) = ax.plot(x, y, marker="o", markersize=4, linewidth=2.2 if sel != "oracle" else 1.6,
-                          linestyle="--" if oracle else "-", color=color,
-                          label=sel + (" (upper bound)" if oracle else ""))
-        lo, hi = s.get(f"{metric}_lo"), s.get(f"{metric}_hi")
-        if lo is not None and hi is not None and lo.notna().any():
-            ax.fill_between(x, 100.0 * lo.to_numpy(float), 100.0 * hi.to_numpy(float),
-                            color=line.get_color(), alpha=0.12, linewidth=0)
+    return fig, fig.add_subplot()
+
+
+def band(ax: Axes, rows: pd.DataFrame, metric: str, color: object, alpha: float) -> None:
+    """The rows' bootstrap interval of `metric` (in %) as a band, where they have one."""
+    lo, hi = rows.get(f"{metric}_lo"), rows.get(f"{metric}_hi")
+    if lo is not None and hi is not None and lo.notna().any():
+        ax.fill_between(rows["n"].to_numpy(float), 100.0 * lo.to_numpy(float),
+                        100.0 * hi.to_numpy(float), color=color, alpha=alpha, linewidth=0)
+
+
+def n_axis(ax: Axes, ns: Sequence[int], metric: str) -> None:
+    """N on a log2 axis with a tick at every N evaluated; the metric in percent."""
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(ns))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -63,6 +49,49 @@ def plot_iou_vs_n(metrics: pd.DataFrame, out_path: Path | str, metric: str = "gi
     ax.set_xlabel("N (hypotheses per sample)")
     ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
     ax.grid(True, which="major", alpha=0.3)
+
+
+def save_png(fig: Figure, out_path: Path | str, simulated: bool = False) -> Path:
+    """Write the figure (its title saying SIMULATED when it is) as a PNG; returns the path."""
+    if simulated:
+        fig.suptitle(SIMULATED_TITLE, color="#b00020", fontsize=12, fontweight="bold")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def iou_vs_n_figure(metrics: pd.DataFrame, metric: str = "giou", estimator: str = "best_of_n",
+                    subset: str = "all",
+                    selectors: Sequence[Selector] | None = None) -> Figure:
+    """One line per selector with its bootstrap band, N on a log2 axis.
+
+    `selectors` (default: every defined one) give the lines their order and colour, and draw
+    those that need the truth dashed, as upper bounds; a selector of the table without a
+    definition (e.g. a re-scored one) comes after them in the next colour of the cycle.
+    """
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"metric must be one of {sorted(METRIC_TITLES)}, got {metric!r}")
+    df = with_subset(metrics)
+    df = df[(df["estimator"] == estimator) & (df["subset"].astype(str) == subset)]
+    if df.empty:
+        raise ValueError(f"no metrics rows for estimator={estimator!r}, subset={subset!r} "
+                         f"(estimators: {ordered(metrics['estimator'].unique(), ESTIMATOR_ORDER)})")
+    known = {s.name: s for s in (selection.SELECTORS.values() if selectors is None
+                                 else selectors)}
+    fig, ax = new_figure()
+    ns = sorted(int(n) for n in df["n"].unique())
+    for name in ordered(df["selector"].astype(str).unique(), list(known)):
+        s = df[df["selector"] == name].sort_values("n")
+        sel = known.get(name)
+        bound = sel is not None and sel.needs_truth
+        (line,) = ax.plot(s["n"].to_numpy(float), 100.0 * s[metric].to_numpy(float), marker="o",
+                          markersize=4, linewidth=1.6 if bound else 2.2,
+                          linestyle="--" if bound else "-",
+                          color=sel.color if sel is not None else None,
+                          label=name + (" (upper bound)" if bound else ""))
+        band(ax, s, metric, line.get_color(), 0.12)
+    n_axis(ax, ns, metric)
     ax.legend(loc="best", fontsize=9, frameon=False)
     samples = int(df["num_samples"].max()) if "num_samples" in df.columns else None
     title = f"{METRIC_TITLES[metric]} vs N — {ESTIMATOR_LABELS.get(estimator, estimator)}"
@@ -74,24 +103,27 @@ def plot_iou_vs_n(metrics: pd.DataFrame, out_path: Path | str, metric: str = "gi
     if metric == "ciou":
         ax.text(0.99, 0.01, "cIoU@N = E[ΣI] / E[ΣU]", transform=ax.transAxes, ha="right",
                 va="bottom", fontsize=8, color="#555555")
-    if simulated:
-        fig.suptitle("SIMULATED models — measures the framework, not a model",
-                     color="#b00020", fontsize=12, fontweight="bold")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return fig
 
 
-def write_plots(metrics: pd.DataFrame, out_dir: Path | str,
-                simulated: bool = False) -> dict[str, Path]:
+def plot_iou_vs_n(metrics: pd.DataFrame, out_path: Path | str, metric: str = "giou",
+                  estimator: str = "best_of_n", simulated: bool = False, subset: str = "all",
+                  selectors: Sequence[Selector] | None = None) -> Path:
+    """`iou_vs_n_figure` written to `out_path`."""
+    return save_png(iou_vs_n_figure(metrics, metric, estimator, subset, selectors), out_path,
+                    simulated)
+
+
+def write_plots(metrics: pd.DataFrame, out_dir: Path | str, simulated: bool = False,
+                selectors: Sequence[Selector] | None = None) -> dict[str, Path]:
     """iou_vs_n.png (gIoU) and ciou_vs_n.png for best-of-N, plus the prefix gIoU when present."""
     out = Path(out_dir)
     paths = {"iou_vs_n": plot_iou_vs_n(metrics, out / "iou_vs_n.png", "giou",
-                                       simulated=simulated),
+                                       simulated=simulated, selectors=selectors),
              "ciou_vs_n": plot_iou_vs_n(metrics, out / "ciou_vs_n.png", "ciou",
-                                        simulated=simulated)}
+                                        simulated=simulated, selectors=selectors)}
     if (metrics["estimator"] == "prefix").any():
         paths["iou_vs_n_prefix"] = plot_iou_vs_n(metrics, out / "iou_vs_n_prefix.png", "giou",
-                                                 estimator="prefix", simulated=simulated)
+                                                 estimator="prefix", simulated=simulated,
+                                                 selectors=selectors)
     return paths

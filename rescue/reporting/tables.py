@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from rescue import selection
 from rescue.evaluation import failure_shares, truncation_shares
 from rescue.records import SampleRecord, reason_code
 
-SELECTOR_ORDER = ("verifier", "executor", "consensus", "first", "random", "oracle")
+SELECTOR_ORDER = tuple(selection.SELECTORS)
+BOUNDS = frozenset(s.name for s in selection.SELECTORS.values() if s.needs_truth)
+"""Selectors that read the truth: upper bounds, never the best of a table."""
 ESTIMATOR_ORDER = ("best_of_n", "prefix")
 ESTIMATOR_TITLES = {
     "best_of_n": "best-of-N: expected pick from a uniformly random N-subset of the max_n "
@@ -54,41 +57,54 @@ def subset_order(metrics: pd.DataFrame) -> list[str]:
     return ordered(with_subset(metrics)["subset"].astype(str).unique(), ("all",))
 
 
-def _pct(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+def pct(v: Any) -> str:
+    """A fraction as a percentage with one decimal; "–" for a missing or non-finite value."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or pd.isna(v):
         return "–"
     return f"{100.0 * float(v):.1f}"
 
 
-def _cell(row: pd.Series, metric: str) -> str:
+def cell(row: pd.Series, metric: str) -> str:
+    """`value [lo, hi]` in percent, or the value alone where the row has no interval."""
     lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
-    value = _pct(row[metric])
+    value = pct(row[metric])
     if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
         return value
-    return f"{value} [{_pct(lo)}, {_pct(hi)}]"
+    return f"{value} [{pct(lo)}, {pct(hi)}]"
+
+
+def markdown_table(header: Sequence[str], align: str,
+                   rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table; `align` holds one "l" or "r" per column."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule,
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def by_n_table(block: pd.DataFrame, key: str, columns: Sequence[str], metric: str,
+               header: Sequence[str] | None = None, bold: bool = True,
+               not_contenders: Iterable[str] = ()) -> list[str]:
+    """Rows N, one column per value of `key` (`header` their titles): the metric with its
+    interval, the best contender at each N in bold. Ties share the bold; when every contender
+    ties (e.g. N = 1) nobody is best."""
+    rows = []
+    for n in sorted(int(n) for n in block["n"].unique()):
+        at_n = block[block["n"] == n].set_index(key)
+        contenders = at_n.drop(index=list(not_contenders), errors="ignore")[metric].dropna()
+        best = (set(contenders.index[contenders == contenders.max()])
+                if bold and contenders.nunique() > 1 else set())
+        cells = [str(n)]
+        for c in columns:
+            text = cell(at_n.loc[c], metric) if c in at_n.index else ""
+            cells.append(f"**{text}**" if c in best else text)
+        rows.append(cells)
+    return markdown_table(["N", *(header or columns)], "r" * (1 + len(columns)), rows)
 
 
 def _metric_table(block: pd.DataFrame, metric: str) -> list[str]:
+    # the oracle (a bound, not a contender) is never bold
     selectors = ordered(block["selector"].astype(str).unique(), SELECTOR_ORDER)
-    ns = sorted(int(n) for n in block["n"].unique())
-    lines = ["| N | " + " | ".join(selectors) + " |",
-             "|---:|" + "|".join("---:" for _ in selectors) + "|"]
-    for n in ns:
-        at_n = block[block["n"] == n].set_index("selector")
-        # bold the best non-oracle selector: the oracle is a bound, not a contender
-        contenders = at_n.drop(index="oracle", errors="ignore")[metric].dropna()
-        top = contenders.max() if len(contenders) else None
-        # ties share the bold; when every contender ties (e.g. N = 1) nobody is best
-        best = set() if contenders.nunique() < 2 else set(contenders.index[contenders == top])
-        cells = []
-        for s in selectors:
-            if s not in at_n.index:
-                cells.append("")
-                continue
-            text = _cell(at_n.loc[s], metric)
-            cells.append(f"**{text}**" if s in best else text)
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return lines
+    return by_n_table(block, "selector", selectors, metric, not_contenders=BOUNDS)
 
 
 def metrics_markdown(metrics: pd.DataFrame, simulated: bool = False) -> str:
@@ -224,19 +240,3 @@ def failure_counts(records: Sequence[SampleRecord]) -> dict[str, Any]:
             "failed_by_stage": dict(by_stage.most_common()),
             "failure_share": failure_shares(records),
             "truncated_share": truncation_shares(records)}
-
-
-def json_ready(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain JSON values (NaN → None, numpy scalars → Python)."""
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out[k] = json_ready(v)
-        elif hasattr(v, "item") and not isinstance(v, str | bytes):
-            v = v.item()
-            out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-        elif isinstance(v, float) and not math.isfinite(v):
-            out[k] = None
-        else:
-            out[k] = v
-    return out

@@ -1,0 +1,90 @@
+"""Evaluation settings: what a run evaluates and how, read from the config once and checked once.
+
+`EvaluationSettings.from_config` is the one place that reads `n_grid`, `seed`, `max_n` and
+`selection.*`; the run, re-evaluation, merge, inference and the analysis tools all build their
+settings there (the analysis from a run's saved `config_resolved.yaml`), so a run and a
+re-scoring of it cannot disagree on a default. A key missing from an older run's config takes
+the field's default below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rescue import selection
+from rescue.estimators import ESTIMATORS
+from rescue.selection import Selector
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """`n_grid` (sorted, distinct, each in 1..`max_n`; `max_n` None where the records' pools
+    bound N instead), the selectors evaluated and the `primary` one among them (the headline
+    number and the single answer), the estimators, `bootstrap` resamples for the intervals at
+    level `ci`, the `seed` of resamples and draws, and `consensus_draws` (at most this many
+    subsets are enumerated, else that many drawn: `rescue.consensus`)."""
+
+    n_grid: tuple[int, ...]
+    selectors: tuple[Selector, ...] = tuple(selection.SELECTORS.values())
+    primary: Selector = selection.VERIFIER
+    estimators: tuple[str, ...] = ESTIMATORS
+    bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    consensus_draws: int = 256
+    max_n: int | None = None
+
+    def __post_init__(self) -> None:
+        grid = sorted({int(n) for n in self.n_grid})
+        if not grid or grid[0] < 1:
+            raise ValueError(f"n_grid must hold integers >= 1, got {list(self.n_grid)}")
+        if self.max_n is not None and grid[-1] > self.max_n:
+            bad = [n for n in grid if n > self.max_n]
+            raise ValueError(f"n_grid values {bad} are outside 1..max_n={self.max_n}")
+        object.__setattr__(self, "n_grid", tuple(grid))
+        object.__setattr__(self, "selectors", tuple(self.selectors))
+        object.__setattr__(self, "estimators", tuple(str(e) for e in self.estimators))
+        names = [s.name for s in self.selectors]
+        if not names:
+            raise ValueError("no selectors to evaluate")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"selectors {twice} are listed twice")
+        for name in self.estimators:
+            if name not in ESTIMATORS:
+                raise ValueError(
+                    f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}")
+        if self.primary not in self.selectors:
+            raise ValueError(f"primary selector {self.primary.name!r} is not among the "
+                             f"evaluated selectors ({', '.join(names)})")
+        if not 0 < self.ci < 1:
+            raise ValueError(f"ci must be in (0, 1), got {self.ci}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
+        if self.consensus_draws < 1:
+            raise ValueError(f"consensus_draws must be >= 1, got {self.consensus_draws}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, bounded: bool = True) -> EvaluationSettings:
+        """The settings of a composed (or saved) run config. `bounded`: N may not exceed the
+        config's `max_n`; re-evaluating records whose pools another run generated is not."""
+        if cfg.get("n_grid") is None:
+            raise ValueError("the config has no n_grid")
+        sel = cfg.get("selection") or {}
+        kw: dict[str, Any] = {}
+        if sel.get("selectors") is not None:
+            kw["selectors"] = selection.named(list(sel["selectors"]))
+        if sel.get("primary") is not None:
+            kw["primary"] = selection.get(str(sel["primary"]))
+        if sel.get("estimators") is not None:
+            kw["estimators"] = tuple(str(e) for e in sel["estimators"])
+        for key, kind in (("bootstrap", int), ("ci", float), ("consensus_draws", int)):
+            if sel.get(key) is not None:
+                kw[key] = kind(sel[key])
+        if cfg.get("seed") is not None:
+            kw["seed"] = int(cfg["seed"])
+        if bounded:
+            kw["max_n"] = int(cfg["max_n"])
+        return cls(n_grid=tuple(int(n) for n in cfg["n_grid"]), **kw)

@@ -12,6 +12,7 @@ from rescue.hypothesis import Prompt
 from rescue.models import classical
 from rescue.models.classical import ClassicalExecutor, grabcut_segment
 from rescue.protocols import Executor
+from rescue.sample import Sample
 
 
 def _iou(a, b):
@@ -148,6 +149,37 @@ def test_large_image_is_downscaled_and_mask_upsampled():
     assert max(seg.meta["work_size"]) <= 96
     m = masks.decode(seg.rle)
     assert m.shape == (512, 512) and _iou(m, obj) >= 0.9
+
+
+def _vetoed_disc(size: int):
+    """A box around a disc with a negative point on it: GrabCut keeps nothing (issue 14)."""
+    c, r = size // 2, size // 6
+    img, _ = _disc_scene(size=size, centre=(c, c), radius=r)
+    return img, Prompt(box=(c - 2 * r, c - 2 * r, c + 2 * r, c + 2 * r), points=((c, c),),
+                       point_labels=(0,))
+
+
+@pytest.mark.parametrize(("size", "max_side"), [(128, 512), (512, 96)],
+                         ids=["full_scale", "downscaled"])
+def test_nothing_found_is_an_empty_mask_not_an_error(size, max_side):
+    # the downscaled case raised "could not broadcast (96,96) into (...)", cached as
+    # execute:grabcut_failed
+    img, prompt = _vetoed_disc(size)
+    seg = grabcut_segment(img, prompt, max_side=max_side)
+    assert (max(seg.meta["work_size"]) < size) == (max_side < size)
+    assert seg.ok and seg.box is None and seg.score == 0.0
+    m = masks.decode(seg.rle)
+    assert m.shape == (size, size) and not m.any()
+    sample = Sample(sample_id="vetoed", query="the disc", image=img,
+                    gt=np.zeros((size, size), np.uint8))
+    (out,) = asyncio.run(ClassicalExecutor(max_side=max_side).segment(sample, [prompt]))
+    assert out.error is None and out.box is None and not masks.decode(out.rle).any()
+
+
+def test_uniform_downscaled_crop_is_an_empty_mask():
+    img = np.full((600, 600, 3), 128, np.uint8)
+    seg = grabcut_segment(img, Prompt(box=(150, 150, 450, 450)), max_side=128)
+    assert seg.ok and seg.box is None and not masks.decode(seg.rle).any()
 
 
 def test_tiny_box_falls_back_to_the_box():

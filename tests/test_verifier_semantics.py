@@ -102,3 +102,39 @@ def test_reasoning_parser_layout_reads_the_answer_after_the_reasoning():
 ])
 def test_parsed_answers_take_the_final_verdict(answer, expected):
     assert answers.parse_yes_no(answer) == expected
+
+
+@pytest.mark.parametrize("answer", [
+    "The mask covers the cat. Yes. No. Yes.",          # issue 14: read as 1.0 before
+    "Yes.\nNo.",
+    "**Yes**. **No**.",
+    "Yes. No. **Yes**",                                # bold does not outvote a bare "No."
+    "Answer: yes. Answer: no.",                        # labels that disagree
+    "\\boxed{yes} \\boxed{no}",
+])
+def test_conflicting_standalone_or_labelled_verdicts_are_ambiguous(answer):
+    assert answers.final_verdict(answer).ambiguous
+    assert answers.verdict_offset(answer) is None
+    assert answers.parse_yes_no(answer) is None
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ("No, wait. Yes.", 1.0),                           # "No, wait" is reasoning, not a verdict
+    ("No. Hmm, the left one is the dog, so the answer is **yes**", 1.0),  # the label decides
+    ("Is it the cat? Yes. Is it whole? No. Final answer: no", 0.0),
+    ("**No** other object is covered, so **yes**.", 1.0),
+    ("No. No.", 0.0),                                  # repeated, not conflicting
+])
+def test_a_clear_final_verdict_after_reasoning_stays_readable(answer, expected):
+    assert not answers.final_verdict(answer).ambiguous
+    assert answers.parse_yes_no(answer) == expected
+
+
+def test_an_ambiguous_answer_is_unparseable_even_with_logprobs():
+    toks = _seq("ok", "</think>", "\n\n", "The", " mask", " covers", " the", " cat", ".", " ",
+                _tok("Yes", 0.9, [("No", math.log(0.1))]), ".", " ", "No", ".", " ",
+                _tok("Yes", 0.9, [("No", math.log(0.1))]), ".", EOS)
+    v = _verifier().read(_choice(toks))
+    assert v.score is None and not v.ok
+    assert v.error.startswith("verify:unparseable")
+    assert "Yes. No. Yes." in v.answer

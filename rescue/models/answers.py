@@ -9,13 +9,15 @@ never inside it. A reply cut off at max_tokens (`finish_reason=length`) has no v
 with the template's `<think>` in the prompt and no reasoning parser, it carries no tag, and
 whatever "no" its reasoning contains must not be read as the answer (the caller checks).
 
-The verdict is the final one of the answer part (`verdict_offset`): "There is no overlap, so:
-**yes**" answers yes. Its first token may be a sub-word piece ("y" + "es"), so the score is read
-at the token holding the verdict's first character, each side counting its spellings and its
-leading pieces ("Yes", " yes", "**Yes", "y", "ye"...): p(yes) / (p(yes) + p(no)). When only one
-side is in the top-K list, the other is bounded by min(smallest listed probability, unlisted
-mass) and that bound is used (meta `bounded`), so confident answers still rank rather than all
-tying at 1.0. vLLM lists grammar-masked tokens with logprob -9999.0: those are not candidates.
+The verdict is the final one of the answer part (`final_verdict`): "There is no overlap, so:
+**yes**" answers yes; an answer that gives both verdicts as answers ("Yes. No. Yes.") has none
+(ambiguous: unparseable, never scored, not even from logprobs). Its first token may be a
+sub-word piece ("y" + "es"), so the score is read at the token holding the verdict's first
+character, each side counting its spellings and its leading pieces ("Yes", " yes", "**Yes",
+"y", "ye"...): p(yes) / (p(yes) + p(no)). When only one side is in the top-K list, the other is
+bounded by min(smallest listed probability, unlisted mass) and that bound is used (meta
+`bounded`), so confident answers still rank rather than all tying at 1.0. vLLM lists
+grammar-masked tokens with logprob -9999.0: those are not candidates.
 """
 
 from __future__ import annotations
@@ -140,25 +142,66 @@ def is_yes_no(t: str) -> bool:
 
 
 _VERDICT = re.compile(r"\b(yes|no)\b", re.I)
-_MARKED = re.compile(r"(\*\*|__|\\boxed\{|answer\s*(?:is)?\s*[:=]?\s*\**|verdict\s*[:=]?\s*\**)"
-                     r"\s*(yes|no)\b", re.I)
+_LABELLED = re.compile(r"(\\boxed\{|\banswer\s*(?:is)?\s*[:=]?\s*[*_`\"']*|"
+                       r"\bverdict\s*(?:is)?\s*[:=]?\s*[*_`\"']*)\s*(yes|no)\b", re.I)
+_BOLD = re.compile(r"(\*\*|__)\s*(yes|no)\b", re.I)
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\n])[\s*_>#`\"'(-]*(yes|no)\b", re.I)
+_SENTENCE = re.compile(r"[^.!?:;\n]+")
+_MARKUP = " \t*_`\"'()[]{}<>#-"
+
+
+@dataclass(frozen=True)
+class FinalVerdict:
+    """Where an answer's verdict word starts (None: there is none), and whether it has two."""
+
+    offset: int | None
+    ambiguous: bool = False
+
+
+def _standalone(answer: str) -> set[str]:
+    """The verdicts given as whole sentences: a sentence (text between . ! ? : ; or a line
+    break) that is only "yes" or "no" inside markup ("Yes.", "**No**", "\\boxed{yes}")."""
+    out = set()
+    for m in _SENTENCE.finditer(answer):
+        text = m.group(0).strip()
+        if text.startswith("\\boxed{"):
+            text = text[len("\\boxed{"):]
+        word = text.strip(_MARKUP).lower()
+        if word in ("yes", "no"):
+            out.add(word)
+    return out
+
+
+def final_verdict(answer: str) -> FinalVerdict:
+    """The final verdict (yes or no) of an answer text.
+
+    Ambiguous when the evidence that decides it holds both verdicts: the labelled verdicts
+    ("Answer: yes", "Final answer: no", "verdict: yes", "\\boxed{no}") when there are any, else
+    the standalone ones (`_standalone`: sentences that are only "Yes." or "No."). "…Yes. No.
+    Yes." is ambiguous; "Is it the cat? Yes. Is it whole? No. Final answer: no" is no, the
+    label deciding; reasoning-like sentences ("There is no overlap", "No, wait") are never
+    standalone, so a clear verdict after them stays readable.
+
+    Otherwise, in order: the last labelled verdict; the last bold one ("**yes**", "__no__");
+    the last one that starts a sentence or line ("Yes. There is no other object." answers yes);
+    the last yes/no word at all ("..., so yes").
+    """
+    labelled = list(_LABELLED.finditer(answer))
+    said = ({m.group(2).lower() for m in labelled} if labelled else _standalone(answer))
+    if len(said) > 1:
+        return FinalVerdict(None, ambiguous=True)
+    for found in (labelled, *(list(p.finditer(answer)) for p in (_BOLD, _SENTENCE_START,
+                                                                _VERDICT))):
+        if found:
+            m = found[-1]
+            return FinalVerdict(m.start(len(m.groups())))
+    return FinalVerdict(None)
 
 
 def verdict_offset(answer: str) -> int | None:
-    """Character offset of the final verdict (yes or no) in an answer text, or None.
-
-    In order: the last marked one ("**yes**", "\\boxed{no}", "Answer: yes"); else the last
-    one that starts a sentence or line ("Yes. There is no other object." answers yes); else
-    the last yes/no word at all ("..., so yes").
-    """
-    for pattern in (_MARKED, _SENTENCE_START, _VERDICT):
-        found = list(pattern.finditer(answer))
-        if found:
-            m = found[-1]
-            g = len(m.groups())
-            return m.start(g)
-    return None
+    """Character offset of the final verdict in an answer text; None when there is none or it
+    is ambiguous (`final_verdict`)."""
+    return final_verdict(answer).offset
 
 
 def token_at(tokens: Sequence[str], offset: int) -> int | None:
@@ -233,7 +276,8 @@ _RATING = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)|out of\s+(\d+(?:
 
 
 def parse_yes_no(answer: str) -> float | None:
-    """1.0 or 0.0 for the final verdict of the answer (`verdict_offset`), None without one."""
+    """1.0 or 0.0 for the final verdict of the answer (`final_verdict`); None without one or
+    when it is ambiguous (the verifier records either as `verify:unparseable`)."""
     k = verdict_offset(answer)
     if k is None:
         return None

@@ -184,6 +184,8 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
     Points without a box get a padded box around the positive points. Only a crop
     around the box (`context` × its size on each side: the local background GrabCut models) is
     processed, downscaled so its long side is at most `max_side`; the mask is upsampled back.
+    When GrabCut keeps nothing (a flat crop, a negative point on the only blob) the answer is an
+    empty mask with score 0 and box None: "nothing here" is a result, not an error.
 
     Score in [0, 1]: separation × (1 − truncation) × colour, where separation measures how
     distinct the mask's colours are from the ring just outside it (see `_separation`),
@@ -274,11 +276,13 @@ def grabcut_segment(image: np.ndarray, prompt: Prompt, iterations: int = 5,
         agreement = colour_agreement(work[fg], colour)
         score *= agreement
         meta["colour"] = {"word": colour, "agreement": round(agreement, 4)}
-    if scale < 1.0 and fg.any():
+    if scale == 1.0:
+        fg_crop = fg
+    elif fg.any():
         up = cv2.resize(fg.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
         fg_crop = up >= 0.5
-    else:
-        fg_crop = fg
+    else:  # nothing found in a downscaled crop: an empty mask at crop size, not the work size
+        fg_crop = np.zeros((ch, cw), bool)
     full = np.zeros((height, width), bool)
     full[cy1:cy2, cx1:cx2] = fg_crop
     meta["box_fill"] = float(full.sum()) / max(1.0, (bx2 - bx1) * (by2 - by1))

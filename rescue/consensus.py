@@ -5,8 +5,16 @@ formula of `rescue.estimators`: a candidate's score in an N-subset is its mean I
 subset's other working candidates. At N = 2 two masks agree with each other equally, so
 consensus cannot choose; scoring against the whole pool of M instead would let N = 2 peek at M
 candidates and overstate it. This module computes the selection weights within subsets: exactly
-by enumeration when there are at most `draws` subsets (always for the prefix estimator and for
-N = M), else by a seeded Monte-Carlo average over `draws` random subsets.
+by enumeration when there are few enough subsets (always for the prefix estimator and for
+N = M), else by a seeded Monte-Carlo average over random subsets.
+
+How many draws (`estimate`): a pilot of `pilot` draws measures the variance of the pick's IoU
+over subsets; the draws then grow until the sample's Monte-Carlo variance is at most
+`target_var` (the evaluation sets it so that the gIoU over all samples has a Monte-Carlo
+standard error of at most `selection.consensus_se`), capped at `max_draws`; where that many
+draws would reach every subset, the subsets are enumerated instead (exact). Each estimate
+carries the Monte-Carlo covariance of the pick's expected I, U and IoU, from which
+`rescue.evaluation` reports the standard errors of gIoU and cIoU.
 
 The pairwise IoU of a sample's distinct masks is kept in its record (`SampleRecord.masks`,
 `mask_iou`), so this needs no mask and no model.
@@ -15,6 +23,7 @@ The pairwise IoU of a sample's distinct masks is kept in its record (`SampleReco
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
@@ -95,6 +104,71 @@ def rng_for(seed: int, sample_id: str, n: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+BATCH = 4096
+"""Subsets drawn per matrix product: bounds memory at (BATCH, M) whatever the draw count."""
+
+
+@dataclass(frozen=True)
+class SubsetEstimate:
+    """A sample's selection weights at N and how exact they are: `draws` 0 when every subset
+    was enumerated; `cov` the Monte-Carlo covariance (K, K) of `weights @ values.T`, the
+    estimate's expected values (zeros when exact)."""
+
+    weights: np.ndarray
+    draws: int
+    cov: np.ndarray
+
+    @property
+    def exact(self) -> bool:
+        return self.draws == 0
+
+
+def estimate_best_of_n(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndarray, *,
+                       pilot: int, target_var: float, max_draws: int,
+                       rng: np.random.Generator) -> SubsetEstimate:
+    """Best-of-N consensus weights with their Monte-Carlo error (module doc: how many draws).
+
+    `values` (K, M): per-candidate quantities whose expectation under the pick is wanted (the
+    evaluation passes I, U and IoU; the last row sets the draw count). The first `pilot`
+    draws are those of `best_of_n_within` with the same generator, so a sample whose pilot
+    suffices gets the same weights as before."""
+    m, k = len(ok), values.shape[0]
+    total = comb(m, n) if n < m else 1
+    if total <= pilot:
+        w = best_of_n_within(ious, ok, n, draws=pilot, rng=rng)
+        return SubsetEstimate(w, 0, np.zeros((k, k)))
+    rows = pick_weights(ious, ok, subsets_of(m, n, pilot, rng))
+    x = rows @ values.T  # (pilot, K): each draw's pick's values
+    need = pilot
+    var = float(x[:, -1].var(ddof=1))
+    if target_var > 0 and var > 0:
+        need = min(max_draws, max(pilot, math.ceil(var / target_var)))
+    if need > pilot and total <= need:  # as many draws as subsets: enumerate instead
+        w = best_of_n_within(ious, ok, n, draws=total, rng=rng)
+        return SubsetEstimate(w, 0, np.zeros((k, k)))
+    w_sum, x_sum, xx_sum, done = rows.sum(axis=0), x.sum(axis=0), x.T @ x, pilot
+    while done < need:
+        batch = min(BATCH, need - done)
+        rows = pick_weights(ious, ok, np.argsort(rng.random((batch, m)), axis=1)[:, :n])
+        x = rows @ values.T
+        w_sum, x_sum, xx_sum, done = (w_sum + rows.sum(axis=0), x_sum + x.sum(axis=0),
+                                      xx_sum + x.T @ x, done + batch)
+    mean = x_sum / done
+    cov = (xx_sum - done * np.outer(mean, mean)) / (done - 1) / done
+    return SubsetEstimate(w_sum / done, done, cov)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How consensus within subsets is averaged where enumeration is too costly: `pilot` draws
+    first (and enumeration wherever there are at most that many subsets), more until the
+    Monte-Carlo variance is at most `target_var`, never more than `max_draws`."""
+
+    pilot: int = 256
+    target_var: float = 0.0
+    max_draws: int = 65536
+
+
 @dataclass(frozen=True)
 class SubsetConsensus:
     """One sample's consensus weights within subsets (`rescue.selection.SubsetWeights`)."""
@@ -103,17 +177,23 @@ class SubsetConsensus:
     ok: np.ndarray
     sample_id: str
     seed: int
-    draws: int
+    draws: Draws
 
     @classmethod
-    def of(cls, record: SampleRecord, seed: int, draws: int) -> SubsetConsensus | None:
+    def of(cls, record: SampleRecord, seed: int, draws: Draws) -> SubsetConsensus | None:
         """None for records made before pairwise mask IoUs were kept (scored over the pool)."""
         pool = candidate_ious(record)
         return None if pool is None else cls(*pool, record.sample_id, seed, draws)
 
     def best_of_n(self, n: int) -> np.ndarray:
-        return best_of_n_within(self.ious, self.ok, n, draws=self.draws,
+        return best_of_n_within(self.ious, self.ok, n, draws=self.draws.pilot,
                                 rng=rng_for(self.seed, self.sample_id, n))
+
+    def estimate(self, n: int, values: np.ndarray) -> SubsetEstimate:
+        d = self.draws
+        return estimate_best_of_n(self.ious, self.ok, n, values, pilot=d.pilot,
+                                  target_var=d.target_var, max_draws=d.max_draws,
+                                  rng=rng_for(self.seed, self.sample_id, n))
 
     def prefix(self, n: int) -> np.ndarray:
         return prefix_within(self.ious, self.ok, n)

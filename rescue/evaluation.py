@@ -14,6 +14,11 @@ Accounting, stated once here and in the outputs:
   not all) is evaluated with its whole pool (N clamped to its M) and counted in `num_short_pools`.
 - cIoU@N = E[ΣI] / E[ΣU]: the selection weights are applied to I and U separately, each summed
   over samples, then divided (`CIOU_DEFINITION`, also in the table's `attrs`).
+- Exactness: every value is an exact expectation except a selector scored within subsets
+  (consensus) where a sample has more N-subsets than it enumerates. Such a row has
+  `exact` False and the Monte-Carlo standard errors `giou_mc_se` and `ciou_mc_se` (cIoU's by the
+  delta method); its bootstrap interval is widened by them (half-widths added in quadrature with
+  z × SE), so the interval covers both the sampling of samples and of subsets.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -40,7 +46,8 @@ CIOU_DEFINITION = (
 )
 COLUMNS = [
     "subset", "estimator", "selector", "n", "giou", "ciou", "giou_lo", "giou_hi", "ciou_lo",
-    "ciou_hi", "num_samples", "num_failed_samples", "num_short_pools", "ciou_definition",
+    "ciou_hi", "exact", "giou_mc_se", "ciou_mc_se", "num_samples", "num_failed_samples",
+    "num_short_pools", "ciou_definition",
 ]
 
 
@@ -66,6 +73,8 @@ class _PerSample:
     short: np.ndarray  # (K, S) bool: the sample's pool is smaller than N
     failed: np.ndarray  # (S,) bool
     pool_size: np.ndarray  # (S,) int
+    mc: np.ndarray  # (K, S) bool: a Monte-Carlo estimate
+    mc_cov: np.ndarray  # (K, S, 3, 3): its covariance of the expected (I, U, IoU); 0 if exact
 
 
 def _check_records(records: Sequence[SampleRecord]) -> None:
@@ -118,6 +127,9 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
     union = np.tile(target, (len(keys), 1))  # failed samples keep I = 0, U = target area
     iou = np.zeros((len(keys), s_count))
     short = np.zeros((len(keys), s_count), dtype=bool)
+    mc = np.zeros((len(keys), s_count), dtype=bool)
+    mc_cov = np.zeros((len(keys), s_count, 3, 3))
+    draws = settings.draws(s_count)
     for pools in _pools(records, selectors, seed):
         m = pools.inter.shape[1]
         for s in selectors:
@@ -125,22 +137,51 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
             ranking = Ranking.of(scores) if "best_of_n" in estimators else None
             # a selector scored within each subset drawn: its per-sample weights, or None where
             # a record lacks what that needs (that sample keeps the pool-level weights)
-            within = ([s.within(records[row], seed, settings.consensus_draws)
+            within = ([s.within(records[row], seed, draws)
                        for row in pools.rows] if s.within is not None else [])
             for n in n_grid:
                 nn = min(n, m)
                 for e in estimators:
                     best = e == "best_of_n"
                     w = ranking.best_of_n(nn) if best else prefix_select_weights(scores, nn)
-                    for b, sub in enumerate(within):
-                        if sub is not None:
-                            w[b] = sub.best_of_n(nn) if best else sub.prefix(nn)
                     k = pos[(e, s.name, n)]
+                    for b, sub in enumerate(within):
+                        if sub is None:
+                            continue
+                        if not best:
+                            w[b] = sub.prefix(nn)
+                            continue
+                        est = sub.estimate(nn, np.stack(
+                            [pools.inter[b], pools.union[b], pools.iou[b]]))
+                        w[b] = est.weights
+                        mc[k, pools.rows[b]] = not est.exact
+                        mc_cov[k, pools.rows[b]] = est.cov
                     inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
                     iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
                     short[k, pools.rows] = n > m
-    return _PerSample(keys, inter, union, iou, short, failed, pool_size)
+    return _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov)
+
+
+def _mc_se(ps: _PerSample, idx: np.ndarray, ciou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo standard errors (K,) of gIoU and cIoU over the samples `idx`: the samples'
+    draws are independent, so variances add; cIoU = ΣI/ΣU by the delta method,
+    Var ≈ Σ Var(I − c·U) / (ΣU)²."""
+    cov = ps.mc_cov[:, idx]
+    giou_se = np.sqrt(cov[..., 2, 2].sum(axis=1)) / max(len(idx), 1)
+    c = ciou[:, None]
+    v = cov[..., 0, 0] - 2 * c * cov[..., 0, 1] + c * c * cov[..., 1, 1]
+    u = ps.union[:, idx].sum(axis=1)
+    ciou_se = np.divide(np.sqrt(np.clip(v.sum(axis=1), 0, None)), u, out=np.zeros_like(u),
+                        where=u > 0)
+    return giou_se, ciou_se
+
+
+def _widen(est: np.ndarray, lo: np.ndarray, hi: np.ndarray, se: np.ndarray,
+           z: float) -> tuple[np.ndarray, np.ndarray]:
+    """A bootstrap interval widened by a Monte-Carlo error: each half-width in quadrature with
+    z × SE (unchanged where SE is 0)."""
+    return (est - np.hypot(est - lo, z * se), est + np.hypot(hi - est, z * se))
 
 
 def _resample_counts(rng: np.random.Generator, size: int, draws: int) -> np.ndarray:
@@ -192,6 +233,7 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
     rng = np.random.default_rng(settings.seed)
     ci, bootstrap = settings.ci, settings.bootstrap
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
+    z = NormalDist().inv_cdf(q[1])
     rows = []
     for name, idx in subsets(records, by_tag).items():
         size = len(idx)
@@ -204,11 +246,16 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
             c_lo, c_hi = np.quantile(_ratio(counts @ inter.T, counts @ union.T), q, axis=0)
         else:
             g_lo = g_hi = c_lo = c_hi = np.full(len(ps.keys), np.nan)
+        exact = ~ps.mc[:, idx].any(axis=1)
+        g_se, c_se = _mc_se(ps, idx, ciou)
+        g_lo, g_hi = _widen(giou, g_lo, g_hi, g_se, z)
+        c_lo, c_hi = _widen(ciou, c_lo, c_hi, c_se, z)
         n_failed = int(ps.failed[idx].sum())
         n_short = ps.short[:, idx].sum(axis=1)
         for k, (e, s, n) in enumerate(ps.keys):
             rows.append((name, e, s, n, giou[k], ciou[k], g_lo[k], g_hi[k], c_lo[k], c_hi[k],
-                         size, n_failed, int(n_short[k]), CIOU_DEFINITION))
+                         bool(exact[k]), g_se[k], c_se[k], size, n_failed, int(n_short[k]),
+                         CIOU_DEFINITION))
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs.update(
         ciou_definition=CIOU_DEFINITION,

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rescue.consensus import SubsetConsensus
+from rescue.consensus import Draws, SubsetConsensus, SubsetEstimate
 from rescue.records import CandidateRecord, SampleRecord
 
 UNSCORED = float(np.finfo(float).min)
@@ -49,15 +49,19 @@ class SubsetWeights(Protocol):
     def best_of_n(self, n: int) -> np.ndarray:
         """P(each candidate is the pick of a uniformly random N-subset)."""
 
+    def estimate(self, n: int, values: np.ndarray) -> SubsetEstimate:
+        """`best_of_n` as the evaluation reads it: the weights, whether they are exact, and the
+        Monte-Carlo covariance of `weights @ values.T` where they are not."""
+
     def prefix(self, n: int) -> np.ndarray:
         """The pick among the first N candidates."""
 
 
 class WithinSubsets(Protocol):
     """A record's `SubsetWeights`; None when the record lacks what that needs (the selector is
-    then scored over the whole pool). `draws` bounds any Monte-Carlo average."""
+    then scored over the whole pool). `draws` sets any Monte-Carlo average."""
 
-    def __call__(self, record: SampleRecord, seed: int, draws: int) -> SubsetWeights | None: ...
+    def __call__(self, record: SampleRecord, seed: int, draws: Draws) -> SubsetWeights | None: ...
 
 
 @dataclass(frozen=True)
@@ -170,9 +174,11 @@ FIRST = Selector("first", _first, color="#8c564b")
 """The lowest hypothesis index wins: no selection, what a budget of one would give."""
 
 RANDOM = Selector("random", _tied, tie_break=_permutation, color="#7f7f7f")
-"""A uniformly random working candidate, in exact expectation: every working candidate ties,
-and ties share their probability evenly in the estimators, so random@N is the pool's mean IoU at
-every N with no sampling noise. The single answer draws a seeded permutation."""
+"""A uniformly random working candidate of the N drawn, in exact expectation: every working
+candidate ties, and ties share their probability evenly in the estimators (no sampling noise).
+Failed candidates are never picked while a working one is drawn, so random@N is the pool's mean
+IoU (failures counted as 0) only at N = 1, or when nothing failed; at N >= 2 it is the mean over
+the working candidates of the subset. The single answer draws a seeded permutation."""
 
 ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rescue import selection
+from rescue.consensus import Draws
 from rescue.estimators import ESTIMATORS
 from rescue.selection import Selector
 
@@ -23,8 +24,10 @@ class EvaluationSettings:
     """`n_grid` (sorted, distinct, each in 1..`max_n`; `max_n` None where the records' pools
     bound N instead), the selectors evaluated and the `primary` one among them (the headline
     number and the single answer), the estimators, `bootstrap` resamples for the intervals at
-    level `ci`, the `seed` of resamples and draws, and `consensus_draws` (at most this many
-    subsets are enumerated, else that many drawn: `rescue.consensus`)."""
+    level `ci`, the `seed` of resamples and draws; consensus within subsets (`rescue.consensus`)
+    enumerates where there are at most `consensus_draws` subsets, else draws that many first
+    and more until the gIoU over all samples has a Monte-Carlo standard error of at most
+    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample."""
 
     n_grid: tuple[int, ...]
     selectors: tuple[Selector, ...] = tuple(selection.SELECTORS.values())
@@ -34,6 +37,8 @@ class EvaluationSettings:
     ci: float = 0.95
     seed: int = 0
     consensus_draws: int = 256
+    consensus_se: float = 0.002
+    consensus_max_draws: int = 65536
     max_n: int | None = None
 
     def __post_init__(self) -> None:
@@ -63,8 +68,20 @@ class EvaluationSettings:
             raise ValueError(f"ci must be in (0, 1), got {self.ci}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
-        if self.consensus_draws < 1:
-            raise ValueError(f"consensus_draws must be >= 1, got {self.consensus_draws}")
+        if self.consensus_draws < 2:
+            raise ValueError(f"consensus_draws must be >= 2, got {self.consensus_draws}")
+        if self.consensus_se < 0:
+            raise ValueError(f"consensus_se must be >= 0, got {self.consensus_se}")
+        if self.consensus_max_draws < self.consensus_draws:
+            raise ValueError(f"consensus_max_draws ({self.consensus_max_draws}) must be >= "
+                             f"consensus_draws ({self.consensus_draws})")
+
+    def draws(self, num_samples: int) -> Draws:
+        """Consensus draws for an evaluation of `num_samples` samples: a per-sample Monte-Carlo
+        variance of `num_samples * consensus_se**2` gives the mean over them a standard error
+        of `consensus_se` (the variances of the samples' independent draws add, over S²)."""
+        return Draws(self.consensus_draws, num_samples * self.consensus_se ** 2,
+                     self.consensus_max_draws)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, bounded: bool = True) -> EvaluationSettings:
@@ -80,7 +97,8 @@ class EvaluationSettings:
             kw["primary"] = selection.get(str(sel["primary"]))
         if sel.get("estimators") is not None:
             kw["estimators"] = tuple(str(e) for e in sel["estimators"])
-        for key, kind in (("bootstrap", int), ("ci", float), ("consensus_draws", int)):
+        for key, kind in (("bootstrap", int), ("ci", float), ("consensus_draws", int),
+                          ("consensus_se", float), ("consensus_max_draws", int)):
             if sel.get(key) is not None:
                 kw[key] = kind(sel[key])
         if cfg.get("seed") is not None:

@@ -117,3 +117,64 @@ def test_pool_level_consensus_would_overstate_small_n():
     # at N = 8 the triple wins every time; at N = 2 it only wins when two copies are drawn
     assert at["best_of_n", "consensus", 8] == pytest.approx(0.9)
     assert at["best_of_n", "consensus", 2] < at["best_of_n", "oracle", 2] - 0.05
+
+
+def _random_records(rng, count, m):
+    """Records with `m` distinct masks each: random pairwise IoUs, I and U per candidate."""
+    recs = []
+    for s in range(count):
+        ious, _ = _pool(rng, m, p_fail=0.0)
+        inter = rng.integers(0, 10, m)
+        cands = [CandidateRecord(index=k, mask_key=f"m{k}", intersection=int(inter[k]),
+                                 union=10 + int(rng.integers(0, 5)), iou=0.0)
+                 for k in range(m)]
+        for c in cands:
+            c.iou = c.intersection / c.union
+        recs.append(_rec(f"s{s}", cands, [f"m{k}" for k in range(m)], ious.tolist()))
+    return recs
+
+
+def test_reported_monte_carlo_se_matches_the_error_against_enumeration():
+    """Where consensus is drawn, not enumerated, `giou_mc_se`/`ciou_mc_se` are within a factor
+    of 2 of the root-mean-square error against the exact (enumerated) value, over seeds."""
+    recs = _random_records(np.random.default_rng(11), 12, 10)  # C(10, 4) = 210 subsets
+    kw = dict(bootstrap=0, by_tag=False)
+
+    def row(df):
+        return df[(df.selector == "consensus") & (df.estimator == "best_of_n")].iloc[0]
+
+    exact = row(evaluate_named(recs, [4], ["consensus"], consensus_draws=210, **kw))
+    assert bool(exact.exact) and exact.giou_mc_se == 0 and exact.ciou_mc_se == 0
+    errors, ses = [], []
+    for seed in range(60):
+        got = row(evaluate_named(recs, [4], ["consensus"], seed=seed, consensus_draws=16,
+                                 consensus_se=0.01, consensus_max_draws=100, **kw))
+        assert not bool(got.exact)
+        errors.append((got.giou - exact.giou, got.ciou - exact.ciou))
+        ses.append((got.giou_mc_se, got.ciou_mc_se))
+    rms = np.sqrt(np.mean(np.square(errors), axis=0))
+    mean_se = np.mean(ses, axis=0)
+    assert np.all(mean_se > 0)
+    ratio = rms / mean_se
+    assert np.all((ratio > 0.5) & (ratio < 2.0)), (rms, mean_se)
+
+
+def test_draws_grow_to_the_target_and_enumerate_when_that_is_cheaper():
+    rng = np.random.default_rng(5)
+    ious, ok = _pool(rng, 10, p_fail=0.0)
+    values = np.stack([rng.random(10), rng.random(10) + 1, rng.random(10)])
+    exact = consensus.best_of_n_within(ious, ok, 4, draws=210, rng=None)
+    loose = consensus.estimate_best_of_n(ious, ok, 4, values, pilot=16, target_var=1.0,
+                                         max_draws=100, rng=np.random.default_rng(0))
+    assert loose.draws == 16 and not loose.exact  # the pilot meets a loose target
+    tight = consensus.estimate_best_of_n(ious, ok, 4, values, pilot=16, target_var=1e-5,
+                                         max_draws=150, rng=np.random.default_rng(0))
+    assert tight.draws == 150  # capped
+    assert tight.cov[2, 2] < loose.cov[2, 2]
+    # the pilot is the plain best_of_n draw: same generator, same weights
+    np.testing.assert_allclose(loose.weights, consensus.best_of_n_within(
+        ious, ok, 4, draws=16, rng=np.random.default_rng(0)))
+    enumerated = consensus.estimate_best_of_n(ious, ok, 4, values, pilot=16, target_var=1e-9,
+                                              max_draws=10_000, rng=np.random.default_rng(0))
+    assert enumerated.exact and not enumerated.cov.any()
+    np.testing.assert_allclose(enumerated.weights, exact, atol=1e-12)

@@ -13,7 +13,14 @@ from reporting_fakes import NS, SELECTORS, metrics_frame, overlay_item
 
 from rescue.reporting import NullLogger, log_report, summary, write_report
 from rescue.reporting.logger import Logger
-from rescue.reporting.wandb_logger import WandbLogger, default_mode
+from rescue.reporting.wandb_logger import (
+    WandbLogger,
+    config_column,
+    default_mode,
+    flat_summary,
+    study_context,
+    summary_keys,
+)
 from rescue.reporting.wandb_offline import raw_records, read_run
 
 
@@ -79,6 +86,16 @@ def test_real_offline_run_holds_config_metrics_images_and_summary(wandb_env: Pat
     assert run.summary["giou@max"] == pytest.approx(head["giou@max"])
     assert run.summary["oracle/giou@max"] == pytest.approx(head["oracle/giou@max"])
     assert run.summary["simulated"] is True and run.summary["num_candidates"] == 7
+    # flat comparison keys, the same in every run; the curves stay out of the summary
+    best = df[(df.subset == "all") & (df.estimator == "best_of_n")]
+    for sel in SELECTORS:
+        assert run.summary[f"giou@4/{sel}"] == pytest.approx(
+            best[(best.selector == sel) & (best.n == 4)].giou.item())
+    assert run.summary["oracle@max"] == pytest.approx(head["oracle/giou@max"])
+    assert run.summary["gain"] == pytest.approx(head["gain@max"])
+    assert run.summary["failure_share/plan"] == pytest.approx(1 / 7)
+    assert not [k for k in run.summary if k.endswith(("/giou", "/ciou")) or k == "n"]
+    assert run.config["study"]["group"] == "study-1" and run.config["study"]["multirun"] is False
 
     # one history row per N carrying every selector's series, keyed for `n` as x axis
     by_n = {row["n"]: row for row in run.history if "n" in row}
@@ -194,3 +211,49 @@ def test_offline_reader_rejects_a_non_wandb_file(tmp_path: Path) -> None:
         list(raw_records(bad))
     with pytest.raises(FileNotFoundError):
         read_run(tmp_path / "missing_dir")
+
+
+def test_a_multirun_job_is_grouped_by_its_sweep_and_names_the_swept_keys(tmp_path: Path) -> None:
+    sweep = tmp_path / "multiruns" / "demo" / "2026-01-02_03-04-05"
+    sweep.mkdir(parents=True)
+    # what Hydra's sweeper writes before the jobs start: the sweep's own command line
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - dataset.num_samples=4\n"
+        "    - verifier.noise=0.1,0.5\n    - verifier=simulated,qwen3vl_8b_instruct\n"
+        "    - logger.group=ignored_as_an_axis\n")
+    job = {"sweep_dir": str(sweep), "job_num": 3, "choices": {"verifier": "simulated",
+                                                              "hydra/launcher": "basic"},
+           "overrides": ["dataset.num_samples=4", "verifier.noise=0.5", "verifier=simulated"]}
+    ctx = study_context(job)
+    assert ctx.multirun and ctx.group == "demo/2026-01-02_03-04-05" and ctx.job_num == 3
+    assert ctx.swept == ("verifier.noise", "verifier")  # not the constant override
+    assert ctx.choices == {"verifier": "simulated"}
+    assert study_context(job, group="mine").group == "mine"
+    (sweep / "multirun.yaml").unlink()  # another sweeper: every overridden key is an axis
+    assert study_context(job).swept == ("dataset.num_samples", "verifier.noise", "verifier")
+
+    single = study_context({"sweep_dir": str(sweep), "job_num": None,
+                            "overrides": ["+x=1", "paths.cache_dir=/c", "~y"]})
+    assert not single.multirun and single.group is None and single.swept == ("x",)
+
+    config = {"verifier": {"noise": 0.5, "_target_": "V"}, "max_n": 8}
+    assert config_column(config, "verifier.noise") == "verifier.noise"
+    assert config_column(config, "verifier") == "study.choices.verifier"
+    assert config_column(config, "max_n") == "max_n"
+
+
+def test_summary_keys_are_flat_and_the_same_for_any_max_n() -> None:
+    df = metrics_frame(subsets=("all", "long"))
+    keys = summary_keys(df)
+    assert keys["giou@16/verifier"] == keys["giou@max/verifier"]
+    assert keys["oracle@2"] == pytest.approx(
+        df[(df.subset == "all") & (df.estimator == "best_of_n") & (df.selector == "oracle")
+           & (df.n == 2)].giou.item())
+    assert not [k for k in keys if "long" in k or "prefix" in k]
+    small = summary_keys(df[df.n <= 4])
+    assert set(k for k in small if "@max" in k) == set(k for k in keys if "@max" in k)
+
+    flat = flat_summary({"gain@max": 0.2, "failure_share": {"plan": 0.1, "verify": None},
+                         "cost": {"calls": {"plan": 3}}, "skip": float("nan"), "primary": "v"})
+    assert flat == {"gain@max": 0.2, "gain": 0.2, "failure_share/plan": 0.1,
+                    "cost/calls/plan": 3, "primary": "v"}

@@ -4,6 +4,11 @@ An offline run lands in `<dir>/wandb/offline-run-*` and can be uploaded later wi
 `wandb sync <that dir>`. Every call is guarded: if W&B fails (no network, bad key, a version
 quirk) a warning is logged and the experiment goes on — the files in the run directory are the
 record, W&B is a view of them.
+
+Runs are logged to be compared in W&B (`analysis.wandb_report`): every job of a study shares
+`group`, `job_type` and tags; `config.study` names the swept keys; the summary holds flat keys
+that mean the same thing in every run (`summary_keys`); curves are history series with `n` as
+their x axis, and the (subset, estimator, selector, N) numbers are the `metrics_table`.
 """
 
 from __future__ import annotations
@@ -14,13 +19,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 
 from rescue.reporting.overlays import OverlayItem, mask_layers
-from rescue.reporting.tables import ESTIMATOR_ORDER, SELECTOR_ORDER, ordered, with_subset
+from rescue.reporting.tables import (
+    BOUNDS,
+    ESTIMATOR_ORDER,
+    SELECTOR_ORDER,
+    ordered,
+    with_subset,
+)
 from rescue.reporting.wandb_offline import has_exited
 
 log = logging.getLogger(__name__)
@@ -28,6 +40,12 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 GT_CLASSES = {0: "background", 1: "target", 2: "ignore"}
 SERIES_METRICS = ("giou", "ciou")
+METRICS_TABLE = "metrics_table"
+SAMPLES_TABLE = "samples_table"
+SAMPLES_COLUMNS = ["sample_id", "query", "overlay", "selected", "selected_iou", "best_iou"]
+NOT_AXES = ("hydra.", "hydra/", "paths.", "logger", "pipeline.", "report.", "records_from")
+"""Overrides that say where or how a run is logged, never what it measures (the same rule as
+`analysis.runs.IGNORED_PREFIXES`): never a study's axis."""
 
 
 def default_mode(env: Mapping[str, str] | None = None) -> str:
@@ -68,6 +86,163 @@ def _finite(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and not math.isfinite(v))
 
 
+@dataclass(frozen=True)
+class StudyContext:
+    """Where a run sits in its study, so W&B shows the jobs of a sweep as one comparable set.
+
+    `swept` are the keys that tell this run from the others of its study: a multirun's sweep
+    axes (read from the sweep's `multirun.yaml`), else every key the command line overrode.
+    """
+
+    group: str | None = None
+    sweep_dir: str | None = None
+    job_num: int | None = None
+    overrides: tuple[str, ...] = ()
+    swept: tuple[str, ...] = ()
+    choices: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def multirun(self) -> bool:
+        return self.job_num is not None
+
+    def to_config(self) -> dict[str, Any]:
+        """`config.study` of the W&B run."""
+        return {"group": self.group, "multirun": self.multirun, "sweep_dir": self.sweep_dir,
+                "job_num": self.job_num, "overrides": list(self.overrides),
+                "swept": list(self.swept), "choices": dict(self.choices)}
+
+
+def override_keys(overrides: Sequence[str], sweeps_only: bool = False) -> list[str]:
+    """The keys of Hydra command-line overrides (`+`/`++` dropped, deletions skipped), minus
+    those that only say where or how a run is logged; `sweeps_only`: just the swept ones."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
+        if o.is_delete() or (sweeps_only and not o.is_sweep_override()):
+            continue
+        if not o.key_or_group.startswith(NOT_AXES):
+            keys.append(o.key_or_group)
+    return list(dict.fromkeys(keys))
+
+
+def sweep_axes(sweep_dir: str | Path) -> list[str] | None:
+    """The swept keys of the multirun whose sweep directory this is, from the `multirun.yaml`
+    Hydra's sweeper writes there before the jobs start; None where it cannot be read."""
+    import yaml
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return override_keys(saved["hydra"]["overrides"]["task"], sweeps_only=True)
+    except Exception:  # no file (another sweeper), or not the layout we know
+        return None
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """A multirun's W&B group: the sweep directory's last two parts (`demo/2026-05-01_12-00`)."""
+    parts = Path(sweep_dir).parts
+    return "/".join(parts[-2:])[:128]
+
+
+def hydra_study() -> dict[str, Any]:
+    """What Hydra knows of the running job: `sweep_dir`, `job_num` (None outside a multirun),
+    `overrides` (the job's `hydra.overrides.task`) and `choices`; empty outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {"sweep_dir": str(hc.sweep.dir) if multirun else None,
+            "job_num": int(hc.job.num) if multirun else None,
+            "overrides": [str(o) for o in hc.overrides.task],
+            "choices": OmegaConf.to_container(hc.runtime.choices)}
+
+
+def study_context(study: Mapping[str, Any] | str | None,
+                  group: str | None = None) -> StudyContext:
+    """The run's `StudyContext`: from `study` (`sweep_dir`, `job_num`: None outside a multirun,
+    `overrides`, `choices`), or "hydra" to read them off the running Hydra job
+    (`hydra_study`). An explicit `group` wins; a multirun's jobs are otherwise grouped by
+    sweep."""
+    study = hydra_study() if study == "hydra" else (study or {})
+    if not isinstance(study, Mapping):
+        raise TypeError(f"study must be a mapping or 'hydra', got {study!r}")
+    job_num = study.get("job_num")
+    sweep_dir = study.get("sweep_dir")
+    overrides = tuple(str(o) for o in study.get("overrides") or ())
+    multirun = job_num is not None and sweep_dir is not None
+    axes = sweep_axes(sweep_dir) if multirun else None
+    choices = {str(k): str(v) for k, v in (study.get("choices") or {}).items()
+               if v is not None and not str(k).startswith("hydra")}
+    return StudyContext(
+        group=group or (sweep_group(sweep_dir) if multirun else None),
+        sweep_dir=str(sweep_dir) if multirun else None,
+        job_num=int(job_num) if multirun else None, overrides=overrides,
+        swept=tuple(axes if axes is not None else override_keys(overrides)), choices=choices)
+
+
+def config_column(config: Mapping[str, Any], key: str) -> str:
+    """The W&B config path that holds swept `key`: the key itself for a value
+    (`verifier.noise`), `study.choices.<group>` for a config group's option (`verifier`)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return key
+        node = node[part]
+    return f"study.choices.{key}" if isinstance(node, Mapping) else key
+
+
+def summary_keys(metrics: pd.DataFrame) -> dict[str, float]:
+    """Flat headline keys for comparing runs, best-of-N over all samples: `giou@<N>/<selector>`,
+    `ciou@<N>/<selector>` for every N of the grid, the same at `max` (comparable across runs
+    with different max_n), and each upper bound's gIoU as `oracle@<N>` / `oracle@max`."""
+    df = with_subset(metrics)
+    if (df["subset"].astype(str) == "all").any():
+        df = df[df["subset"].astype(str) == "all"]
+    block = df[df["estimator"].astype(str) == "best_of_n"]
+    out: dict[str, float] = {}
+    if block.empty:
+        return out
+    max_n = int(block["n"].max())
+    for r in block.itertuples(index=False):
+        n, sel = int(r.n), str(r.selector)
+        for metric in SERIES_METRICS:
+            value = getattr(r, metric)
+            if not _finite(value):
+                continue
+            out[f"{metric}@{n}/{sel}"] = float(value)
+            if n == max_n:
+                out[f"{metric}@max/{sel}"] = float(value)
+            if metric == "giou" and sel in BOUNDS:
+                out[f"{sel}@{n}"] = float(value)
+                if n == max_n:
+                    out[f"{sel}@max"] = float(value)
+    return out
+
+
+def flat_summary(summary: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+    """summary.json as flat W&B summary keys (`failure_share/plan`), non-finite values dropped,
+    plus `gain` (gIoU@max − gIoU@1 of the primary selector). A future nested block (`cost`)
+    becomes `cost/...` the same way."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}{sep}{k}" if prefix else str(k), v)
+        elif _finite(value):
+            out[prefix] = value
+
+    walk("", summary)
+    if "gain@max" in out:
+        out["gain"] = out["gain@max"]
+    return out
+
+
 class WandbLogger:
     """A W&B run per experiment run; Hydra sweeps share `group` so W&B shows them as one study.
 
@@ -79,7 +254,8 @@ class WandbLogger:
                  mode: str | None = None, dir: str | Path | None = None,
                  group: str | None = None, tags: Sequence[str] = (), job_type: str = "run",
                  settings: Mapping[str, Any] | None = None,
-                 flush_timeout_s: float = 30.0) -> None:
+                 flush_timeout_s: float = 30.0,
+                 study: Mapping[str, Any] | str | None = None) -> None:
         self.project = project
         self.entity = entity
         self.mode = mode or default_mode()
@@ -87,8 +263,11 @@ class WandbLogger:
         self.group = group
         self.tags = tuple(tags)
         self.job_type = job_type
-        # console capture off: Hydra already logs to the run dir and tqdm bars stay intact
-        self.settings = {"console": "off", **(settings or {})}
+        # where the run sits in its study: a mapping, or "hydra" (read off the job at start)
+        self.study = study if isinstance(study, str) else dict(study or {})
+        # console capture off: Hydra already logs to the run dir and tqdm bars stay intact;
+        # quiet: no history sparklines and summary table at finish (the run's files have them)
+        self.settings = {"console": "off", "quiet": True, **(settings or {})}
         self.flush_timeout_s = flush_timeout_s
         self.timings: dict[str, float] = {}
         self.errors: list[str] = []
@@ -104,14 +283,17 @@ class WandbLogger:
 
         self._wandb = wandb
         t1 = time.perf_counter()
-        all_tags = [*self.tags, *tags, *(["simulated"] if simulated else [])]
+        context = study_context(self.study, self.group)
+        all_tags = [*self.tags, *tags, *(["sweep"] if context.multirun else []),
+                    *(["simulated"] if simulated else [])]
         all_tags = list(dict.fromkeys(t[:64] for t in all_tags if t))
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = dict(
             project=self.project, entity=self.entity, mode=self.mode,
-            dir=str(self.dir) if self.dir is not None else None, group=self.group,
-            job_type=self.job_type, name=name, tags=all_tags, config=dict(config),
+            dir=str(self.dir) if self.dir is not None else None, group=context.group,
+            job_type=self.job_type, name=name, tags=all_tags,
+            config={**config, "study": context.to_config()},
             settings=wandb.Settings(**self.settings))
         try:
             self._run = wandb.init(reinit="create_new", **kwargs)
@@ -120,7 +302,7 @@ class WandbLogger:
         t2 = time.perf_counter()
         self.timings.update(import_s=t1 - t0, init_s=t2 - t1)
         self.run_dir = None if self.mode == "disabled" else Path(self._run.dir).parent
-        self._run.define_metric("n")
+        self._run.define_metric("n", summary="none")
         log.info("W&B %s run %s in %s (started in %.2f s)", self.mode, self._run.id,
                  self.run_dir, t2 - t0)
 
@@ -128,12 +310,13 @@ class WandbLogger:
     def log_metrics(self, metrics: pd.DataFrame) -> None:
         wandb = self._wandb
         df = with_subset(metrics)
-        self._run.log({"metrics_table": wandb.Table(dataframe=metrics.reset_index(drop=True))})
+        self._run.log({METRICS_TABLE: wandb.Table(dataframe=df.reset_index(drop=True))})
         prefixes = {k.rsplit("/", 2)[0] for k in (
             _series_key(str(sub), str(e), "x", "y")
             for sub, e in df[["subset", "estimator"]].drop_duplicates().itertuples(index=False))}
         for prefix in sorted(prefixes):
-            self._run.define_metric(f"{prefix}/*", step_metric="n")
+            # curves, not headlines: their last value stays out of the summary
+            self._run.define_metric(f"{prefix}/*", step_metric="n", summary="none")
         for n in sorted(int(v) for v in df["n"].unique()):
             row: dict[str, Any] = {"n": n}
             for r in df[df["n"] == n].itertuples(index=False):
@@ -144,6 +327,7 @@ class WandbLogger:
                                         metric)] = float(value)
             self._run.log(row)
         self._line_charts(df)
+        self._run.summary.update(summary_keys(df))
 
     def _line_charts(self, df: pd.DataFrame) -> None:
         """Custom line-series charts (IoU vs N, one line per selector) for the main subset."""
@@ -176,7 +360,7 @@ class WandbLogger:
     def log_overlays(self, items: Sequence[OverlayItem]) -> None:
         """Each sample once, ground truth and top candidates as W&B mask layers."""
         wandb = self._wandb
-        images = []
+        images, rows = [], []
         for item in items:
             small, layers = mask_layers(item)
             by_index = {c.index: c for c in item.record.candidates}
@@ -192,15 +376,21 @@ class WandbLogger:
                         c is not None and v is not None) else f"#{idx}"
                     labels = {0: "background", 1: label}
                 masks[name] = {"mask_data": data, "class_labels": labels}
-            images.append(wandb.Image(small, masks=masks,
-                                      caption=f"{item.record.sample_id}: {item.record.query}"))
+            caption = f"{item.record.sample_id}: {item.record.query}"
+            images.append(wandb.Image(small, masks=masks, caption=caption))
+            picked = by_index.get(item.selected) if item.selected is not None else None
+            ious = [c.iou for c in item.record.candidates if _finite(c.iou)]
+            rows.append([item.record.sample_id, item.record.query,
+                         wandb.Image(small, masks=masks, caption=caption), item.selected,
+                         picked.iou if picked is not None else None,
+                         max(ious) if ious else None])
         if images:
-            self._run.log({"samples": images})
+            self._run.log({"samples": images,
+                           SAMPLES_TABLE: wandb.Table(columns=SAMPLES_COLUMNS, data=rows)})
 
     @_guarded("log_summary")
     def log_summary(self, summary: Mapping[str, Any]) -> None:
-        clean = {k: v for k, v in summary.items() if _finite(v)}
-        self._run.summary.update(clean)
+        self._run.summary.update(flat_summary(summary))
         if summary.get("simulated") and "simulated" not in (self._run.tags or ()):
             self._run.tags = (*(self._run.tags or ()), "simulated")
 

@@ -362,7 +362,7 @@ class Pipeline:
                 except SampleError as exc:
                     rec = SampleRecord(sample_id=sid, dataset=dataset.name, query="", height=0,
                                        width=0, target_area=0, simulated=self.simulated,
-                                       error=f"load:failed {exc}")
+                                       error=f"load:failed {exc}", tags=list(exc.tags))
                     self.stats.failed_samples += 1
                     self._bars.update("plan", self.max_n)
                 else:

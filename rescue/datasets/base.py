@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from rescue.sample import Sample
@@ -15,8 +15,14 @@ class DatasetError(Exception):
 class SampleError(Exception):
     """One sample cannot be loaded (image missing or corrupt, annotation malformed).
 
-    The pipeline records the sample as failed and goes on.
+    The pipeline records the sample as failed and goes on. `tags` are the tags the sample
+    would carry where its annotation still says (ReasonSeg's long/short from a readable JSON
+    whose image is corrupt), so the failure counts in every per-tag row it belongs to.
     """
+
+    def __init__(self, *args: object, tags: Sequence[str] = ()) -> None:
+        super().__init__(*args)
+        self.tags = tuple(tags)
 
 
 @runtime_checkable

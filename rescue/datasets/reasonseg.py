@@ -3,15 +3,19 @@
 Two layouts:
 
 - LISA's release: `<root>/<split>/<name>.jpg` beside `<name>.json` (labelme: `text` list of
-  queries, `is_sentence`, `shapes` with labels target / ignore / flag). The mask follows LISA's
-  `get_mask_from_json` (see `polygons.labelme_mask`): ignore pixels become 255 and count in
-  neither intersection nor union.
+  queries, `is_sentence`, `shapes` with labels target / ignore / flag). Samples are the `*.jpg`
+  stems, as LISA globs them (a JSON without its image is no sample; an image without its JSON
+  is a failed one). The mask is LISA's `get_mask_from_json` pixel for pixel, under OpenCV 4.8's
+  rules whatever OpenCV is installed (`polygons.labelme_mask`, `raster`): ignore pixels become
+  255 and count in neither intersection nor union.
 - Hugging Face parquet copies of val/test: columns `image`, `text`, `mask` (bool H x W),
   `image_id`, `ann_id`, `img_height`, `img_width`. They carry a binary mask (no ignore label)
   and no `is_sentence`, so the long/short split of test needs the LISA release.
 
-LISA evaluates each image once with `text[0]`; `queries="all"` makes every text its own sample
-(`<image>#<k>`) for studies that want more queries per image.
+LISA evaluates each image once with `text[0]` (stripped), and so do we: later texts are not
+read, so an empty one rejects nothing. `queries="all"` makes every text its own sample
+(`<image>#<k>`) for studies that want more queries per image; an empty text fails only its own.
+A sample that fails to load keeps the long/short tag its readable JSON gives (`tags_of`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ EXPECTED_IMAGES = {"train": 239, "val": 200, "test": 779}
 
 QUERY_POLICIES = ("first", "all")
 LAYOUTS = ("auto", "lisa", "parquet")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIX = ".jpg"
+"""LISA lists `glob("*.jpg")`: that suffix exactly (case-sensitive), no hidden files."""
 ENV_HINT = ("set dataset.root, or the RESCUE_DATA environment variable (the data root; "
             "ReasonSeg is looked for in $RESCUE_DATA/reason_seg/ReasonSeg)")
 
@@ -56,17 +61,21 @@ def _read_json(path: Path) -> Any:
         raise SampleError(f"{path}: malformed annotation (not JSON: {e})") from e
 
 
-def _texts(anno: Any, where: str) -> list[str]:
+def _texts(anno: Any, where: str) -> list[Any]:
+    """The annotation's texts as stored; only `text[0]`, LISA's query, must be usable here."""
     if not isinstance(anno, dict):
         raise SampleError(f"{where}: malformed annotation (top level is not an object)")
     texts = anno.get("text")
     if isinstance(texts, str):
         texts = [texts]
-    if (not isinstance(texts, list) or not texts
-            or not all(isinstance(t, str) and t.strip() for t in texts)):
-        raise SampleError(f"{where}: malformed annotation ('text' must be a non-empty list "
-                          f"of non-empty strings, got {texts!r:.80})")
-    return [t.strip() for t in texts]
+    if not isinstance(texts, list) or not texts or not _usable(texts[0]):
+        raise SampleError(f"{where}: malformed annotation ('text' must be a list whose first "
+                          f"entry is a non-empty string, got {texts!r:.80})")
+    return texts
+
+
+def _usable(text: Any) -> bool:
+    return isinstance(text, str) and bool(text.strip())
 
 
 def _length_tag(is_sentence: Any) -> tuple[str, ...]:
@@ -128,8 +137,9 @@ class ReasonSegDataset:
         return list(self._ids)
 
     def _lisa_ids(self) -> list[tuple[str, Any, int | None]]:
-        stems = sorted({p.stem for p in self._split_dir.iterdir()
-                        if p.suffix.lower() in (".json", *IMAGE_SUFFIXES)})
+        stems = sorted(p.name[:-len(IMAGE_SUFFIX)] for p in self._split_dir.iterdir()
+                       if p.name.endswith(IMAGE_SUFFIX) and not p.name.startswith(".")
+                       and len(p.name) > len(IMAGE_SUFFIX))
         out: list[tuple[str, Any, int | None]] = []
         for stem in stems:
             if self.queries == "first":
@@ -174,7 +184,31 @@ class ReasonSegDataset:
     # ---------------------------------------------------------------- load
 
     def load(self, sample_id: str) -> Sample:
-        return guarded_load(self.name, sample_id, self._load)
+        try:
+            return guarded_load(self.name, sample_id, self._load)
+        except SampleError as e:
+            if not e.tags:
+                e.tags = self.tags_of(sample_id)
+            raise
+
+    def tags_of(self, sample_id: str) -> tuple[str, ...]:
+        """The tags `sample_id` carries, from its annotation alone (no image): "long"/"short"
+        from `is_sentence` where that is readable, else none."""
+        if self._ids is None:
+            self.sample_ids()
+        if sample_id not in self._index:
+            return ()
+        key, _ = self._index[sample_id]
+        try:
+            if self.layout == "lisa":
+                anno = _read_json(self._split_dir / f"{key}.json")
+                return _length_tag(anno.get("is_sentence")) if isinstance(anno, dict) else ()
+            ds = self._dataset()
+            if "is_sentence" not in ds.column_names:
+                return ()
+            return _length_tag(ds.select_columns(["is_sentence"])[key]["is_sentence"])
+        except Exception:  # whatever cannot be read gives no tag; load() says what is wrong
+            return ()
 
     def _load(self, sample_id: str) -> Sample:
         if self._ids is None:
@@ -186,25 +220,22 @@ class ReasonSegDataset:
             return self._load_lisa(sample_id, key, k or 0)
         return self._load_parquet(sample_id, key, k or 0)
 
-    def _image_path(self, stem: str) -> Path:
-        for suf in IMAGE_SUFFIXES:
-            p = self._split_dir / f"{stem}{suf}"
-            if p.is_file():
-                return p
-        return self._split_dir / f"{stem}.jpg"
-
     def _load_lisa(self, sample_id: str, stem: str, k: int) -> Sample:
         json_path = self._split_dir / f"{stem}.json"
         anno = _read_json(json_path)
         texts = _texts(anno, str(json_path))
         if k >= len(texts):
             raise SampleError(f"{json_path}: no text #{k} (has {len(texts)})")
-        image = read_image(self._image_path(stem))
+        if not _usable(texts[k]):
+            raise SampleError(f"{json_path}: malformed annotation: text #{k} is "
+                              f"{texts[k]!r:.80}, not a non-empty string")
+        image = read_image(self._split_dir / f"{stem}{IMAGE_SUFFIX}")
         try:
             gt = labelme_mask(anno.get("shapes"), image.shape[0], image.shape[1])
         except AnnotationError as e:
             raise SampleError(f"{json_path}: malformed annotation: {e}") from e
-        return self._sample(sample_id, texts[k], image, gt, _length_tag(anno.get("is_sentence")))
+        return self._sample(sample_id, texts[k].strip(), image, gt,
+                            _length_tag(anno.get("is_sentence")))
 
     def _load_parquet(self, sample_id: str, row: int, k: int) -> Sample:
         ds = self._dataset()

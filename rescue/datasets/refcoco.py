@@ -1,8 +1,11 @@
 """RefCOCO, RefCOCO+ and RefCOCOg (referring expressions over COCO train2014).
 
 Every sentence of every ref is its own sample, `<ref_id>#<sentence index>`, as the field's
-evaluation does (LISA's ValDataset scores each sentence against its ref's mask). The mask is
-the union of the referred annotation's COCO segmentation parts (`polygons.coco_mask`).
+evaluation does (LISA's ValDataset scores each sentence against its ref's mask). The mask
+merges the referred annotation's COCO segmentation parts as `parts` says
+(`polygons.coco_mask`): "lisa" (the default, what published numbers used) sums them as refer's
+`getMask` and LISA do, so pixels where parts overlap are background; "union" takes pycocotools'
+union. Listing logs once how many refs have overlapping parts, the refs where the two differ.
 
 Layouts read from local files (never the hub):
 
@@ -21,6 +24,7 @@ copies name the file holding testA `test`.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from collections import Counter
 from collections.abc import Mapping
@@ -34,8 +38,10 @@ from rescue import masks
 from rescue.datasets import parquet
 from rescue.datasets.base import DatasetError, SampleError, guarded_load
 from rescue.datasets.images import read_image
-from rescue.datasets.polygons import AnnotationError, coco_mask
+from rescue.datasets.polygons import PARTS, AnnotationError, coco_mask, parts_overlap
 from rescue.sample import Sample
+
+log = logging.getLogger(__name__)
 
 SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -63,6 +69,7 @@ ID_COLUMNS = ("ref_id", "question_id", "ann_id", "id")
 SEGMENTATION_COLUMNS = ("segmentation", "rle")
 ANN_JSON_COLUMNS = ("raw_anns", "anns", "ann", "annotation")
 IMAGE_INFO_COLUMNS = ("raw_image_info", "image_info")
+SIZE_COLUMNS = (("img_height", "img_width"), ("height", "width"))
 _DATASET_TOKENS = {"refcoco": ("refcoco",), "refcoco+": ("refcoco_plus", "refcocoplus",
                                                          "refcoco+"),
                    "refcocog": ("refcocog",)}
@@ -106,6 +113,20 @@ def sentences_of(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _segmentations(seg: Any) -> list[Any]:
+    """The COCO segmentations in a stored value: one, an annotation holding one, or several
+    annotations (some copies put every annotation of a ref in one row)."""
+    seg = _maybe_json(seg)
+    if isinstance(seg, list) and seg and all(isinstance(a, Mapping) and "segmentation" in a
+                                             for a in seg):
+        return [a["segmentation"] for a in seg]
+    if isinstance(seg, Mapping) and "segmentation" in seg:
+        seg = seg["segmentation"]
+    if seg is None:
+        raise AnnotationError("no segmentation")
+    return [seg]
+
+
 def _first(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
     for n in names:
         if n in row and row[n] is not None:
@@ -120,7 +141,8 @@ class RefCocoDataset:
                  split_by: str | None = None, layout: str = "auto",
                  coco_dir: str | Path | None = None,
                  data_files: str | list[str] | None = None,
-                 cache_dir: str | Path | None = None, name: str | None = None) -> None:
+                 cache_dir: str | Path | None = None, name: str | None = None,
+                 parts: str = "lisa") -> None:
         split_by = split_by or ("umd" if dataset == "refcocog" else "unc")
         if (dataset, split_by) not in SPLITS:
             raise DatasetError(f"unknown dataset/split_by {dataset}/{split_by}; valid: "
@@ -131,8 +153,11 @@ class RefCocoDataset:
                                f"{', '.join(valid)}")
         if layout not in LAYOUTS:
             raise DatasetError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if parts not in PARTS:
+            raise DatasetError(f"parts must be one of {PARTS}, got {parts!r}")
         self.root = Path(root).expanduser()
         self.dataset, self.split, self.split_by = dataset, split, split_by
+        self.parts = parts
         self.coco_dir = Path(coco_dir).expanduser() if coco_dir else None
         self.name = name or f"{dataset}_{split}".replace("+", "plus")
         self._cache_dir = cache_dir
@@ -149,9 +174,12 @@ class RefCocoDataset:
             self._files = self._select_parquet(data_files)
             self.layout = layout if layout != "auto" else "?"  # settled once the schema is read
         self._ds: Any = None
+        self._light: Any = None  # the parquet rows without their images
         self._refs: list[_Ref] | None = None
         self._index: dict[str, tuple[_Ref, int]] = {}
         self._ids: list[str] = []
+        self.overlapping_refs: tuple[str, ...] = ()
+        """Refs of this split whose segmentation parts overlap; set by `sample_ids()`."""
 
     # ------------------------------------------------------------------ files
 
@@ -219,7 +247,50 @@ class RefCocoDataset:
                     sid = f"{r.ref_id}#{k}"
                     self._index[sid] = (r, k)
                     self._ids.append(sid)
+            self.overlapping_refs = tuple(r.ref_id for r in uniq if self._overlaps(r))
+            what = ("background, as refer + LISA compute it" if self.parts == "lisa"
+                    else "target (their union), unlike LISA's")
+            log.info("%s: %d of %d refs have overlapping segmentation parts; dataset.parts=%s: "
+                     "their overlap pixels are %s", self.name, len(self.overlapping_refs),
+                     len(uniq), self.parts, what)
         return list(self._ids)
+
+    def _overlaps(self, ref: _Ref) -> bool:
+        """Whether `ref`'s parts overlap, from its annotation alone (no image decoded); False
+        where that cannot be read (its load says why)."""
+        try:
+            seg, h, w = self._segmentation_and_size(ref)
+            return any(parts_overlap(s, h, w) for s in _segmentations(seg))
+        except Exception:
+            return False
+
+    def _segmentation_and_size(self, ref: _Ref) -> tuple[Any, int | None, int | None]:
+        if self.layout == "refer":
+            image = ref.image or {}
+            return (ref.ann or {}).get("segmentation"), image.get("height"), image.get("width")
+        if self._light is None:
+            ds = self._dataset()
+            keep = [c for c in (*SEGMENTATION_COLUMNS, *ANN_JSON_COLUMNS, *IMAGE_INFO_COLUMNS,
+                                *(c for pair in SIZE_COLUMNS for c in pair), "ref_list")
+                    if c in ds.column_names]
+            self._light = ds.select_columns(keep)
+        rec = self._light[ref.row]
+        if self.layout == "images":
+            entries = rec.get("ref_list") or []
+            entry = entries[ref.sub] if ref.sub is not None and ref.sub < len(entries) else {}
+            seg = (entry.get("ann_info") or {}).get("segmentation")
+            info = _maybe_json(rec.get("image_info"))
+        else:
+            seg = _first(rec, SEGMENTATION_COLUMNS)
+            if seg is None:
+                seg = _first(rec, ANN_JSON_COLUMNS)
+            info = _maybe_json(_first(rec, IMAGE_INFO_COLUMNS))
+        info = info if isinstance(info, Mapping) else {}
+        h, w = info.get("height"), info.get("width")
+        for hc, wc in SIZE_COLUMNS:
+            if h is None or w is None:
+                h, w = rec.get(hc), rec.get(wc)
+        return seg, (int(h) if h is not None else None), (int(w) if w is not None else None)
 
     def _split_ok(self, value: Any) -> bool:
         return value is None or parquet.canonical_split(str(value)) == self.split
@@ -296,27 +367,15 @@ class RefCocoDataset:
             image, seg = self._row_image_and_segmentation(ref, what)
         h, w = image.shape[:2]
         try:
-            gt = self._union(seg, h, w).astype(np.uint8)
+            gt = np.zeros((h, w), bool)
+            for s in _segmentations(seg):  # several annotations in one row: their union
+                gt |= coco_mask(s, h, w, self.parts)
+            gt = gt.astype(np.uint8)
         except AnnotationError as e:
             raise SampleError(f"{what}: malformed annotation: {e}") from e
         box = masks.bbox(gt == 1)
         return Sample(sample_id=sample_id, query=query, image=image, gt=gt, dataset=self.name,
                       target_boxes=(box,) if box else ())
-
-    @staticmethod
-    def _union(seg: Any, h: int, w: int) -> np.ndarray:
-        seg = _maybe_json(seg)
-        if isinstance(seg, list) and seg and all(isinstance(a, Mapping) and "segmentation" in a
-                                                 for a in seg):
-            out = np.zeros((h, w), bool)  # several annotations: union of all
-            for a in seg:
-                out |= coco_mask(a["segmentation"], h, w)
-            return out
-        if isinstance(seg, Mapping) and "segmentation" in seg:
-            seg = seg["segmentation"]
-        if seg is None:
-            raise AnnotationError("no segmentation")
-        return coco_mask(seg, h, w)
 
     def _row_image_and_segmentation(self, ref: _Ref, what: str) -> tuple[np.ndarray, Any]:
         ds = self._dataset()
@@ -360,4 +419,5 @@ class RefCocoDataset:
 
     def __repr__(self) -> str:
         return (f"RefCocoDataset(dataset={self.dataset!r}, split={self.split!r}, "
-                f"split_by={self.split_by!r}, layout={self.layout!r}, root={str(self.root)!r})")
+                f"split_by={self.split_by!r}, layout={self.layout!r}, parts={self.parts!r}, "
+                f"root={str(self.root)!r})")

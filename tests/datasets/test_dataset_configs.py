@@ -79,6 +79,16 @@ def test_refcoco_config_with_data(tmp_path, monkeypatch) -> None:
     assert _dataset_cfg("refcoco")._target_ == "rescue.datasets.refcoco.RefCocoDataset"
 
 
+@pytest.mark.parametrize("option", ["refcoco", "refcocoplus", "refcocog"])
+def test_refcoco_parts_default_to_lisa_and_switch_to_union(option, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RESCUE_DATA", str(tmp_path))
+    assert _dataset_cfg(option).parts == "lisa"
+    assert _dataset_cfg(option, ["dataset.parts=union"]).parts == "union"
+    (tmp_path / _dataset_cfg(option).root.rsplit("/", 1)[-1]).mkdir()
+    with pytest.raises(DatasetError, match=r"parts must be one of \('lisa', 'union'\)"):
+        _build(_dataset_cfg(option, ["dataset.parts=sum"]))
+
+
 @pytest.mark.parametrize(("option", "target", "fields"), [
     ("slurm", "SlurmLauncher", {"gpus_per_node": 0, "cpus_per_task": 4, "timeout_min": 240,
                                 "mem_gb": 16, "array_parallelism": 64, "partition": None}),

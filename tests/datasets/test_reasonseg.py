@@ -36,8 +36,9 @@ def anno(texts: list[str], is_sentence: bool, shapes: list[dict]) -> dict:
 @pytest.fixture
 def lisa_root(tmp_path: Path) -> Path:
     """val/ with: an ignore hole in a target and a flag shape; two target parts with float
-    coordinates; a small target inside a larger ignore region; a corrupt image; a missing
-    image; a malformed shape; a cp1252-encoded JSON."""
+    coordinates; a small target inside a larger ignore region; a corrupt image; a JSON without
+    its image (no sample: LISA globs *.jpg); a malformed shape; a cp1252-encoded JSON; an image
+    without its JSON; a .png and a .JPG pair and a hidden .jpg (none of them samples)."""
     root = tmp_path / "ReasonSeg"
     val = root / "val"
     write_jpg(val / "a.jpg", noise_image(H, W, 1))
@@ -64,6 +65,12 @@ def lisa_root(tmp_path: Path) -> Path:
     write_jpg(val / "g.jpg", noise_image(H, W, 7))
     (val / "g.json").write_bytes(
         '{"text": ["caf\u00e9 table"], "is_sentence": false, "shapes": []}'.encode("cp1252"))
+    write_jpg(val / "h.jpg", noise_image(H, W, 8))
+    write_png(val / "i.png", noise_image(H, W, 9))
+    write_json(val / "i.json", anno(["png"], False, []))
+    write_jpg(val / "j.JPG", noise_image(H, W, 10))
+    write_json(val / "j.json", anno(["upper case"], False, []))
+    write_jpg(val / "._a.jpg", noise_image(H, W, 11))
     (root / "train").mkdir()
     return root
 
@@ -72,7 +79,7 @@ def test_lisa_layout_masks_pixel_by_pixel(lisa_root: Path) -> None:
     ds = ReasonSegDataset(lisa_root, split="val")
     assert isinstance(ds, Dataset)
     assert ds.layout == "lisa"
-    assert ds.sample_ids() == ["a", "b", "c", "d", "e", "f", "g"]
+    assert ds.sample_ids() == ["a", "b", "c", "d", "f", "g", "h"]
 
     a = ds.load("a")
     truth = box_truth((H, W), (2, 3, 20, 15))
@@ -102,8 +109,10 @@ def test_lisa_bad_samples_raise_sample_error_naming_the_file(lisa_root: Path) ->
     ds = ReasonSegDataset(lisa_root, split="val")
     with pytest.raises(SampleError, match=r"d\.jpg.*cannot be decoded"):
         ds.load("d")
-    with pytest.raises(SampleError, match=r"image missing: .*e\.jpg"):
-        ds.load("e")
+    with pytest.raises(SampleError, match=r"annotation missing or unreadable: .*h\.json"):
+        ds.load("h")
+    with pytest.raises(SampleError, match="unknown sample id"):
+        ds.load("e")  # an orphan JSON is no sample
     with pytest.raises(SampleError, match=r"f\.json: malformed annotation: shapes\[0\]\.points"):
         ds.load("f")
     with pytest.raises(SampleError, match="unknown sample id"):
@@ -117,7 +126,7 @@ def test_lisa_all_queries(lisa_root: Path) -> None:
     ds = ReasonSegDataset(lisa_root, split="val", queries="all")
     ids = ds.sample_ids()
     assert ids[:3] == ["a#0", "a#1", "b#0"]
-    assert "d#0" in ids and "f#0" in ids
+    assert "d#0" in ids and "f#0" in ids and "h#0" in ids and "e#0" not in ids
     s0, s1 = ds.load("a#0"), ds.load("a#1")
     assert (s0.query, s1.query) == ("the striped thing", "what you sit on")
     np.testing.assert_array_equal(s0.gt, s1.gt)
@@ -233,3 +242,104 @@ def test_unforeseen_defect_becomes_a_sample_error(lisa_root: Path, monkeypatch) 
     monkeypatch.setattr(ds, "_load_lisa", boom)
     with pytest.raises(SampleError, match=r"reasonseg_val/a: KeyError: 'imageData'"):
         ds.load("a")
+
+
+def test_failed_samples_keep_the_tags_of_their_readable_annotation(lisa_root: Path) -> None:
+    ds = ReasonSegDataset(lisa_root, split="val")
+    val = lisa_root / "val"
+    write_json(val / "d.json", anno(["x"], True, [shape("target", rect_points(1, 1, 3, 3))]))
+    cases = {"d": ("long",),  # corrupt image, readable JSON
+             "f": ("short",),  # malformed shape
+             "h": ()}  # no JSON: nothing says
+    for sid, tags in cases.items():
+        with pytest.raises(SampleError) as info:
+            ds.load(sid)
+        assert info.value.tags == tags == ds.tags_of(sid), sid
+    assert ds.tags_of("a") == ds.load("a").tags == ("short",)
+    assert ds.tags_of("nope") == ()
+    (val / "a.json").write_text("{not json")
+    with pytest.raises(SampleError) as info:
+        ds.load("a")
+    assert info.value.tags == ()
+
+
+def test_only_the_first_text_must_be_usable(tmp_path: Path) -> None:
+    val = tmp_path / "R" / "val"
+    write_jpg(val / "a.jpg", noise_image(H, W, 1))
+    write_json(val / "a.json", anno(["  the lamp ", "", 7], True, []))
+    write_jpg(val / "b.jpg", noise_image(H, W, 2))
+    write_json(val / "b.json", anno(["", "second"], True, []))
+    ds = ReasonSegDataset(tmp_path / "R", split="val")
+    assert ds.load("a").query == "the lamp"  # LISA: text[0], stripped; the rest unread
+    with pytest.raises(SampleError, match=r"b\.json: malformed annotation \('text'"):
+        ds.load("b")
+    every = ReasonSegDataset(tmp_path / "R", split="val", queries="all")
+    assert every.sample_ids() == ["a#0", "a#1", "a#2", "b#0"]
+    assert every.load("a#0").query == "the lamp"
+    for sid in ("a#1", "a#2"):  # an unusable later text fails only its own sample
+        with pytest.raises(SampleError, match=r"text #\d is .*not a non-empty string") as info:
+            every.load(sid)
+        assert info.value.tags == ("long",)
+
+
+def test_tag_rows_count_every_sample_with_the_tag_failures_included(lisa_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """Through the pipeline and the metrics table: a long/short row counts each sample whose
+    annotation gives that tag, whether or not the sample loaded."""
+    import asyncio
+
+    from rescue import masks
+    from rescue.cache import Cache
+    from rescue.evaluation import evaluate
+    from rescue.hypothesis import Hypothesis, Prompt
+    from rescue.pipeline import Pipeline
+    from rescue.protocols import Segmentation, Verdict
+    from rescue.settings import EvaluationSettings
+
+    class Planner:
+        simulated = False
+
+        def identity(self) -> dict:
+            return {"name": "box"}
+
+        async def plan(self, sample, indices):
+            return [Hypothesis(index=i, prompt=Prompt(text="x", box=(0, 0, 8, 8)))
+                    for i in indices]
+
+    class Executor:
+        simulated = False
+
+        def identity(self) -> dict:
+            return {"backend": "box"}
+
+        async def segment(self, sample, prompts):
+            m = np.zeros(sample.gt.shape, bool)
+            m[:8, :8] = True
+            return [Segmentation(rle=masks.encode(m), score=0.5, box=p.box) for p in prompts]
+
+    class Verifier:
+        simulated = False
+
+        def identity(self) -> dict:
+            return {"name": "one"}
+
+        async def verify(self, sample, mask):
+            return Verdict(score=1.0, source="parsed")
+
+    ds = ReasonSegDataset(lisa_root, split="val")
+    ids = ds.sample_ids()
+    pipe = Pipeline(Planner(), Executor(), Verifier(), Cache(tmp_path / "cache"), max_n=1,
+                    progress=False)
+    recs = asyncio.run(pipe.run(ds, ids))
+    failed = {r.sample_id for r in recs if r.error}
+    assert failed == {"d", "f", "h"}
+    table = evaluate(recs, EvaluationSettings(n_grid=(1,), bootstrap=0))
+    truth = {"all": len(ids)}
+    for sid in ids:
+        for tag in ds.tags_of(sid):
+            truth[tag] = truth.get(tag, 0) + 1
+    assert truth == {"all": 7, "short": 5, "long": 1}  # d and f short, h untagged
+    for subset, n in truth.items():
+        rows = table[table.subset == subset]
+        assert len(rows) and (rows.num_samples == n).all(), subset
+    assert (table[table.subset == "short"].num_failed_samples == 2).all()

@@ -15,8 +15,9 @@ from dataset_fixtures import box_truth, coco_rect, noise_image, png_bytes, write
 from pycocotools import mask as mask_utils
 
 from rescue.datasets.base import Dataset, DatasetError, SampleError
-from rescue.datasets.polygons import AnnotationError, coco_mask
+from rescue.datasets.polygons import PARTS, AnnotationError, coco_mask, parts_overlap
 from rescue.datasets.refcoco import EXPECTED, SPLITS, RefCocoDataset
+from rescue.metrics import iou_counts
 
 H, W = 20, 30
 IMAGES = {1: noise_image(H, W, 1), 2: noise_image(H, W, 2), 3: noise_image(H, W, 3)}
@@ -146,12 +147,13 @@ def test_rows_with_flat_float_polygon(tmp_path: Path, hf_cache: Path) -> None:
 # ---------------------------------------------------------------------- layout B: raw_anns
 
 
-def _raw_anns_rows(root: Path, coco: Path, file_split: dict[str, str]) -> None:
+def _raw_anns_rows(root: Path, coco: Path, file_split: dict[str, str],
+                   table: list[tuple] = REFS) -> None:
     """jxu124-style rows; `file_split` maps a row split to its file name (testA lives in 'test')."""
-    for r in REFS:
+    for r in table:
         write_jpg(coco / coco_name(r[2]), IMAGES[r[2]])
     by_file: dict[str, list] = {}
-    for r in REFS:
+    for r in table:
         by_file.setdefault(file_split[r[3]], []).append(r)
     for fname, rows in by_file.items():
         cols = {
@@ -264,10 +266,11 @@ def test_rows_per_image_with_ref_list(tmp_path: Path, hf_cache: Path) -> None:
 # ---------------------------------------------------------------------- layout D: refer
 
 
-def _refer_release(root: Path, coco: Path, split_by: str = "unc") -> None:
+def _refer_release(root: Path, coco: Path, split_by: str = "unc",
+                   table: list[tuple] = REFS) -> None:
     root.mkdir(parents=True)
     refs, anns = [], []
-    for r in REFS:
+    for r in table:
         write_jpg(coco / coco_name(r[2]), IMAGES[r[2]])
         refs.append({"ref_id": r[0], "ann_id": r[1], "image_id": r[2], "split": r[3],
                      "sentences": sent_dicts(r[4], r[0]), "sent_ids": [0], "category_id": 1,
@@ -340,9 +343,16 @@ def test_malformed_segmentation_is_a_sample_error(tmp_path: Path, hf_cache: Path
 
 
 def test_coco_mask_rules() -> None:
-    assert not coco_mask([], H, W).any()  # an empty segmentation: empty target
-    assert not coco_mask([[1, 1, 5, 1]], H, W).any()  # two points enclose nothing
-    np.testing.assert_array_equal(coco_mask([RING_RLE, hand_rle(DONUT)], H, W), DONUT.astype(bool))
+    for parts in PARTS:
+        assert not coco_mask([], H, W, parts).any()  # an empty segmentation: empty target
+        assert not coco_mask([[1, 1, 5, 1]], H, W, parts).any()  # two points enclose nothing
+    # the same ring twice: its union is the ring, LISA's sum is 2 everywhere on it
+    twice = [RING_RLE, hand_rle(DONUT)]
+    np.testing.assert_array_equal(coco_mask(twice, H, W, "union"), DONUT.astype(bool))
+    assert not coco_mask(twice, H, W, "lisa").any()
+    assert parts_overlap(twice, H, W) and not parts_overlap([RING_RLE], H, W)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        coco_mask([], H, W, "sum")
     with pytest.raises(AnnotationError, match="non-numeric"):
         coco_mask([[1, 1, "a", 2, 3, 4]], H, W)
     with pytest.raises(AnnotationError, match="polygons or RLE"):
@@ -355,3 +365,94 @@ def test_documented_counts() -> None:
     # refer release totals: RefCOCO 142,210 expressions / 50,000 refs; the eval splits above
     assert sum(e for _, e in EXPECTED[("refcoco", "unc")].values()) == 10834 + 5657 + 5095
     assert EXPECTED[("refcocog", "umd")]["test"] == (5023, 9602)
+
+
+# ---------------------------------------------------------------------- overlapping parts
+
+
+def _count(shape: tuple[int, int], *boxes: tuple[int, int, int, int]) -> np.ndarray:
+    """How many of the boxes (pycocotools' pixels: far edges exclusive) cover each pixel."""
+    return sum((box_truth(shape, b, inclusive=False) for b in boxes),
+               np.zeros(shape, np.int64))
+
+
+A, B, C = (2, 2, 12, 12), (8, 6, 20, 16), (10, 0, 14, 19)
+OVERLAP_REFS = [  # ref_id, ann_id, image_id, split, sentences, segmentation, per-pixel count
+    (501, 9101, 1, "val", ["two boxes"], [coco_rect(*A), coco_rect(*B)], _count((H, W), A, B)),
+    (502, 9102, 2, "val", ["three", "again"], [coco_rect(*A), coco_rect(*B), coco_rect(*C)],
+     _count((H, W), A, B, C)),
+    (503, 9103, 3, "val", ["apart"], [coco_rect(0, 0, 3, 3), coco_rect(20, 10, 25, 15)],
+     _count((H, W), (0, 0, 3, 3), (20, 10, 25, 15))),
+]
+
+
+def _lisa_target(seg: list, h: int, w: int) -> np.ndarray:
+    """LISA's ValDataset, verbatim in effect: frPyObjects on the parts, decode, sum, uint8."""
+    m = mask_utils.decode(mask_utils.frPyObjects(seg, h, w))
+    return np.sum(m, axis=2).astype(np.uint8)
+
+
+def _lisa_iu(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """LISA's intersectionAndUnionGPU(pred, target, K=2, ignore_index=255), class 1: torch.histc
+    over [0, 1] with 2 bins counts the values 0 and 1 only (a 2 falls outside every bin)."""
+    out = pred.astype(np.int64).ravel().copy()
+    tgt = target.astype(np.int64).ravel()
+    out[tgt == 255] = 255
+    inter = out[out == tgt]
+    i1, o1, t1 = (int(np.count_nonzero(v == 1)) for v in (inter, out, tgt))
+    return i1, o1 + t1 - i1
+
+
+def test_overlapping_parts_lisa_sums_union_unites(tmp_path: Path, caplog) -> None:
+    root, coco = tmp_path / "refcoco", tmp_path / "train2014"
+    _refer_release(root, coco, table=OVERLAP_REFS)
+    for r in OVERLAP_REFS:  # the hand counts are what LISA's own recipe gives
+        np.testing.assert_array_equal(_lisa_target(r[5], H, W), r[6])
+    with caplog.at_level("INFO", logger="rescue.datasets.refcoco"):
+        lisa = RefCocoDataset(root, split="val", coco_dir=coco)
+        lisa.sample_ids()
+        lisa.sample_ids()  # listed once: logged once
+    union = RefCocoDataset(root, split="val", coco_dir=coco, parts="union")
+    union.sample_ids()
+    assert lisa.parts == "lisa"  # the default
+    assert lisa.overlapping_refs == union.overlapping_refs == ("501", "502")
+    said = [m for m in caplog.messages if "overlapping segmentation parts" in m]
+    assert said == ["refcoco_val: 2 of 4 refs have overlapping segmentation parts; "
+                    "dataset.parts=lisa: their overlap pixels are background, as refer + LISA "
+                    "compute it"]
+    for r in OVERLAP_REFS:
+        for k in range(len(r[4])):
+            sid = f"{r[0]}#{k}"
+            np.testing.assert_array_equal(lisa.load(sid).gt, (r[6] == 1).astype(np.uint8))
+            np.testing.assert_array_equal(union.load(sid).gt, (r[6] > 0).astype(np.uint8))
+            merged = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(r[5], H, W)))
+            np.testing.assert_array_equal(union.load(sid).gt, merged)  # pycocotools' union
+
+
+def test_parts_lisa_scores_exactly_as_lisas_metric() -> None:
+    """Overlap pixels as background give LISA's class-1 intersection and union for any
+    prediction; as IGNORE they would not (a prediction there is in LISA's union)."""
+    rng = np.random.default_rng(0)
+    for r in OVERLAP_REFS:
+        raw = _lisa_target(r[5], H, W)
+        ours = coco_mask(r[5], H, W, "lisa").astype(np.uint8)
+        as_ignore = np.where(raw > 1, 255, raw).astype(np.uint8)
+        for pred in [raw > 0, raw == 1, raw > 1, *(rng.random((50, H, W)) < 0.5)]:
+            assert iou_counts(pred, ours) == _lisa_iu(pred, raw)
+            touches = bool((pred & (raw > 1)).any())  # predicts an overlap pixel
+            assert (iou_counts(pred, as_ignore) != _lisa_iu(pred, raw)) == touches
+    # the issue's example: a prediction equal to the union scores below 1 with LISA
+    raw = _lisa_target(OVERLAP_REFS[0][5], H, W)
+    i, u = _lisa_iu(raw > 0, raw)
+    assert i / u < 1 and iou_counts(raw > 0, coco_mask(OVERLAP_REFS[0][5], H, W)) == (i, u)
+
+
+def test_overlap_count_in_row_layouts(tmp_path: Path, hf_cache: Path) -> None:
+    root, coco = tmp_path / "rows", tmp_path / "coco"
+    _raw_anns_rows(root, coco, {"val": "val"}, table=OVERLAP_REFS)
+    ds = RefCocoDataset(root, split="val", coco_dir=coco, cache_dir=hf_cache)
+    assert ds.overlapping_refs == () and ds.sample_ids()
+    assert ds.overlapping_refs == ("501", "502")
+    np.testing.assert_array_equal(ds.load("502#1").gt, (OVERLAP_REFS[1][6] == 1).astype(np.uint8))
+    with pytest.raises(DatasetError, match="parts must be one of"):
+        RefCocoDataset(root, split="val", parts="sum")

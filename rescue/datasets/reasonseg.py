@@ -62,15 +62,16 @@ def _read_json(path: Path) -> Any:
 
 
 def _texts(anno: Any, where: str) -> list[Any]:
-    """The annotation's texts as stored; only `text[0]`, LISA's query, must be usable here."""
+    """The annotation's texts as stored: only the one a sample uses must be a usable string
+    (`_load_lisa`), so an empty text never rejects another."""
     if not isinstance(anno, dict):
         raise SampleError(f"{where}: malformed annotation (top level is not an object)")
     texts = anno.get("text")
     if isinstance(texts, str):
         texts = [texts]
-    if not isinstance(texts, list) or not texts or not _usable(texts[0]):
-        raise SampleError(f"{where}: malformed annotation ('text' must be a list whose first "
-                          f"entry is a non-empty string, got {texts!r:.80})")
+    if not isinstance(texts, list) or not texts:
+        raise SampleError(f"{where}: malformed annotation ('text' must be a non-empty list, "
+                          f"got {texts!r:.80})")
     return texts
 
 

@@ -271,15 +271,21 @@ def test_only_the_first_text_must_be_usable(tmp_path: Path) -> None:
     write_json(val / "b.json", anno(["", "second"], True, []))
     ds = ReasonSegDataset(tmp_path / "R", split="val")
     assert ds.load("a").query == "the lamp"  # LISA: text[0], stripped; the rest unread
-    with pytest.raises(SampleError, match=r"b\.json: malformed annotation \('text'"):
+    with pytest.raises(SampleError, match=r"b\.json: malformed annotation: text #0 is ''"):
         ds.load("b")
     every = ReasonSegDataset(tmp_path / "R", split="val", queries="all")
-    assert every.sample_ids() == ["a#0", "a#1", "a#2", "b#0"]
+    assert every.sample_ids() == ["a#0", "a#1", "a#2", "b#0", "b#1"]
     assert every.load("a#0").query == "the lamp"
-    for sid in ("a#1", "a#2"):  # an unusable later text fails only its own sample
+    assert every.load("b#1").query == "second"
+    for sid in ("a#1", "a#2", "b#0"):  # an unusable text fails only its own sample
         with pytest.raises(SampleError, match=r"text #\d is .*not a non-empty string") as info:
             every.load(sid)
         assert info.value.tags == ("long",)
+    write_jpg(val / "c.jpg", noise_image(H, W, 3))
+    write_json(val / "c.json", anno([], False, []))
+    with pytest.raises(SampleError, match=r"'text' must be a non-empty list") as info:
+        ReasonSegDataset(tmp_path / "R", split="val").load("c")
+    assert info.value.tags == ("short",)
 
 
 def test_tag_rows_count_every_sample_with_the_tag_failures_included(lisa_root: Path,

@@ -7,11 +7,15 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+"""The only formats Pillow may decode here: any other plugin is attack surface for no use (an
+EPS upload would reach Ghostscript)."""
 
 
 class ImageInvalid(ValueError):
-    """The bytes are not base64, or not an image Pillow can decode."""
+    """The bytes are not base64, or not an image in one of `FORMATS` that Pillow can decode."""
 
 
 class ImageTooLarge(ValueError):
@@ -33,13 +37,14 @@ def decode_b64(data: str) -> bytes:
 
 
 def decode_image(raw: bytes, max_pixels: int, max_side: int) -> np.ndarray:
-    """Decode to RGB. The header's size is checked before the pixels are decompressed, so a
-    decompression bomb costs nothing. EXIF orientation is not applied: the client's pixels are
-    the file's pixels, and their digest must match what the client computes."""
+    """Decode to RGB, trying only `FORMATS`. The header's size is checked before the pixels
+    are decompressed, so a decompression bomb costs nothing. EXIF orientation is not applied:
+    the client's pixels are the file's pixels, and their digest must match what the client
+    computes."""
     if not raw:
         raise ImageInvalid("image is empty")
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=FORMATS)
         width, height = img.size
         if width * height > max_pixels or max(width, height) > max_side:
             raise ImageTooLarge(width, height, max_pixels, max_side)
@@ -49,6 +54,8 @@ def decode_image(raw: bytes, max_pixels: int, max_side: int) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard, far past any limit
         raise ImageTooLarge(None, None, max_pixels, max_side, str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageInvalid(f"cannot decode image: not {', '.join(FORMATS)} ({exc})") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageInvalid(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     arr = np.asarray(rgb, dtype=np.uint8)

@@ -19,15 +19,25 @@ MAX_TEXT_CHARS = 1000
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
+IMAGE_REF_ONE_OF: list[dict[str, Any]] = [
+    {"title": "by bytes", "required": ["b64"],
+     "properties": {"b64": {"type": "string"}, "sha256": {"type": "null"}}},
+    {"title": "by digest", "required": ["sha256"],
+     "properties": {"sha256": {"type": "string"}, "b64": {"type": "null"}}},
+]
+"""The "exactly one of b64 / sha256" rule of `ImageRef._exactly_one`, as JSON Schema, so
+/openapi.json states what the validator enforces (the other one may be absent or null)."""
+
+
 class ImageRef(BaseModel):
     """The image: its encoded bytes, or the pixel digest of one the server holds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": IMAGE_REF_ONE_OF})
 
     b64: str | None = Field(
         default=None,
-        description="base64 of an encoded image file (PNG, JPEG, WebP, BMP, TIFF); "
-        "decoded to RGB, EXIF orientation not applied",
+        description="base64 of an encoded image file, PNG, JPEG, WebP, BMP or TIFF (no other "
+        "format is decoded); decoded to RGB, EXIF orientation not applied",
     )
     sha256: str | None = Field(
         default=None,
@@ -122,6 +132,8 @@ class InfoResponse(BaseModel):
     max_instances: int
     box_tolerance: float
     image_cache_size: int
+    max_uploads: int = Field(description="request bodies read at once; more get 503 overloaded")
+    body_timeout_s: float = Field(description="a body must arrive within this, else 408")
     stats: dict[str, int | float]
 
 

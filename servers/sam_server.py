@@ -5,7 +5,8 @@
 Each request is decoded once, its image encoded once (or taken from the LRU by pixel digest),
 and all its prompts answered against that one encoding. Admission is bounded: `max_in_flight`
 requests run, `max_queued` wait, the rest get 503 at once; a client backs off and retries,
-and the server's memory stays bounded under any load.
+and the server's memory stays bounded under any load. In front of it all, `servers.gate`
+refuses strangers from the headers and reads bodies in bounded slots, with a deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
@@ -32,10 +32,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rescue.records import json_safe
 from rescue.sample import image_digest
 from servers import __version__
 from servers.backends import SegmenterBackend, SegmentOptions, make_backend
+from servers.errors import ApiError
+from servers.gate import Gate, GateSettings, GateStats
 from servers.image_cache import CachedImage, ImageCache
 from servers.images import ImageInvalid, ImageTooLarge, decode_b64, decode_image
 from servers.prompts import PromptInvalid, validate_prompt
@@ -72,39 +73,17 @@ class ServerSettings:
     image_cache_size: int = 8
     max_in_flight: int = 2
     max_queued: int = 8
+    max_uploads: int = 4
+    body_timeout_s: float = 60.0
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.max_queued < 0:
             raise ValueError("max_in_flight >= 1 and max_queued >= 0 required")
+        if self.max_uploads < 1 or not self.body_timeout_s > 0:
+            raise ValueError("max_uploads >= 1 and body_timeout_s > 0 required")
         if not 0.0 <= self.box_tolerance <= 1.0:
             raise ValueError("box_tolerance is a fraction of the image side, in [0, 1]")
-
-
-class ApiError(Exception):
-    """An error answered as {"detail": {"code", "message", ...extra}}."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: Mapping[str, str] | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = dict(headers or {})
-        self.extra = extra
-
-    def response(self) -> JSONResponse:
-        body = {"detail": {"code": self.code, "message": self.message, **self.extra}}
-        return JSONResponse(_json_safe(jsonable_encoder(body)), status_code=self.status,
-                            headers=self.headers)
-
-
-def _utf8(text: str) -> str:
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with what strict JSON cannot carry made printable: an error may echo the client's
-    input, which Python's json reads with NaN, Infinity and lone surrogates in it."""
-    return json_safe(value, nonfinite=str, text=_utf8)
 
 
 @dataclass
@@ -123,54 +102,10 @@ class _Runtime:
     settings: ServerSettings
     cache: ImageCache
     stats: _Stats = field(default_factory=_Stats)
+    gate: GateStats = field(default_factory=GateStats)
     ready: bool = False
     load_error: str | None = None
     slots: asyncio.Semaphore | None = None
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: reject request bodies over `limit` bytes with 413 before parsing.
-
-    An oversized body is drained (not stored) before answering, so the client reads the 413
-    instead of a connection reset in the middle of its upload.
-    """
-
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if not too_big:
-                body += message.get("body", b"")
-                too_big = len(body) > self.limit
-                if too_big:
-                    body = bytearray()
-            more = message.get("more_body", False)
-        if too_big:
-            err = ApiError(413, "body_too_large",
-                           f"request body over the limit of {self.limit} bytes", limit=self.limit)
-            await err.response()(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def _peak_rss_mb() -> float:
@@ -185,7 +120,9 @@ _BEARER = HTTPBearer(auto_error=False, description="required when the server has
 async def _authorize(request: Request,
                      creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
                      ) -> None:
-    # module level: FastAPI resolves these annotations in the module's namespace
+    # module level: FastAPI resolves these annotations in the module's namespace. The Gate has
+    # refused strangers before the body was read; this documents the scheme in /openapi.json
+    # and checks again for an app mounted without the Gate
     token = request.app.state.runtime.settings.token
     if token is None:
         return
@@ -198,11 +135,12 @@ async def _authorize(request: Request,
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "unauthorized"},
     404: {"model": ErrorResponse, "description": "image_not_found"},
+    408: {"model": ErrorResponse, "description": "body_timeout"},
     413: {"model": ErrorResponse, "description": "body_too_large, image_too_large, "
                                                  "too_many_prompts"},
     422: {"model": ErrorResponse, "description": "invalid_request, invalid_image, invalid_prompts"},
     500: {"model": ErrorResponse, "description": "backend_error"},
-    503: {"model": ErrorResponse, "description": "overloaded, not_ready"},
+    503: {"model": ErrorResponse, "description": "overloaded (requests or uploads), not_ready"},
 }
 
 
@@ -236,7 +174,9 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
         lifespan=lifespan,
     )
     app.state.runtime = rt
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Gate, settings=GateSettings(
+        token=settings.token, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+        max_uploads=settings.max_uploads, retry_after_s=settings.retry_after_s), stats=rt.gate)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -280,7 +220,10 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
         stats = {"requests": s.requests, "prompts": s.prompts, "masks": s.masks,
                  "encodes": rt.cache.encodes, "cache_hits": rt.cache.hits,
                  "cached_images": len(rt.cache), "in_flight": s.in_flight, "queued": s.queued,
-                 "rejected_overload": s.rejected_overload, "peak_rss_mb": _peak_rss_mb()}
+                 "rejected_overload": s.rejected_overload, "uploads": rt.gate.uploads,
+                 "rejected_uploads": rt.gate.rejected_uploads,
+                 "body_timeouts": rt.gate.body_timeouts, "unauthorized": rt.gate.unauthorized,
+                 "peak_rss_mb": _peak_rss_mb()}
         return InfoResponse(
             backend=bi.backend, model=bi.model, version=__version__,
             backend_version=bi.backend_version, device=bi.device, capabilities=bi.capabilities,
@@ -288,7 +231,8 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
             max_points=settings.max_points, max_image_side=settings.max_image_side,
             max_image_pixels=settings.max_image_pixels, max_body_bytes=settings.max_body_bytes,
             max_instances=settings.max_instances, box_tolerance=settings.box_tolerance,
-            image_cache_size=settings.image_cache_size, stats=stats)
+            image_cache_size=settings.image_cache_size, max_uploads=settings.max_uploads,
+            body_timeout_s=settings.body_timeout_s, stats=stats)
 
     def _resolve_image(req: SegmentRequest) -> tuple[CachedImage, bool, float, float]:
         t0 = time.perf_counter()
@@ -448,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-cache-size", type=int, default=d.image_cache_size)
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
     p.add_argument("--max-queued", type=int, default=d.max_queued)
+    p.add_argument("--max-uploads", type=int, default=d.max_uploads,
+                   help="request bodies read at once; more get 503 (default %(default)s)")
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help="a request body must arrive within this many seconds, else 408 "
+                        "(default %(default)s)")
     p.add_argument("--log-level", default="info")
     return p
 

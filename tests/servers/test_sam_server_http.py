@@ -203,5 +203,16 @@ def test_openapi_documents_the_protocol(classical_server) -> None:
     assert "/v1/segment" in spec["paths"] and "/v1/info" in spec["paths"]
     schemas = spec["components"]["schemas"]
     assert {"SegmentRequest", "SegmentResponse", "PromptIn", "ErrorResponse"} <= set(schemas)
+    assert [alt["required"] for alt in schemas["ImageRef"]["oneOf"]] == [["b64"], ["sha256"]]
     assert set(spec["paths"]["/v1/segment"]["post"]["responses"]) >= {"200", "401", "404", "413",
                                                                        "422", "503"}
+
+
+def test_nothing_found_in_a_downscaled_crop_is_no_instances_not_an_error(classical_server) -> None:
+    # a flat 800x800 image: the 800 px crop is downscaled to 512 and GrabCut keeps nothing;
+    # the server used to answer error "execute:grabcut_failed ValueError: could not broadcast"
+    flat = np.full((800, 800, 3), 128, np.uint8)
+    r = classical_server.post({"image": {"b64": png_b64(flat)},
+                               "prompts": [{"box": [200, 200, 600, 600]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == [{"instances": [], "error": None}]

@@ -153,3 +153,55 @@ def test_decode_converts_to_rgb_and_rejects_garbage() -> None:
         decode_image(b"GIF89a nonsense", 10**6, 100)
     with pytest.raises(ImageInvalid):
         decode_image(b"", 10**6, 100)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\n"
+
+
+def test_formats_outside_the_allow_list_never_reach_their_decoder(monkeypatch) -> None:
+    # issue 14: an EPS upload reached Ghostscript; now Pillow is not even asked to identify it
+    from io import BytesIO
+
+    from PIL import EpsImagePlugin, Image
+
+    from servers.images import FORMATS
+
+    reached = []
+
+    def ghostscript(*args, **kw):
+        reached.append(args)
+        raise OSError("Ghostscript must not run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    with pytest.raises(ImageInvalid, match="not PNG, JPEG, WEBP, BMP, TIFF"):
+        decode_image(EPS, 10**6, 100)
+    assert reached == []
+    gif = BytesIO()
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(gif, format="GIF")  # harmless, but not listed
+    with pytest.raises(ImageInvalid):
+        decode_image(gif.getvalue(), 10**6, 100)
+    for fmt in FORMATS:
+        buf = BytesIO()
+        Image.new("RGB", (4, 3), (200, 100, 50)).save(buf, format=fmt)
+        assert decode_image(buf.getvalue(), 10**6, 100).shape == (3, 4, 3), fmt
+
+
+@pytest.mark.parametrize("ref", [
+    {"b64": "QQ=="}, {"sha256": "a" * 64}, {"b64": "QQ==", "sha256": None},
+    {"b64": None, "sha256": "a" * 64}, {"b64": "QQ==", "sha256": "a" * 64}, {}, {"b64": None},
+    {"b64": None, "sha256": None}, {"sha256": "A" * 64},
+])
+def test_the_schema_states_the_exactly_one_image_rule(ref) -> None:
+    # issue 14: /openapi.json allowed both or neither, which only the validator refused
+    import jsonschema
+    from pydantic import ValidationError
+
+    from servers.protocol import ImageRef
+
+    by_schema = jsonschema.Draft202012Validator(ImageRef.model_json_schema()).is_valid(ref)
+    try:
+        ImageRef.model_validate(ref)
+        by_model = True
+    except ValidationError:
+        by_model = False
+    assert by_schema == by_model, ref

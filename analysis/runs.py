@@ -1,76 +1,31 @@
 """Run directories as data: find them, load them, and stack a sweep into one study table.
 
-A run directory is what `python run.py` writes (`metrics.csv`, `records.jsonl`, `.hydra/`). A
-Hydra multirun writes one per job under numbered subdirectories of its sweep directory; the jobs
-of one sweep are one study, told apart by the command-line overrides that vary between them
-(`verifier.noise=0.1,0.3`), which become the study table's columns.
+A run directory is what `python run.py` writes (`rescue.run_dir`: `metrics.csv`,
+`records.jsonl`, `.hydra/`). A Hydra multirun writes one per job under numbered subdirectories
+of its sweep directory; the jobs of one sweep are one study, told apart by the command-line
+overrides that vary between them (`verifier.noise=0.1,0.3`), which become the study table's
+columns.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from rescue import records
 from rescue.records import SampleRecord
+from rescue.run_dir import MARKERS, NoRunsError, RunDir
+from rescue.run_dir import find_runs as find_runs  # the analysis tools' name for it
 from rescue.settings import EvaluationSettings
-
-RUN_MARKERS = ("metrics.csv", "records.jsonl")
-"""A directory holding either of these is a run directory."""
 
 IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "pipeline.", "report.", "records_from")
 """Overrides that say where or how a run is logged, never what it measures: not study axes."""
-
-
-class NoRunsError(ValueError):
-    """A source holds no run directory."""
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in RUN_MARKERS)
-
-
-def _child_order(path: Path) -> tuple[int, int | str]:
-    """Numbered job directories (0, 1, ..., 10) in numeric order, then the others by name."""
-    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
-
-
-def find_runs(sources: Iterable[str | Path]) -> list[Path]:
-    """Run directories of each source: itself when it is a run, else its run subdirectories.
-
-    Sources keep their order, jobs of a multirun their numeric order; a run named twice is
-    listed once. A source that is missing or holds no run is an error naming it.
-    """
-    found: list[Path] = []
-    for src in sources:
-        path = Path(src)
-        if not path.is_dir():
-            raise NoRunsError(f"{path}: no such directory")
-        if is_run_dir(path):
-            runs = [path]
-        else:
-            runs = sorted((p for p in path.iterdir() if is_run_dir(p)), key=_child_order)
-        if not runs:
-            raise NoRunsError(
-                f"{path} holds no run: a run directory has {' or '.join(RUN_MARKERS)}, a "
-                "multirun directory has run directories as numbered subdirectories"
-            )
-        found += [r.resolve() for r in runs]
-    return list(dict.fromkeys(found))
-
-
-def _yaml(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -91,23 +46,21 @@ class Run:
     choices: dict[str, str] = field(default_factory=dict)
 
     @property
+    def dir(self) -> RunDir:
+        return RunDir(self.path)
+
+    @property
     def records_path(self) -> Path:
         """The run's records; a `mode=evaluate` run has none and reads its `records_from`'s."""
-        own = self.path / "records.jsonl"
-        source = self.config.get("records_from")
-        if not own.is_file() and self.config.get("mode") == "evaluate" and source:
-            return Path(str(source)) / "records.jsonl"
-        return own
+        return self.dir.records_source
 
     def records(self) -> list[SampleRecord]:
-        if not self.records_path.is_file():
-            raise FileNotFoundError(f"{self.records_path} not found")
-        return list(records.read(self.records_path))
+        return self.dir.records()
 
     def evaluation_settings(self) -> EvaluationSettings:
         """How the run evaluated its metrics.csv, from its saved `config_resolved.yaml`
         (`.hydra/config.yaml` for a run that wrote none); its records' pools bound N."""
-        resolved = _yaml(self.path / "config_resolved.yaml")
+        resolved = self.dir.resolved_config()
         return EvaluationSettings.from_config(resolved or self.config, bounded=False)
 
     def override_values(self) -> dict[str, str]:
@@ -142,8 +95,8 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _flag(run_dir: Path, stats: Mapping[str, Any]) -> bool | None:
-    for source in (stats, _json(run_dir / "summary.json")):
+def _flag(run: RunDir, stats: Mapping[str, Any]) -> bool | None:
+    for source in (stats, _json(run.summary_file)):
         if "simulated" in source:
             return bool(source["simulated"])
     return None
@@ -151,24 +104,14 @@ def _flag(run_dir: Path, stats: Mapping[str, Any]) -> bool | None:
 
 def load_run(run_dir: str | Path) -> Run:
     """Read a run directory. Metrics come from `metrics.csv` (empty frame when absent)."""
-    path = Path(run_dir).resolve()
-    if not is_run_dir(path):
-        raise NoRunsError(f"{path} is not a run directory (no {' or '.join(RUN_MARKERS)})")
-    metrics_path = path / "metrics.csv"
-    metrics = pd.read_csv(metrics_path) if metrics_path.is_file() else pd.DataFrame()
-    stats = _json(path / "stats.json")
-    hydra = _yaml(path / ".hydra" / "hydra.yaml") or {}
-    choices = (hydra.get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
-    run = Run(
-        path=path,
-        config=_yaml(path / ".hydra" / "config.yaml") or {},
-        overrides=[str(o) for o in _yaml(path / ".hydra" / "overrides.yaml") or []],
-        metrics=metrics,
-        stats=stats,
-        simulated=bool(_flag(path, stats)),
-        choices={str(k): str(v) for k, v in choices.items() if v is not None},
-    )
-    if _flag(path, stats) is None and run.records_path.is_file():
+    rd = RunDir(Path(run_dir).resolve())
+    if not rd.is_run():
+        raise NoRunsError(f"{rd.path} is not a run directory (no {' or '.join(MARKERS)})")
+    metrics = pd.read_csv(rd.metrics_file) if rd.metrics_file.is_file() else pd.DataFrame()
+    stats = _json(rd.stats_file)
+    run = Run(path=rd.path, config=rd.config(), overrides=rd.overrides(), metrics=metrics,
+              stats=stats, simulated=bool(_flag(rd, stats)), choices=rd.choices())
+    if _flag(rd, stats) is None and run.records_path.is_file():
         run.simulated = any(r.simulated for r in records.read(run.records_path))
     return run
 
@@ -232,10 +175,10 @@ def study_table(runs: Sequence[Run]) -> pd.DataFrame:
 def newest_run(root: str | Path) -> Path:
     """The run directory under `root` (searched recursively) whose metrics.csv is newest."""
     root = Path(root)
-    found = [p.parent for p in root.rglob("metrics.csv")] if root.is_dir() else []
+    found = [RunDir(p.parent) for p in root.rglob("metrics.csv")] if root.is_dir() else []
     if not found:
         raise NoRunsError(f"no run directory under {root}; run `python run.py` first")
-    return max(found, key=lambda p: (p / "metrics.csv").stat().st_mtime)
+    return max(found, key=lambda r: r.metrics_file.stat().st_mtime).path
 
 
 def cli(write: Callable[[], Mapping[str, Path]], errors: tuple[type[Exception], ...]) -> int:

@@ -85,10 +85,9 @@ def run(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from rescue.app import Models, check_endpoints
     from rescue.cache import Cache
+    from rescue.models.roles import Models
     from rescue.pipeline import Pipeline
-    from rescue.protocols import aclose
 
     overrides = ["experiment=http_synthetic", f"dataset.num_samples={args.samples}",
                  f"seed={args.seed}", f"max_n={args.max_n}"]
@@ -108,18 +107,14 @@ def run(args: argparse.Namespace) -> None:
                             instantiate(cfg.verifier))
 
             async def go(models=models):
-                await check_endpoints(models)
-                pipe = Pipeline(models.planner, models.executor, models.verifier,
-                                Cache(Path(tmp) / "cache"), max_n=args.max_n,
-                                samples_in_flight=int(cfg.pipeline.samples_in_flight),
-                                progress=False)
-                try:
+                async with models.ready():
+                    pipe = Pipeline(models.planner, models.executor, models.verifier,
+                                    Cache(Path(tmp) / "cache"), max_n=args.max_n,
+                                    samples_in_flight=int(cfg.pipeline.samples_in_flight),
+                                    progress=False)
                     c0, w0 = time.process_time(), time.perf_counter()
                     recs = await pipe.run(dataset, ids)
                     return pipe, recs, time.process_time() - c0, time.perf_counter() - w0
-                finally:
-                    for m in models.all().values():
-                        await aclose(m)
 
             pipe, recs, cpu, wall = asyncio.run(go())
             n = len(ids)

@@ -1,6 +1,6 @@
 """The content-addressed cache of every model call: where hypotheses, masks and verdicts live.
 
-Each entry is keyed by a hash of everything that can change the answer (DESIGN §3) and stored
+Each entry is keyed by a hash of everything that can change the answer and stored
 as one JSON line appended to a segment file owned by the writing process:
 
     <root>/<stage>/<writer>.jsonl      {"k": <key>, "v": <value>, "what": <description>}
@@ -136,6 +136,10 @@ class Cache:
         value = self._read(stage, where) if where is not None else None
         self.counts[f"{stage}.{'hit' if value is not None else 'miss'}"] += 1
         return value
+
+    def has(self, stage: str, key: str) -> bool:
+        """Whether `key` is indexed, without reading its value or counting a lookup."""
+        return key in self._segments(stage).entries
 
     def require(self, stage: str, key: str, what: str) -> Any | None:
         """Cached value, None on a miss; in offline mode a miss raises `CacheMiss`."""

@@ -1,5 +1,10 @@
 """What a failed model call means for the run: permanent or transient, and when to give up.
 
+A client says a call did not get through by raising `TransportError` (with the results that
+did arrive, if any); that is the only exception the pipeline records as a failed request. Any
+other exception from a client is a defect: it is not disguised as a network error, and the
+sample it met is recorded `sample:crashed` (and not cached).
+
 A transient failure (timeout, dropped connection, 5xx, 408/409/429) is recorded and not cached,
 so a resumed run retries it. A permanent one, any other 4xx, is the server refusing this exact
 request (too many `top_logprobs`, too many images, a prompt past `max_model_len`): asking again
@@ -13,11 +18,28 @@ line naming the commonest cause: a misconfigured server must not cost a night an
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from rescue.records import reason_code
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
+
+
+class TransportError(RuntimeError):
+    """A model call that did not get through after the client's retries.
+
+    `status` is the HTTP status when a server answered (None: no answer at all); `partial` holds
+    the results that did arrive before the failure (e.g. the other chunks of one plan call), so
+    the pipeline keeps them and a resumed run asks only for what was lost.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 partial: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.partial = list(partial)
 
 
 @dataclass(frozen=True)
@@ -26,13 +48,10 @@ class CallFailure:
     transient: bool
 
 
-def classify(exc: BaseException) -> CallFailure:
-    """The recorded reason and permanence of an exception raised by a model client.
-
-    Clients signal HTTP outcomes with an exception carrying `status` (and `retryable`), as
-    `rescue.models.http.EndpointError` does; anything else is taken as transport (transient).
-    """
-    status = getattr(exc, "status", None)
+def classify(exc: TransportError) -> CallFailure:
+    """The recorded reason and permanence of a failed call: a 4xx other than 408/409/429 is the
+    server refusing this exact request (permanent); anything else may pass on a retry."""
+    status = exc.status
     detail = " ".join(str(exc).split())[:500]
     if isinstance(status, int) and 400 <= status < 500 and status not in RETRYABLE_4XX:
         return CallFailure(f"request:rejected HTTP {status} {detail}", transient=False)

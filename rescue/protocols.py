@@ -11,7 +11,6 @@ never a model, and every record made with them says so.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -88,7 +87,8 @@ class Planner(Protocol):
         """Hypotheses for exactly `indices` (hypothesis i drawn with seed base_seed + i).
 
         Must return one Hypothesis per index, in order; a failure becomes an invalid hypothesis.
-        Raising is reserved for transport failures after retries (the pipeline records them).
+        Raising is reserved for transport failures after retries, as `TransportError` (the
+        pipeline records them); any other exception is a defect.
         """
         ...
 
@@ -100,7 +100,8 @@ class Executor(Protocol):
     def identity(self) -> Mapping[str, Any]: ...
 
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
-        """One Segmentation per prompt, in order; all prompts of one image in one call."""
+        """One Segmentation per prompt, in order; all prompts of one image in one call. A call
+        that does not get through raises `TransportError`."""
         ...
 
 
@@ -113,22 +114,26 @@ class Verifier(Protocol):
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict: ...
 
 
-async def preflight(model: object, sample: Sample | None = None) -> list[str]:
-    """Problems that make `model` unusable (endpoint down, wrong model name, a request the
-    server refuses); [] when ready. With `sample`, clients that take one probe a real request
-    of the run on it.
+@runtime_checkable
+class Preflighted(Protocol):
+    """A model that can tell, before a run, whether it is usable (endpoint up, the right model
+    served; with `sample`, a real request of the run accepted). In-process models are not
+    `Preflighted`: they are always ready."""
 
-    Models without a `preflight` coroutine (in-process ones) are always ready.
-    """
-    check = getattr(model, "preflight", None)
-    if check is None:
-        return []
-    if sample is not None and "sample" in inspect.signature(check).parameters:
-        return list(await check(sample=sample))
-    return list(await check())
+    async def preflight(self, sample: Sample | None = None) -> list[str]:
+        """One line per problem; [] when ready."""
+        ...
 
 
-async def aclose(model: object) -> None:
-    close = getattr(model, "aclose", None)
-    if close is not None:
-        await close()
+@runtime_checkable
+class Closable(Protocol):
+    """A model holding connections, to be closed when the run ends."""
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A model that counts its requests, retries and failures (written to stats.json)."""
+
+    def stats(self) -> dict[str, Any]: ...

@@ -28,7 +28,7 @@ from rescue.hypothesis import contiguous_runs
 from rescue.models import answers
 from rescue.models.openai_planner import GROUNDING_SCHEMA, OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
-from rescue.models.overlay import OverlayStyle, crop_box, describe, draw_overlay, render_views
+from rescue.models.views import OverlayStyle, crop_box, describe, draw_overlay, render_views
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PLAN_PROMPT = {"name": "t", "user": 'Find "{query}". JSON: [{"bbox_2d": [..], "label": ".."}]'}

@@ -8,7 +8,9 @@ import pytest
 from rescue import masks
 from rescue.cache import Cache, CacheMiss
 from rescue.datasets.base import SampleError
+from rescue.failures import TransportError
 from rescue.hypothesis import Hypothesis, Prompt
+from rescue.mask_store import MaskStore
 from rescue.pipeline import Pipeline
 from rescue.protocols import Segmentation, Verdict
 from rescue.sample import Sample
@@ -51,7 +53,7 @@ class BoxExecutor:
     async def segment(self, sample, prompts):
         if self.fail_times:
             self.fail_times -= 1
-            raise ConnectionError("executor down")
+            raise TransportError("executor down")
         self.prompts.extend(prompts)
         out = []
         for p in prompts:
@@ -189,9 +191,7 @@ class HalfPlanner(ListPlanner):
 
     async def plan(self, sample, indices):
         hyps = await super().plan(sample, indices)
-        exc = ConnectionError("second chunk lost")
-        exc.partial = hyps[: len(hyps) // 2]
-        raise exc
+        raise TransportError("second chunk lost", partial=hyps[: len(hyps) // 2])
 
 
 def test_hypotheses_that_arrived_before_a_failure_are_kept(tmp_path):
@@ -230,3 +230,24 @@ def test_a_defect_in_one_sample_is_recorded_and_the_others_finish(tmp_path, monk
 def test_an_offline_miss_still_stops_the_run(tmp_path):
     with pytest.raises(CacheMiss):
         _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 2, offline=True)
+
+
+class BuggyVerifier(AreaVerifier):
+    async def verify(self, sample, mask):
+        raise KeyError("a bug in the client, not the network")
+
+
+def test_a_defect_in_a_client_is_recorded_as_a_crash_not_a_request_failure(tmp_path):
+    recs, pipe = _run(tmp_path, ListPlanner(), BoxExecutor(), BuggyVerifier(), 4)
+    assert all(r.error.startswith("sample:crashed KeyError") for r in recs)
+    assert pipe.stats.failures["verify"] == 0 and pipe.stats.failed_samples == 2
+    assert not any(c.error and c.error.startswith("request:")
+                   for r in recs for c in r.candidates)
+
+
+def test_masks_are_read_back_by_digest_from_the_record_alone(tmp_path):
+    recs, _ = _run(tmp_path, ListPlanner(), BoxExecutor(), AreaVerifier(), 8)
+    store = MaskStore(Cache(tmp_path / "cache", offline=True))  # no model, no prompt
+    got = store.of(recs[0])
+    assert sorted(got) == [c.index for c in recs[0].candidates if c.mask_key is not None]
+    assert got[0].shape == (64, 64) and int(got[0].sum()) == recs[0].candidates[0].area

@@ -9,9 +9,9 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from standin import ServerThread, StandIn, VerifierScript, free_port
 
-from rescue.app import Models, PreflightError, check_endpoints
 from rescue.models.openai_planner import OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
+from rescue.models.roles import Models, PreflightError, check_endpoints
 from rescue.models.sam_client import SamClient
 
 PROMPT = {"user": "{query}"}

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from standin import Faults, ServerThread, StandIn, VerifierScript
 
-from rescue.app import Models, PreflightError, check_endpoints
 from rescue.models import probe
 from rescue.models.openai_planner import OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
+from rescue.models.roles import Models, PreflightError, check_endpoints
 from rescue.sample import Sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from omegaconf import open_dict
 
 from analysis import rescore
 from analysis.runs import load_run
-from rescue import app, selection
+from rescue import selection
+from rescue.modes import run as run_mode
 from rescue.reporting.plots import iou_vs_n_figure
 from rescue.selection import Selector
 
@@ -43,7 +44,7 @@ def _config(tmp_path: Path, *overrides: str):
 def test_a_toy_selector_is_one_definition(tmp_path, monkeypatch):
     monkeypatch.setattr(selection, "SELECTORS",
                         selection.registry(*selection.SELECTORS.values(), TOY))
-    result = app.run(_config(tmp_path, "selection.selectors=[verifier,toy,oracle]"))
+    result = run_mode.run(_config(tmp_path, "selection.selectors=[verifier,toy,oracle]"))
     run_dir = tmp_path / "run"
 
     metrics = pd.read_csv(run_dir / "metrics.csv")

@@ -34,6 +34,31 @@ MASKED_LOGPROB = -9999.0
 """What vLLM reports for a token a grammar (structured output) forbade: no probability."""
 
 
+RAW_CAP = 16 * 1024
+"""Characters of one raw model text (answer, reasoning, whole reply) kept in records and the
+cache: a 10 MB reply must not become a 40 MB plan segment. Parsing reads the full text first."""
+
+
+def capped(text: str, cap: int = RAW_CAP) -> str:
+    """`text` when it fits in `cap` characters, else its head (3/4) and tail (1/4) around a line
+    naming the cut: the tail is where a reply's final answer is, so re-reading it still works."""
+    if len(text) <= cap:
+        return text
+    tail = cap // 4
+    head = cap - tail
+    return f"{text[:head]}\n[... {len(text) - cap} characters cut ...]\n{text[len(text) - tail:]}"
+
+
+def cap_raw(meta: dict[str, Any], name: str, text: str, cap: int = RAW_CAP) -> str:
+    """`capped(text)`; when it was cut, `meta[name + "_chars"]` records the full length (absent
+    when nothing was cut: then the stored text is the whole text, and records stay as they were).
+    """
+    if len(text) <= cap:
+        return text
+    meta[f"{name}_chars"] = len(text)
+    return capped(text, cap)
+
+
 @dataclass(frozen=True)
 class Reply:
     reasoning: str

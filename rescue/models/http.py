@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 import openai
+
+from rescue.failures import TransportError
 
 T = TypeVar("T")
 
@@ -67,22 +69,17 @@ class RetryPolicy:
         return max(0.0, d * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))
 
 
-class EndpointError(RuntimeError):
-    """A call that failed for good: a non-retryable answer, or every retry used up.
-
-    `partial` may carry results that did succeed before the failure (e.g. other chunks of the
-    same sample), so a caller can keep them.
-    """
+class EndpointError(TransportError):
+    """A call to `endpoint` that failed for good: a non-retryable answer, or every retry used
+    up. `partial` (`TransportError`) carries the results that did arrive before it."""
 
     def __init__(self, endpoint: str, message: str, *, attempts: int = 1,
-                 status: int | None = None, retryable: bool = False, partial: Any = None,
-                 retry_after_s: float | None = None):
-        super().__init__(f"{endpoint}: {message}")
+                 status: int | None = None, retryable: bool = False,
+                 partial: Sequence[Any] = (), retry_after_s: float | None = None):
+        super().__init__(f"{endpoint}: {message}", status=status, partial=partial)
         self.endpoint = endpoint
         self.attempts = attempts
-        self.status = status
         self.retryable = retryable
-        self.partial = partial
         self.retry_after_s = retry_after_s
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from rescue.failures import TransportError
 from rescue.hypothesis import Hypothesis, contiguous_runs
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
@@ -37,6 +39,16 @@ from rescue.sample import Sample
 GROUNDING_SCHEMA: dict[str, Any] = grounding_schema("relative_1000")
 """The schema a relative_1000 planner sends with `structured_output: true` (response_format
 json_schema); a planner builds its own from its coords (`grounding_schema`, bounds there)."""
+
+
+def _capped(h: Hypothesis) -> Hypothesis:
+    """`h` with its raw text and reasoning cut to `answers.RAW_CAP` for the cache (full lengths
+    in meta `raw_chars` / `reasoning_chars`); parsing has already read the whole text."""
+    meta = dict(h.meta)
+    raw = answers.cap_raw(meta, "raw", h.raw)
+    if isinstance(meta.get("reasoning"), str):
+        meta["reasoning"] = answers.cap_raw(meta, "reasoning", meta["reasoning"])
+    return h if meta == h.meta else replace(h, raw=raw, meta=meta)
 
 
 class OpenAIPlanner:
@@ -111,7 +123,7 @@ class OpenAIPlanner:
     async def plan(self, sample: Sample, indices: Sequence[int]) -> list[Hypothesis]:
         """One Hypothesis per index in `indices`, in order (seed of index i: base_seed + i).
 
-        Raises EndpointError (with the hypotheses that did arrive in `.partial`) when a
+        Raises a `TransportError` (with the hypotheses that did arrive in `.partial`) when a
         request still fails after its retries.
         """
         if not indices:
@@ -128,19 +140,18 @@ class OpenAIPlanner:
         for out in outs:
             if isinstance(out, BaseException):
                 errors.append(out)
-                if isinstance(out, EndpointError) and isinstance(out.partial, list):
+                if isinstance(out, TransportError):
                     by_index.update((h.index, h) for h in out.partial)
             else:
                 by_index.update((h.index, h) for h in out)
+        defects = [e for e in errors if not isinstance(e, TransportError)]
+        if defects:  # a bug is not a network error: raise it as it is
+            raise defects[0]
         if errors:
             first = errors[0]
-            if not isinstance(first, Exception):
-                raise first
-            if isinstance(first, EndpointError):
-                first.partial = [by_index[i] for i in sorted(by_index)]
-                raise first
-            raise EndpointError(self.base_url, f"plan failed: {first!r}",
-                                partial=[by_index[i] for i in sorted(by_index)]) from first
+            assert isinstance(first, TransportError)
+            first.partial = [by_index[i] for i in sorted(by_index)]
+            raise first
         return [by_index[int(i)] for i in indices]
 
     def payload(self, messages: list[dict[str, Any]], start: int, count: int) -> dict[str, Any]:
@@ -190,8 +201,9 @@ class OpenAIPlanner:
         if self.thinking and (finish == "length" or reply.placement in ("none", "unfinished")
                               or not text):
             why = ("cut off at max_tokens" if finish == "length" else "never closed")
-            return Hypothesis.invalid(index, text, f"parse:truncated reasoning {why} (finish_"
-                                      f"reason={finish})", finish_reason=finish, **meta)
+            return _capped(Hypothesis.invalid(index, text, f"parse:truncated reasoning {why} "
+                                              f"(finish_reason={finish})", finish_reason=finish,
+                                              **meta))
         if not text and reply.placement in ("reasoning", "reasoning_content"):
             text = reply.reasoning
             meta["answer_from"] = reply.placement
@@ -199,7 +211,7 @@ class OpenAIPlanner:
                             tolerance=self.tolerance, min_box_px=self.min_box_px,
                             finish_reason=finish)
         h.meta.update(meta)
-        return h
+        return _capped(h)
 
     async def preflight(self, sample: Sample | None = None) -> list[str]:
         """The endpoint serves the model; with `sample`, the run's first request (as many

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
-from rescue.models.overlay import OverlayStyle, describe, render_views
+from rescue.models.views import OverlayStyle, describe, render_views
 from rescue.protocols import Verdict
 from rescue.sample import Sample
 
@@ -123,8 +124,17 @@ class OpenAIVerifier:
 
         A reply cut off at max_tokens (`finish_reason=length`) is `verify:truncated` and never
         scored: without a reasoning parser its reasoning carries no tag, and a "no" inside it
-        would be read as the answer.
+        would be read as the answer. Its answer, reasoning and raw text are kept up to
+        `answers.RAW_CAP` characters each (full lengths in meta `answer_chars`,
+        `reasoning_chars`, `raw_chars`); the score is read from the whole reply.
         """
+        v = self._read(choice)
+        meta = dict(v.meta)
+        texts = {name: answers.cap_raw(meta, name, getattr(v, name))
+                 for name in ("answer", "reasoning", "raw")}
+        return v if meta == v.meta else replace(v, meta=meta, **texts)
+
+    def _read(self, choice: Any) -> Verdict:
         msg = choice.message
         content = getattr(msg, "content", None)
         reply = answers.reply_of(msg)

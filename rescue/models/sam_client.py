@@ -363,8 +363,9 @@ class SamClient:
                                             select_box=p.canonical().box))
         return out
 
-    async def preflight(self) -> list[str]:
-        """Server up and ready; its identity matches a pinned `info`; it serves the mode."""
+    async def preflight(self, sample: Sample | None = None) -> list[str]:
+        """Server up and ready; its identity matches a pinned `info`; it serves the mode. No
+        probe request is needed (`sample` is unused): /v1/info says what the server serves."""
         health, problems = await get_json("executor", self.base_url + "/health",
                                           self.preflight_timeout_s)
         if problems:

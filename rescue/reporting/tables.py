@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from rescue import selection
-from rescue.evaluation import failure_shares, truncation_shares
+from rescue.evaluation import failure_shares, failure_summary, truncation_shares
 from rescue.records import SampleRecord, reason_code
 
 SELECTOR_ORDER = tuple(selection.SELECTORS)
@@ -228,15 +228,12 @@ def summary(metrics: pd.DataFrame, primary: str = "verifier") -> dict[str, Any]:
 
 
 def failure_counts(records: Sequence[SampleRecord]) -> dict[str, Any]:
-    """Totals for summary.json: candidates, failed candidates, failed ones per stage."""
-    by_stage: Counter[str] = Counter()
-    candidates = 0
-    for r in records:
-        candidates += len(r.candidates)
-        by_stage.update(str(c.failed_stage) for c in r.candidates if c.failed_stage is not None)
-    return {"num_records": len(records), "num_candidates": candidates,
-            "num_failed_candidates": sum(by_stage.values()),
-            "num_failed_records": sum(r.error is not None for r in records),
-            "failed_by_stage": dict(by_stage.most_common()),
+    """Totals for summary.json (candidates, failed candidates, failed ones per stage), read
+    from the one tally of failures, `evaluation.failure_summary`."""
+    s = failure_summary(records)
+    return {"num_records": s["samples"], "num_candidates": s["candidates"],
+            "num_failed_candidates": s["failed_candidates"],
+            "num_failed_records": sum(s["sample_errors"].values()),
+            "failed_by_stage": s["by_stage"],
             "failure_share": failure_shares(records),
             "truncated_share": truncation_shares(records)}

@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rescue import records
 from rescue.evaluation import headline
+from rescue.modes.evaluate import reevaluate
 from rescue.records import SampleRecord
+from rescue.run_dir import NoRunsError, RunDir, find_runs
 
 log = logging.getLogger("rescue")
 
@@ -53,13 +55,11 @@ def _strip(node: Any) -> Any:
     return node
 
 
-def _load_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise MergeError(f"{run_dir} is not a Hydra run directory: {path} is missing")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    assert isinstance(cfg, dict)
-    return cfg
+def _load_config(run: RunDir) -> dict[str, Any]:
+    if not run.hydra_config_file.is_file():
+        raise MergeError(f"{run.path} is not a Hydra run directory: {run.hydra_config_file} "
+                         "is missing")
+    return run.config()
 
 
 def _diff(a: Any, b: Any, where: str = "") -> str:
@@ -84,7 +84,7 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[SampleRecord]:
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise MergeError("no run directories to merge")
-    configs = [_load_config(d) for d in dirs]
+    configs = [_load_config(RunDir(d)) for d in dirs]
     studies = [study_of(c) for c in configs]
     for d, s in zip(dirs[1:], studies[1:], strict=True):
         if s != studies[0]:
@@ -106,7 +106,7 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[SampleRecord]:
     merged: list[SampleRecord] = []
     owner: dict[str, int] = {}
     for shard in range(num_shards):
-        src = by_shard[shard] / "records.jsonl"
+        src = RunDir(by_shard[shard]).records_file
         if not src.is_file():
             raise MergeError(f"shard {shard} ({by_shard[shard]}) has no records.jsonl: it did not "
                              "finish; rerun it (finished samples come from the cache)")
@@ -118,36 +118,23 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[SampleRecord]:
             merged.append(rec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records.write(out_dir / "records.jsonl", merged)
+    records.write(RunDir(out_dir).records_file, merged)
     log.info("merged %d records from %d shards into %s", len(merged), num_shards, out_dir)
     return sorted(merged, key=lambda r: r.sample_id)
 
 
-def find_runs(sources: str | Path | Iterable[str | Path], exclude: Path | None = None
-              ) -> list[Path]:
-    """Run directories named directly, or found below a multirun (sweep) directory."""
-    items = [sources] if isinstance(sources, str | Path) else list(sources)
-    found: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if (p / ".hydra" / "config.yaml").is_file():
-            found.append(p)
-            continue
-        if not p.is_dir():
-            raise MergeError(f"records_from: {p} is neither a run nor a multirun directory")
-        below = sorted(c.parent.parent for c in p.rglob(".hydra/config.yaml"))
-        if not below:
-            raise MergeError(f"records_from: no Hydra run directories below {p}")
-        found += below
+def find_shards(sources: str | Path | Iterable[str | Path], exclude: Path | None = None
+                ) -> list[Path]:
+    """The generation runs (`mode=run`) named, or found below a multirun (sweep) directory
+    (`rescue.run_dir.find_runs`), but `exclude` (the merge's own output): an earlier merge or
+    evaluate below the same folder is not a shard."""
+    try:
+        found = find_runs(sources)
+    except NoRunsError as exc:
+        raise MergeError(f"records_from: {exc}") from None
     ex = exclude.resolve() if exclude is not None else None
-    runs = []
-    for d in dict.fromkeys(found):
-        if ex is not None and d.resolve() == ex:
-            continue
-        if str(_load_config(d).get("mode", "run")) != "run":
-            continue  # an earlier merge or evaluate below the same folder
-        runs.append(d)
-    return runs
+    return [d for d in found if d != ex and RunDir(d).hydra_config_file.is_file()
+            and RunDir(d).mode == "run"]
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -156,20 +143,18 @@ def main(cfg: DictConfig) -> float | None:
     Evaluation uses the study's settings (max_n, n_grid, seed, selection, report) from the
     shards, so the merged metrics are those the unsharded run reports.
     """
-    from rescue.app import evaluate_only
-
     if not cfg.get("records_from"):
         raise MergeError("mode=merge needs records_from=<multirun dir> or a list of run dirs")
     out_dir = Path(cfg.paths.output_dir)
     src = cfg.records_from
-    runs = find_runs(list(src) if OmegaConf.is_list(src) else str(src), exclude=out_dir)
+    runs = find_shards(list(src) if OmegaConf.is_list(src) else str(src), exclude=out_dir)
     merge_runs(runs, out_dir)
-    study = OmegaConf.load(runs[0] / ".hydra" / "config.yaml")
+    study = OmegaConf.load(RunDir(runs[0]).hydra_config_file)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         for k in EVAL_KEYS:
             if k in study:
                 cfg[k] = study[k]
         cfg.records_from = str(out_dir)
-    result = evaluate_only(cfg)
+    result = reevaluate(cfg)
     return headline(result["metrics"], result["settings"])

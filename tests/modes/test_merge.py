@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from rescue import records
 from rescue.datasets.subset import select_ids
-from rescue.merge import MergeError, find_runs, merge_runs
+from rescue.modes.merge import MergeError, merge_runs
+from rescue.modes.merge import find_shards as find_runs
 from rescue.records import CandidateRecord, SampleRecord
 
 IDS = [f"img{i:02d}#0" for i in range(10)]

@@ -31,15 +31,16 @@ from PIL import Image, ImageOps
 
 from rescue import selection
 from rescue.cache import Cache
-from rescue.models.overlay import OverlayStyle, draw_overlay
+from rescue.models.roles import Models, check_endpoints
+from rescue.models.views import OverlayStyle, draw_overlay
 from rescue.pipeline import Pipeline
-from rescue.protocols import Executor, Planner, Verifier, aclose
+from rescue.protocols import Executor, Planner, Verifier
 from rescue.records import SampleRecord
 from rescue.sample import Sample
 from rescue.selection import Selector
 from rescue.settings import EvaluationSettings
 
-log = logging.getLogger("rescue.infer")
+log = logging.getLogger("rescue.modes.infer")
 
 MAX_TILES = 8
 TILE = 256
@@ -159,13 +160,11 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
     sample = Sample(sample_id=Path(image_path).stem or "image", query=str(query).strip(),
                     image=image, gt=np.zeros(image.shape[:2], np.uint8), dataset="infer")
     if check:
-        from rescue.app import Models, check_endpoints
-
         await check_endpoints(Models(planner=planner, executor=executor, verifier=verifier))
     pipe = Pipeline(planner, executor, verifier, cache or Cache(out / "cache"), max_n=max_n,
                     samples_in_flight=1, progress=False)
     (record,) = await pipe.run(_OneImage(sample), [sample.sample_id])
-    masks = pipe.masks_of(sample, record)
+    masks = pipe.masks.of(record)
     selected = selector.answer(record, seed)
     mask = masks.get(selected, np.zeros(image.shape[:2], bool)) if selected is not None else \
         np.zeros(image.shape[:2], bool)
@@ -180,7 +179,7 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
     paths["candidates"].write_text(json.dumps({
         "image": str(image_path), "query": sample.query, "width": sample.width,
         "height": sample.height, "max_n": max_n, "selector": selector.name, "selected": selected,
-        "models": {k: dict(v) for k, v in pipe._ids.items()}, "calls": calls,
+        "models": pipe.identities, "calls": calls,
         "candidates": ranked}, indent=2, default=str))
     return InferenceResult(sample=sample, record=record, selector=selector.name, selected=selected,
                            mask=mask, ranked=ranked, paths=paths, calls=calls)
@@ -192,24 +191,19 @@ def main(cfg: DictConfig) -> float | None:
     Returns the selected candidate's verifier score (None when nothing was selected)."""
     from hydra.utils import to_absolute_path
 
-    from rescue.app import build_models
-
     if not cfg.get("image") or not cfg.get("query"):
         raise ValueError('mode=infer needs image=<path> and query="<text>"')
     image = Path(to_absolute_path(str(cfg.image)))
     settings = EvaluationSettings.from_config(cfg, bounded=False)  # the primary and the seed
-    models = build_models(cfg)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
 
     async def go() -> InferenceResult:
-        try:
+        # `infer` preflights, after checking the query and the models' kind
+        async with Models.from_config(cfg).ready(check=False) as models:
             return await infer(image, str(cfg.query), models.planner, models.executor,
                                models.verifier, int(cfg.max_n), cfg.paths.output_dir,
                                cache=cache, selector=settings.primary, seed=settings.seed,
                                check=not bool(cfg.offline))
-        finally:
-            for m in models.all().values():
-                await aclose(m)
 
     result = asyncio.run(go())
     log.info("query %r on %s: selected hypothesis %s; outputs in %s", result.sample.query,

@@ -1,0 +1,61 @@
+"""`mode=evaluate`: recompute a run's metrics from its records, and the report they make.
+
+    python run.py mode=evaluate records_from=<run dir> selection.bootstrap=5000
+
+`report` is also how `run` and `merge` end: the same records and settings give the same
+metrics.csv, plots and summary.json whichever mode wrote them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from rescue import records
+from rescue.evaluation import evaluate, headline
+from rescue.records import SampleRecord
+from rescue.run_dir import RunDir
+from rescue.settings import EvaluationSettings
+
+if TYPE_CHECKING:  # reporting draws with matplotlib and OpenCV: loaded when a report is made
+    from rescue.reporting.overlays import OverlayItem
+
+
+def report(cfg: DictConfig, out_dir: Path, recs: Sequence[SampleRecord],
+           settings: EvaluationSettings, items: Sequence[OverlayItem] = (), *,
+           simulated: bool) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Evaluate `recs` with `settings` and write the report into `out_dir`."""
+    from rescue.reporting import write_report
+
+    metrics = evaluate(recs, settings)
+    paths = write_report(out_dir, recs, metrics, items, simulated=simulated,
+                         primary=settings.primary.name, selectors=settings.selectors,
+                         plots=bool(cfg.report.plot))
+    return metrics, paths
+
+
+def reevaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Recompute metrics from an existing run's records (`records_from=<run dir>`)."""
+    # the pools are whatever the run generated: N is bounded by them, not by this max_n
+    settings = EvaluationSettings.from_config(cfg, bounded=False)
+    src = RunDir(Path(cfg.records_from)).records_source  # an evaluate run's: its source's
+    if not src.is_file():
+        raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
+    recs = list(records.read(src))
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # what made this metrics.csv, for the analysis tools (`analysis.runs.Run.evaluation_settings`)
+    RunDir(out_dir).resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    metrics, paths = report(cfg, out_dir, recs, settings,
+                            simulated=any(r.simulated for r in recs))
+    return {"records": recs, "metrics": metrics, "paths": paths, "settings": settings}
+
+
+def main(cfg: DictConfig) -> float | None:
+    """The primary selector's gIoU at max N (for sweepers)."""
+    result = reevaluate(cfg)
+    return headline(result["metrics"], result["settings"])

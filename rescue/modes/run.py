@@ -1,0 +1,172 @@
+"""`mode=run` (the default): generate every candidate (or read it back from the cache), then
+evaluate and report.
+
+A run directory holds `records.jsonl` (every candidate of every sample), `metrics.csv` and
+`metrics.md` (every selector and N), `stats.json` (every model call, cache hit and dedupe),
+plots and overlays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rescue import records
+from rescue.cache import Cache
+from rescue.datasets.base import Dataset
+from rescue.datasets.subset import select_ids
+from rescue.evaluation import curve, failure_shares, headline, truncation_shares
+from rescue.failures import RunAborted, StageGuard
+from rescue.models.roles import Models, PreflightError
+from rescue.modes.evaluate import report
+from rescue.pipeline import Pipeline
+from rescue.records import SampleRecord
+from rescue.run_dir import RunDir
+from rescue.sample import Sample
+from rescue.settings import EvaluationSettings
+
+if TYPE_CHECKING:  # reporting draws with matplotlib and OpenCV: loaded when a report is made
+    from rescue.reporting.overlays import OverlayItem
+
+log = logging.getLogger("rescue")
+
+
+def probe_sample(dataset: Dataset, ids: Sequence[str], tries: int = 4) -> Sample | None:
+    """The first of the run's samples that loads (a corrupt image is the pipeline's to
+    record, not the preflight's to crash on)."""
+    for sid in ids[:tries]:
+        try:
+            return dataset.load(sid)
+        except Exception as exc:  # reported per sample by the run itself
+            log.debug("probe sample %s does not load: %s", sid, exc)
+    return None
+
+
+async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,
+                    cache: Cache) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
+    models = Models.from_config(cfg)
+    check = not cfg.offline
+    probe = probe_sample(dataset, ids) if check and cfg.pipeline.get("probe", True) else None
+    async with models.ready(check=check, sample=probe):
+        pipe = Pipeline(models.planner, models.executor, models.verifier, cache,
+                        max_n=int(cfg.max_n),
+                        samples_in_flight=int(cfg.pipeline.samples_in_flight),
+                        progress=bool(cfg.pipeline.progress),
+                        guard=StageGuard(**dict(cfg.pipeline.get("abort") or {})))
+        partial = RunDir(out_dir).partial_records_file
+        partial.unlink(missing_ok=True)
+        recs = await pipe.run(dataset, ids, partial=partial)
+        return recs, pipe, models.endpoint_stats()
+
+
+def overlay_items(cfg: DictConfig, dataset: Dataset, pipe: Pipeline,
+                  recs: Sequence[SampleRecord], settings: EvaluationSettings
+                  ) -> list[OverlayItem]:
+    """A few samples drawn with their candidates (the primary selector's pick marked)."""
+    from rescue.reporting.overlays import OverlayItem
+
+    items = []
+    for rec in [r for r in recs if r.candidates][: int(cfg.report.overlays)]:
+        items.append(OverlayItem(sample=dataset.load(rec.sample_id), record=rec,
+                                 masks=pipe.masks.of(rec),
+                                 selected=settings.primary.answer(rec, settings.seed)))
+    return items
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Generate (or read back from the cache) every candidate, then evaluate and report."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = EvaluationSettings.from_config(cfg)  # fail before any model call
+    run_dir = RunDir(out_dir)
+    run_dir.resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dataset: Dataset = instantiate(cfg.dataset)
+    ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
+                     shard=int(cfg.subset.shard), num_shards=int(cfg.subset.num_shards),
+                     seed=int(cfg.subset.seed))
+    log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
+    cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
+    t0 = time.perf_counter()
+    recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
+    gen_s = time.perf_counter() - t0
+    records.write(run_dir.records_file, recs)
+    run_dir.partial_records_file.unlink(missing_ok=True)
+    stats = {"generation_seconds": round(gen_s, 3), "calls": pipe.stats.to_json(),
+             "cache": cache.stats(), "simulated": pipe.simulated,
+             "endpoints": endpoints, "models": pipe.identities}
+    run_dir.stats_file.write_text(json.dumps(stats, indent=2, default=str))
+    items = (overlay_items(cfg, dataset, pipe, recs, settings)
+             if int(cfg.report.overlays) > 0 else [])
+    metrics, paths = report(cfg, out_dir, recs, settings, items, simulated=pipe.simulated)
+    _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
+    log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
+             out_dir)
+    _log_failure_shares(recs, float(cfg.pipeline.get("max_truncated_share", 0.05)))
+    _log_headline(metrics, settings, simulated=pipe.simulated)
+    return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths,
+            "settings": settings}
+
+
+def _log_failure_shares(recs: Sequence[SampleRecord], max_truncated: float) -> None:
+    """Each stage's failure share and truncation rate, on the console; a warning when replies
+    were cut off at max_tokens more often than `pipeline.max_truncated_share`."""
+    shares = failure_shares(recs)
+    if shares:
+        log.info("failed: %s", " | ".join(f"{stage} {100 * v:.1f}%" for stage, v in
+                                          shares.items()))
+    for stage, share in truncation_shares(recs).items():
+        if share > max_truncated:
+            log.warning("%s: %.1f%% of replies were cut off at max_tokens (> %.1f%%): raise "
+                        "%s.sampling.max_tokens", stage, 100 * share, 100 * max_truncated,
+                        "planner" if stage == "plan" else "verifier")
+
+
+def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path],
+                   items: Sequence[OverlayItem], *, simulated: bool) -> None:
+    from rescue.reporting import log_report
+
+    logger = instantiate(cfg.logger)
+    logger.start(OmegaConf.to_container(cfg, resolve=True), name=str(cfg.task_name),
+                 tags=[str(cfg.task_name)], simulated=simulated)
+    try:
+        log_report(logger, paths, metrics, items)
+    finally:
+        logger.finish()
+
+
+def _log_headline(metrics: pd.DataFrame, settings: EvaluationSettings, *,
+                  simulated: bool) -> None:
+    """The number the study is about, on the console: the primary selector's gIoU from N=1 to
+    max N beside the upper bounds' (the oracle; best-of-N over all samples)."""
+    bounds = [s.name for s in settings.selectors if s.needs_truth and s != settings.primary]
+    line = []
+    for sel in (settings.primary.name, *bounds):
+        s = curve(metrics, sel)
+        if len(s):
+            line.append(f"{sel} " + " ".join(f"@{int(n)}:{100 * g:.1f}"
+                                              for n, g in zip(s.n, s.giou, strict=True)))
+    if line:
+        log.info("gIoU%% (best-of-N%s): %s", ", SIMULATED models" if simulated else "",
+                 " | ".join(line))
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Run; the primary selector's gIoU at max N (for sweepers). A stopped run or a failed
+    preflight exits with one line, no traceback."""
+    try:
+        result = run(cfg)
+    except RunAborted as exc:  # one line; the records so far stay in records.partial.jsonl
+        log.error("run stopped: %s", exc)
+        raise SystemExit(f"rescue: run stopped: {exc}") from None
+    except PreflightError as exc:  # one line per problem, no traceback: nothing ran yet
+        raise SystemExit(f"rescue: {exc}") from None
+    return headline(result["metrics"], result["settings"])

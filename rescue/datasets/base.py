@@ -12,6 +12,12 @@ class DatasetError(Exception):
     """The dataset as a whole cannot be used (folder missing, split unknown, bad layout)."""
 
 
+def check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    """A DatasetError naming the option when `value` is not one of `valid`."""
+    if value not in valid:
+        raise DatasetError(f"{name} must be one of {valid}, got {value!r}")
+
+
 class SampleError(Exception):
     """One sample cannot be loaded (image missing or corrupt, annotation malformed).
 

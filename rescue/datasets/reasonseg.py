@@ -29,7 +29,7 @@ import numpy as np
 
 from rescue import masks
 from rescue.datasets import parquet
-from rescue.datasets.base import DatasetError, SampleError, guarded_load
+from rescue.datasets.base import DatasetError, SampleError, check_choice, guarded_load
 from rescue.datasets.images import read_image
 from rescue.datasets.polygons import AnnotationError, labelme_mask
 from rescue.sample import Sample
@@ -94,10 +94,8 @@ class ReasonSegDataset:
         if split not in SPLITS:
             raise DatasetError(f"ReasonSeg has no split {split!r}; valid splits: "
                                f"{', '.join(SPLITS)}")
-        if queries not in QUERY_POLICIES:
-            raise DatasetError(f"queries must be one of {QUERY_POLICIES}, got {queries!r}")
-        if layout not in LAYOUTS:
-            raise DatasetError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        check_choice("queries", queries, QUERY_POLICIES)
+        check_choice("layout", layout, LAYOUTS)
         self.root = Path(root).expanduser()
         self.split = split
         self.queries = queries

@@ -36,7 +36,7 @@ import numpy as np
 
 from rescue import masks
 from rescue.datasets import parquet
-from rescue.datasets.base import DatasetError, SampleError, guarded_load
+from rescue.datasets.base import DatasetError, SampleError, check_choice, guarded_load
 from rescue.datasets.images import read_image
 from rescue.datasets.polygons import PARTS, AnnotationError, coco_mask, parts_overlap
 from rescue.sample import Sample
@@ -151,10 +151,8 @@ class RefCocoDataset:
         if split not in valid:
             raise DatasetError(f"{dataset} ({split_by}) has no split {split!r}; valid splits: "
                                f"{', '.join(valid)}")
-        if layout not in LAYOUTS:
-            raise DatasetError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if parts not in PARTS:
-            raise DatasetError(f"parts must be one of {PARTS}, got {parts!r}")
+        check_choice("layout", layout, LAYOUTS)
+        check_choice("parts", parts, PARTS)
         self.root = Path(root).expanduser()
         self.dataset, self.split, self.split_by = dataset, split, split_by
         self.parts = parts

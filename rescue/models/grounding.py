@@ -36,7 +36,7 @@ import ast
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,31 +245,41 @@ def _regions(text: str) -> list[str]:
     return [*blocks, text]
 
 
+def _outside_strings(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, char) for each [ ] { } outside JSON strings from `start`, and (index, " ") at
+    every other special character (quotes, escapes, brackets inside strings) so that a caller
+    can meter its work; last, (len(text), '"') when the text ends inside a string. One linear
+    pass: `_SPECIAL` finds the candidates."""
+    in_str, skip = False, -1
+    for m in _SPECIAL.finditer(text, start):
+        i = m.start()
+        ch = text[i]
+        if i < skip or ch == "\\" or in_str or ch == '"':
+            if i >= skip and ch == "\\" and in_str:
+                skip = i + 2
+            elif i >= skip and ch == '"':
+                in_str = not in_str
+            yield i, " "
+        else:
+            yield i, ch
+    if in_str:
+        yield len(text), '"'
+
+
 def _scan(text: str, start: int, budget: Budget, ends: dict[int, int | None]) -> None:
     """Match brackets from the opener at `start` (JSON strings skipped) and record in `ends`
     where each opener met outside a string closes (the index after its closer), None for those
     still open at the end of the text, `_TOO_DEEP` for `start` when its value nests deeper than
     MAX_DEPTH. Records nothing for `start` when the budget runs out first."""
     stack: list[int] = []
-    in_str = False
-    skip = -1
     stop = len(text)
-    for m in _SPECIAL.finditer(text, start):
-        i = m.start()
+    for i, ch in _outside_strings(text, start):
+        if ch == '"':  # the text ended inside a string: what is open stays open
+            continue
         if i - start > budget.left:
             budget.spend(i - start)
             return
-        if i < skip:
-            continue
-        ch = text[i]
-        if in_str:
-            if ch == "\\":
-                skip = i + 2
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
+        if ch in "[{":
             stack.append(i)
             if len(stack) > MAX_DEPTH:
                 ends[start] = _TOO_DEEP
@@ -385,24 +395,15 @@ def extract_json(text: str, budget: Budget | None = None) -> Extracted:
 
 def _unclosed(text: str) -> bool:
     """True when a [ or { is still open at the end of the text (strings skipped)."""
-    depth, in_str, skip = 0, False, -1
-    for m in _SPECIAL.finditer(text):
-        i = m.start()
-        if i < skip:
-            continue
-        ch = text[i]
-        if in_str:
-            if ch == "\\":
-                skip = i + 2
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
+    depth = 0
+    for _, ch in _outside_strings(text):
+        if ch == '"':
+            return True
+        if ch in "[{":
             depth += 1
         elif ch in "]}":
             depth = max(0, depth - 1)
-    return depth > 0 or in_str
+    return depth > 0
 
 
 def _is_object(d: Any) -> bool:

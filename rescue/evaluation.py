@@ -26,17 +26,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
+from rescue import aggregation
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.records import SampleRecord, reason_code
 from rescue.selection import Selector
 from rescue.settings import EvaluationSettings
+from rescue.truth import SampleTruth
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +116,43 @@ def _pools(records: Sequence[SampleRecord], selectors: Sequence[Selector],
     return out
 
 
+def _aggregate(records: Sequence[SampleRecord], n_grid: Sequence[int],
+               settings: EvaluationSettings, truths: Mapping[str, SampleTruth] | None,
+               ps: _PerSample, pos: Mapping[tuple[str, str, int], int]) -> None:
+    """Fill the aggregators' rows of `ps` (`rescue.aggregation`) from the stored masks."""
+    if not settings.aggregators:
+        return
+    if truths is None:
+        raise ValueError("aggregators need the run's truth and masks (masks.jsonl)")
+    for row, r in enumerate(records):
+        if _sample_failed(r):
+            continue
+        if r.sample_id not in truths:
+            raise ValueError(f"masks.jsonl has no entry for sample {r.sample_id!r}")
+        pool = aggregation.Pool.of(r, truths[r.sample_id])
+        m = len(r.candidates)
+        for a in settings.aggregators:
+            for e in settings.estimators:
+                for n in n_grid:
+                    est = aggregation.estimate(a, pool, n, estimator=e, seed=settings.seed,
+                                               sample_id=r.sample_id)
+                    k = pos[(e, a.name, n)]
+                    ps.inter[k, row], ps.union[k, row], ps.iou[k, row] = est.values
+                    ps.short[k, row] = n > m
+                    ps.mc[k, row] = not est.exact
+                    ps.mc_cov[k, row] = est.cov
+
+
 def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
-                settings: EvaluationSettings) -> _PerSample:
+                settings: EvaluationSettings,
+                truths: Mapping[str, SampleTruth] | None = None) -> _PerSample:
     selectors, estimators, seed = settings.selectors, settings.estimators, settings.seed
     s_count = len(records)
     failed = np.array([_sample_failed(r) for r in records])
     pool_size = np.array([0 if _sample_failed(r) else len(r.candidates) for r in records])
     target = np.array([float(r.target_area) for r in records])
     keys = [(e, s.name, n) for e in estimators for s in selectors for n in n_grid]
+    keys += [(e, a.name, n) for e in estimators for a in settings.aggregators for n in n_grid]
     pos = {k: i for i, k in enumerate(keys)}
     inter = np.zeros((len(keys), s_count))
     union = np.tile(target, (len(keys), 1))  # failed samples keep I = 0, U = target area
@@ -160,7 +191,9 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
                     iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
                     short[k, pools.rows] = n > m
-    return _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov)
+    ps = _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov)
+    _aggregate(records, n_grid, settings, truths, ps, pos)
+    return ps
 
 
 def _mc_se(ps: _PerSample, idx: np.ndarray, ciou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,20 +249,22 @@ def subsets(records: Sequence[SampleRecord], by_tag: bool = True) -> dict[str, n
 
 
 def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
-             by_tag: bool = True) -> pd.DataFrame:
+             by_tag: bool = True,
+             truths: Mapping[str, SampleTruth] | None = None) -> pd.DataFrame:
     """One row per (subset, estimator, selector, N) with gIoU, cIoU and bootstrap intervals.
 
     Failed samples count as IoU 0 (I = 0, U = target area), never dropped; see the module doc for
     the rest of the accounting. cIoU@N = E[ΣI] / E[ΣU]. Intervals are percentile bootstraps over
     samples (`settings.bootstrap` resamples, the same resamples for every row so rows compare
     paired); NaN when it is 0. `settings.seed` fixes the resamples and any selector's subset
-    draws. A selector with `within` (consensus) is scored within each N-subset.
+    draws. A selector with `within` (consensus) is scored within each N-subset. Aggregators
+    (`settings.aggregators`) read `truths` (the run's masks.jsonl, `rescue.truth.load`).
     """
     _check_records(records)
     # the resamples index samples: fix their order so a run, a merge and a re-evaluation agree
     records = sorted(records, key=lambda r: r.sample_id)
     grid = _usable_n(settings.n_grid, records)
-    ps = _per_sample(records, grid, settings)
+    ps = _per_sample(records, grid, settings, truths)
     rng = np.random.default_rng(settings.seed)
     ci, bootstrap = settings.ci, settings.bootstrap
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
@@ -296,7 +331,7 @@ def per_sample_table(records: Sequence[SampleRecord], settings: EvaluationSettin
         raise ValueError(f"N must be >= 1, got {n}")
     selector = settings.primary if selector is None else selector
     one = dataclasses.replace(settings, n_grid=(n,), selectors=(selector,), primary=selector,
-                              estimators=(estimator,), max_n=None)
+                              estimators=(estimator,), max_n=None, aggregators=())
     ps = _per_sample(records, [n], one)
     return pd.DataFrame({
         "sample_id": [r.sample_id for r in records],

@@ -38,6 +38,7 @@ from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
 from rescue.records import SampleRecord
 from rescue.sample import Sample
 from rescue.scoring import SampleMasks
+from rescue.truth import SampleTruth
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Pipeline:
         self.progress = progress
         self.stats = CallStats(guard=guard or StageGuard())
         self.masks = MaskStore(cache)  # every distinct mask, by digest
+        self.truths: dict[str, SampleTruth] = {}  # per sample, for the run's masks.jsonl
         self._bars = StageBars(enabled=False, plan_total=0)  # `run` replaces it
         self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
                      "verifier": dict(verifier.identity())}
@@ -294,6 +296,7 @@ class Pipeline:
         found = scoring.check_masks(sample, dict(zip(unique_prompts, segs, strict=True)))
         for d, rle in found.rles.items():
             self.masks.put(d, rle)
+        self.truths[sample.sample_id] = SampleTruth.of(sample, found.rles)
         with_mask = sum(1 for h in valid if h.prompt.key in found.digest_of)
         self.stats.deduped["verify"] += with_mask - len(found.decoded)
         self._bars.grow("verify", len(found.decoded))

@@ -49,6 +49,9 @@ class RunDir:
     records_file = _file("records.jsonl", doc="Every candidate of every sample, sorted.")
     partial_records_file = _file("records.partial.jsonl", doc=(
         "Records appended as samples finish; what a killed or stopped run leaves behind."))
+    masks_file = _file("masks.jsonl", doc=(
+        "Each sample's ground truth (RLE, with its ignore region) and distinct masks "
+        "(`rescue.truth`): what aggregators read, so a copied run evaluates alone."))
     metrics_file = _file("metrics.csv", doc="Every (subset, estimator, selector, N).")
     stats_file = _file("stats.json", doc="Model calls, cache hits, endpoints, identities.")
     summary_file = _file("summary.json", doc="The headline numbers and failure counts.")
@@ -91,6 +94,11 @@ class RunDir:
         if not self.records_file.is_file() and config.get("mode") == "evaluate" and source:
             return RunDir(Path(str(source))).records_file
         return self.records_file
+
+    @property
+    def masks_source(self) -> Path:
+        """The `masks.jsonl` beside `records_source`."""
+        return self.records_source.with_name(self.masks_file.name)
 
     def records(self) -> list[SampleRecord]:
         path = self.records_source

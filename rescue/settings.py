@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rescue import selection
+from rescue import aggregation, selection
+from rescue.aggregation import Aggregator
 from rescue.consensus import Draws
 from rescue.estimators import ESTIMATORS
 from rescue.selection import Selector
@@ -27,7 +28,9 @@ class EvaluationSettings:
     level `ci`, the `seed` of resamples and draws; consensus within subsets (`rescue.consensus`)
     enumerates where there are at most `consensus_draws` subsets, else draws that many first
     and more until the gIoU over all samples has a Monte-Carlo standard error of at most
-    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample."""
+    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample.
+    `aggregators` (`rescue.aggregation`, none by default) output masks of their own; they need
+    the run's stored truth and masks."""
 
     n_grid: tuple[int, ...]
     selectors: tuple[Selector, ...] = tuple(selection.SELECTORS.values())
@@ -40,6 +43,7 @@ class EvaluationSettings:
     consensus_se: float = 0.002
     consensus_max_draws: int = 65536
     max_n: int | None = None
+    aggregators: tuple[Aggregator, ...] = ()
 
     def __post_init__(self) -> None:
         grid = sorted({int(n) for n in self.n_grid})
@@ -50,11 +54,13 @@ class EvaluationSettings:
             raise ValueError(f"n_grid values {bad} are outside 1..max_n={self.max_n}")
         object.__setattr__(self, "n_grid", tuple(grid))
         object.__setattr__(self, "selectors", tuple(self.selectors))
+        object.__setattr__(self, "aggregators", tuple(self.aggregators))
         object.__setattr__(self, "estimators", tuple(str(e) for e in self.estimators))
-        names = [s.name for s in self.selectors]
-        if not names:
+        if not self.selectors:
             raise ValueError("no selectors to evaluate")
-        twice = sorted({n for n in names if names.count(n) > 1})
+        names = [s.name for s in self.selectors]
+        methods = names + [a.name for a in self.aggregators]
+        twice = sorted({n for n in methods if methods.count(n) > 1})
         if twice:
             raise ValueError(f"selectors {twice} are listed twice")
         for name in self.estimators:
@@ -95,6 +101,10 @@ class EvaluationSettings:
             kw["selectors"] = selection.named(list(sel["selectors"]))
         if sel.get("primary") is not None:
             kw["primary"] = selection.get(str(sel["primary"]))
+        if sel.get("aggregators"):
+            kw["aggregators"] = aggregation.named(
+                [str(a) for a in sel["aggregators"]],
+                aggregation.AggregationParams.from_config(sel.get("aggregation")))
         if sel.get("estimators") is not None:
             kw["estimators"] = tuple(str(e) for e in sel["estimators"])
         for key, kind in (("bootstrap", int), ("ci", float), ("consensus_draws", int),

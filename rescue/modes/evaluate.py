@@ -8,18 +8,19 @@ metrics.csv, plots and summary.json whichever mode wrote them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import records
+from rescue import records, truth
 from rescue.evaluation import evaluate, headline
 from rescue.records import SampleRecord
 from rescue.run_dir import RunDir
 from rescue.settings import EvaluationSettings
+from rescue.truth import SampleTruth
 
 if TYPE_CHECKING:  # reporting draws with matplotlib and OpenCV: loaded when a report is made
     from rescue.reporting.overlays import OverlayItem
@@ -27,13 +28,16 @@ if TYPE_CHECKING:  # reporting draws with matplotlib and OpenCV: loaded when a r
 
 def report(cfg: DictConfig, out_dir: Path, recs: Sequence[SampleRecord],
            settings: EvaluationSettings, items: Sequence[OverlayItem] = (), *,
-           simulated: bool) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Evaluate `recs` with `settings` and write the report into `out_dir`."""
+           simulated: bool, truths: Mapping[str, SampleTruth] | None = None
+           ) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Evaluate `recs` with `settings` (aggregators read `truths`) and write the report into
+    `out_dir`."""
     from rescue.reporting import write_report
 
-    metrics = evaluate(recs, settings)
+    metrics = evaluate(recs, settings, truths=truths)
     paths = write_report(out_dir, recs, metrics, items, simulated=simulated,
-                         primary=settings.primary.name, selectors=settings.selectors,
+                         primary=settings.primary.name,
+                         selectors=(*settings.selectors, *settings.aggregators),
                          plots=bool(cfg.report.plot))
     return metrics, paths
 
@@ -42,16 +46,19 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
     """Recompute metrics from an existing run's records (`records_from=<run dir>`)."""
     # the pools are whatever the run generated: N is bounded by them, not by this max_n
     settings = EvaluationSettings.from_config(cfg, bounded=False)
-    src = RunDir(Path(cfg.records_from)).records_source  # an evaluate run's: its source's
+    source = RunDir(Path(cfg.records_from))
+    src = source.records_source  # an evaluate run's: its source's
     if not src.is_file():
         raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
     recs = list(records.read(src))
+    # what aggregators read: the truth and masks kept beside the records, not the dataset
+    truths = truth.load(source.masks_source) if settings.aggregators else None
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # what made this metrics.csv, for the analysis tools (`analysis.runs.Run.evaluation_settings`)
     RunDir(out_dir).resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics, paths = report(cfg, out_dir, recs, settings,
-                            simulated=any(r.simulated for r in recs))
+                            simulated=any(r.simulated for r in recs), truths=truths)
     return {"records": recs, "metrics": metrics, "paths": paths, "settings": settings}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rescue import records
+from rescue import records, truth
 from rescue.evaluation import headline
 from rescue.modes.evaluate import reevaluate
 from rescue.records import SampleRecord
@@ -105,7 +105,11 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[SampleRecord]:
                          f"{sorted(by_shard)}); run them (finished samples come from the cache)")
     merged: list[SampleRecord] = []
     owner: dict[str, int] = {}
+    truths: list[truth.SampleTruth] = []
     for shard in range(num_shards):
+        masks_src = RunDir(by_shard[shard]).masks_file
+        if masks_src.is_file():  # runs made before issue 13 have none
+            truths += truth.read(masks_src)
         src = RunDir(by_shard[shard]).records_file
         if not src.is_file():
             raise MergeError(f"shard {shard} ({by_shard[shard]}) has no records.jsonl: it did not "
@@ -119,6 +123,8 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[SampleRecord]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records.write(RunDir(out_dir).records_file, merged)
+    if truths:
+        truth.write(RunDir(out_dir).masks_file, truths)
     log.info("merged %d records from %d shards into %s", len(merged), num_shards, out_dir)
     return sorted(merged, key=lambda r: r.sample_id)
 

@@ -20,7 +20,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import records
+from rescue import records, truth
 from rescue.cache import Cache
 from rescue.datasets.base import Dataset
 from rescue.datasets.subset import select_ids
@@ -99,6 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
     gen_s = time.perf_counter() - t0
     records.write(run_dir.records_file, recs)
+    truth.write(run_dir.masks_file, pipe.truths.values())
     run_dir.partial_records_file.unlink(missing_ok=True)
     stats = {"generation_seconds": round(gen_s, 3), "calls": pipe.stats.to_json(),
              "cache": cache.stats(), "simulated": pipe.simulated,
@@ -106,7 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.stats_file.write_text(json.dumps(stats, indent=2, default=str))
     items = (overlay_items(cfg, dataset, pipe, recs, settings)
              if int(cfg.report.overlays) > 0 else [])
-    metrics, paths = report(cfg, out_dir, recs, settings, items, simulated=pipe.simulated)
+    metrics, paths = report(cfg, out_dir, recs, settings, items, simulated=pipe.simulated,
+                            truths=pipe.truths)
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from rescue import records, scoring
+from rescue import arena, records, scoring
 from rescue.cache import Cache, CacheMiss, make_key
 from rescue.datasets.base import Dataset, SampleError
 from rescue.failures import CallFailure, RunAborted, StageGuard, TransportError, classify
@@ -164,6 +164,16 @@ class Pipeline:
     def verify_key(self, sample: Sample, mask_digest: str) -> str:
         return self._key("verifier", self.verifier, sample, query=sample.query, mask=mask_digest)
 
+    def compare_key(self, sample: Sample, first: str, second: str) -> str:
+        return self._key("verifier", self.verifier, sample, query=sample.query, first=first,
+                         second=second)
+
+    @property
+    def verifier_shape(self) -> str:
+        """How the verifier is asked: "pointwise" (one mask a call, the default) or "pairwise"
+        (two masks a call, `rescue.arena`)."""
+        return str(getattr(self.verifier, "call_shape", "pointwise"))
+
     # -- one cached call, for every stage ----------------------------------------------------
     async def _cached(self, spec: CachedCall[T, V], items: Sequence[T]) -> list[V]:
         """`spec`'s answer for each of `items` (distinct): cached ones read back, the missing
@@ -283,6 +293,33 @@ class Pipeline:
             failed=lambda d, f: Verdict(score=None, error=f.error,
                                         meta={"transient": f.transient}))
 
+    def _comparisons(self, sample: Sample,
+                     found: SampleMasks) -> CachedCall[tuple[str, str], Verdict]:
+        sid = sample.sample_id
+
+        async def call(pairs: list[tuple[str, str]]) -> list[Verdict]:
+            return [await self.verifier.compare(sample, found.decoded[a], found.decoded[b])
+                    for a, b in pairs]
+
+        return CachedCall(
+            stage="compare", key=lambda ab: self.compare_key(sample, *ab),
+            what=lambda ab: f"comparison of masks {ab[0]} and {ab[1]} of sample {sid!r}",
+            label=lambda ab: f"{sid} {ab[0]}>{ab[1]}", load=Verdict.from_json,
+            dump=Verdict.to_json, call=call, batches=lambda pairs: [[ab] for ab in pairs],
+            failed=lambda ab, f: Verdict(score=None, error=f.error,
+                                         meta={"transient": f.transient}))
+
+    async def _arena(self, sample: Sample, found: SampleMasks, rec: SampleRecord) -> None:
+        """Both orders of every pair of distinct masks but near-duplicates (`rescue.arena`),
+        answered into `rec.comparisons`."""
+        pairs = arena.pairs_to_compare(np.asarray(rec.mask_iou, float).reshape(
+            len(rec.masks), len(rec.masks)))
+        items = [(rec.masks[i], rec.masks[j]) for i, j in pairs]
+        self._bars.grow("compare", len(items))
+        answers = await self._cached(self._comparisons(sample, found), items)
+        rec.comparisons = [[i, j, v.score if v.ok else None]
+                           for (i, j), v in zip(pairs, answers, strict=True)]
+
     # -- one sample ---------------------------------------------------------------------------
     async def process(self, sample: Sample) -> SampleRecord:
         hyps = await self._cached(self._plans(sample), range(self.max_n))
@@ -298,12 +335,17 @@ class Pipeline:
             self.masks.put(d, rle)
         self.truths[sample.sample_id] = SampleTruth.of(sample, found.rles)
         with_mask = sum(1 for h in valid if h.prompt.key in found.digest_of)
-        self.stats.deduped["verify"] += with_mask - len(found.decoded)
-        self._bars.grow("verify", len(found.decoded))
         digests = list(found.decoded)
-        verdicts = await self._cached(self._verdicts(sample, found), digests)
-        return scoring.score_sample(sample, hyps, found, dict(zip(digests, verdicts, strict=True)),
-                                    simulated=self.simulated)
+        verdicts: dict[str, Verdict] = {}
+        if self.verifier_shape == "pointwise":
+            self.stats.deduped["verify"] += with_mask - len(found.decoded)
+            self._bars.grow("verify", len(found.decoded))
+            verdicts = dict(zip(digests, await self._cached(self._verdicts(sample, found),
+                                                            digests), strict=True))
+        rec = scoring.score_sample(sample, hyps, found, verdicts, simulated=self.simulated)
+        if self.verifier_shape == "pairwise":
+            await self._arena(sample, found, rec)
+        return rec
 
     # -- many samples -------------------------------------------------------------------------
     async def run(self, dataset: Dataset, sample_ids: Sequence[str],

@@ -86,9 +86,16 @@ class SampleRecord:
     # consensus within any subset of candidates can be evaluated offline (rescue/consensus.py)
     masks: list[str] = field(default_factory=list)
     mask_iou: list[list[float]] = field(default_factory=list)
+    # a pairwise verifier's answers (rescue/arena.py): [i, j, P(mask i better than mask j, i
+    # shown first)] over positions in `masks`; only a pairwise run has any
+    comparisons: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field; `comparisons` only where there are some (other records read alike)."""
+        d = asdict(self)
+        if not d["comparisons"]:
+            del d["comparisons"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SampleRecord:

@@ -111,7 +111,9 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
             c.duplicate_of = None
         c.intersection, c.union = counts[d]
         c.iou = iou(*counts[d])
-        v = verdicts[d]
+        v = verdicts.get(d)
+        if v is None:  # a verifier not asked of one mask at a time (pairwise)
+            continue
         c.verifier_score, c.verifier_source = v.score, v.source or None
         if not v.ok:
             c.failed_stage, c.error = "verify", v.error or "verify:no_score"

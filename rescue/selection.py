@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
 
+from rescue import arena
 from rescue.consensus import Draws, SubsetConsensus, SubsetEstimate
 from rescue.records import CandidateRecord, SampleRecord
 
@@ -72,7 +73,9 @@ class Selector:
     `needs_truth`: it reads the ground truth (an upper bound, not a method: refused by
     inference, drawn dashed, never bold in tables). `tie_break`: a second score that orders the
     candidates tied at the top for the single answer (default: the earliest wins). `color`: its
-    line in every plot (None: the next colour of the cycle).
+    line in every plot (None: the next colour of the cycle). `of_record`: pool scores that
+    need more of the record than its candidates (the arena's comparisons), for the single
+    answer.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Selector:
     needs_truth: bool = False
     tie_break: PoolScores | None = None
     color: str | None = None
+    of_record: Callable[[SampleRecord], np.ndarray] | None = None
 
     def scores(self, candidates: Sequence[CandidateRecord], *, key: str = "",
                seed: int = 0) -> np.ndarray:
@@ -105,6 +109,10 @@ class Selector:
 
     def answer(self, record: SampleRecord, seed: int = 0) -> int | None:
         """Hypothesis index of the record's single answer; None when nothing can be picked."""
+        if self.of_record is not None and record.candidates:
+            s = self.of_record(record)
+            best = int(np.argmax(s))
+            return record.candidates[best].index if np.isfinite(s[best]) else None
         pos = self.select(record.candidates, key=record.sample_id, seed=seed)
         return record.candidates[pos].index if pos is not None else None
 
@@ -157,6 +165,12 @@ def _permutation(candidates: Sequence[CandidateRecord], *, key: str, seed: int) 
     return rng.permutation(len(candidates)).astype(float)
 
 
+def _arena(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
+    """Scored within subsets from the record's comparisons (`within`); over a bare candidate
+    list there are none: every working candidate ties."""
+    return _tied(candidates, key=key, seed=seed)
+
+
 def _oracle(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
     return np.array([float(c.iou) if c.ok else -np.inf for c in candidates])
 
@@ -183,6 +197,11 @@ the working candidates of the subset. The single answer draws a seeded permutati
 ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""
 
+ARENA = Selector("arena", _arena, within=arena.ArenaWeights.of, color="#aec7e8",
+                 of_record=arena.pool_scores)
+"""A pairwise verifier's tournament (EVOL-SAM3): the Copeland winner of the masks drawn, from
+the record's cached comparisons (`rescue.arena`); a run whose verifier is pairwise has them."""
+
 
 def registry(*selectors: Selector) -> Mapping[str, Selector]:
     """Name -> definition, in the order given; a name defined twice is an error."""
@@ -194,7 +213,10 @@ def registry(*selectors: Selector) -> Mapping[str, Selector]:
     return MappingProxyType(out)
 
 
-SELECTORS = registry(VERIFIER, EXECUTOR, CONSENSUS, FIRST, RANDOM, ORACLE)
+DEFAULTS = (VERIFIER, EXECUTOR, CONSENSUS, FIRST, RANDOM, ORACLE)
+"""What a run evaluates unless `selection.selectors` says otherwise."""
+
+SELECTORS = registry(*DEFAULTS, ARENA)
 
 
 def get(name: str) -> Selector:

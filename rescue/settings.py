@@ -33,7 +33,7 @@ class EvaluationSettings:
     the run's stored truth and masks."""
 
     n_grid: tuple[int, ...]
-    selectors: tuple[Selector, ...] = tuple(selection.SELECTORS.values())
+    selectors: tuple[Selector, ...] = selection.DEFAULTS
     primary: Selector = selection.VERIFIER
     estimators: tuple[str, ...] = ESTIMATORS
     bootstrap: int = 1000

@@ -19,9 +19,10 @@ def _pool() -> list[CandidateRecord]:
     ]
 
 
-def test_registry_holds_the_six_selectors():
+def test_registry_holds_the_six_default_selectors_and_the_arena():
     assert list(selection.SELECTORS) == ["verifier", "executor", "consensus", "first", "random",
-                                         "oracle"]
+                                         "oracle", "arena"]
+    assert [s.name for s in selection.DEFAULTS] == list(selection.SELECTORS)[:6]
 
 
 def test_unknown_selector_names_the_valid_ones():

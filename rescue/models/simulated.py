@@ -183,42 +183,77 @@ def _fence(items: list[dict[str, Any]]) -> str:
     return "```json\n" + json.dumps(items) + "\n```"
 
 
+SHAPES = ("pointwise", "accept", "pairwise")
+
+
 class SimulatedVerifier:
     """Score = clip(true IoU + bias + noise · N(0, 1), 0, 1).
 
     Monotone in expectation (a clipped shifted normal's mean rises with its location), and the
     noise is a pure function of (seed, image, query, mask), so a mask is judged alike every time.
+
+    `shape` is the call it answers, with the same noise model: "pointwise" that score;
+    "accept" (SAM 3 Agent's accept/reject) 1 when that score is at least 1/2, else 0;
+    "pairwise" (`compare`, the arena) P(first better) = 1 when the first mask's noisy score
+    beats the second's, 0 when it loses, 1/2 on a tie, the noise drawn per ordered pair so the
+    two orders are two independent judgements.
     """
 
     simulated = True
 
-    def __init__(self, noise: float = 0.15, bias: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, noise: float = 0.15, bias: float = 0.0, seed: int = 0,
+                 shape: str = "pointwise") -> None:
         if noise < 0 or not math.isfinite(noise) or not math.isfinite(bias):
             raise ValueError(f"noise must be finite and >= 0, bias finite; got {noise}, {bias}")
+        if shape not in SHAPES:
+            raise ValueError(f"verifier.shape must be one of {SHAPES}, got {shape!r}")
         self.noise, self.bias, self.seed = float(noise), float(bias), int(seed)
+        self.shape = shape
+        self.call_shape = "pairwise" if shape == "pairwise" else "pointwise"
 
     def identity(self) -> Mapping[str, Any]:
-        return {"simulator": "SimulatedVerifier", "version": 1, "noise": self.noise,
-                "bias": self.bias, "seed": self.seed}
+        ident = {"simulator": "SimulatedVerifier", "version": 1, "noise": self.noise,
+                 "bias": self.bias, "seed": self.seed}
+        return ident if self.shape == "pointwise" else {**ident, "shape": self.shape}
 
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
         return self.judge(sample, mask)
+
+    def _noisy(self, sample: Sample, mask: np.ndarray, *call: object) -> tuple[float, float, float]:
+        """(score, true IoU, eps) of one judgement; `call` names it (none: the pointwise one)."""
+        iou, _, _ = true_iou(sample, mask)
+        digest = masks.digest(masks.encode(mask))
+        eps = _rng("verifier", self.seed, sample.image_sha256, sample.query, digest,
+                   *call).normal()
+        return float(np.clip(iou + self.bias + self.noise * eps, 0.0, 1.0)), iou, eps
 
     def judge(self, sample: Sample, mask: np.ndarray) -> Verdict:
         mask = np.asarray(mask, bool)
         if mask.shape != sample.gt.shape:
             return Verdict(score=None, source="simulated",
                            error=f"verify:bad_mask_shape {mask.shape} != image {sample.gt.shape}")
-        iou, _, _ = true_iou(sample, mask)
-        digest = masks.digest(masks.encode(mask))
-        eps = _rng("verifier", self.seed, sample.image_sha256, sample.query, digest).normal()
-        score = float(np.clip(iou + self.bias + self.noise * eps, 0.0, 1.0))
+        score, iou, eps = self._noisy(sample, mask)
+        if self.shape == "accept":
+            score = 1.0 if score >= 0.5 else 0.0
         answer = "yes" if score >= 0.5 else "no"
         reasoning = (f"simulated verifier: true IoU {iou:.2f} + noise "
                      f"({self.noise:g} × {eps:+.2f}) + bias {self.bias:g}")
         return Verdict(score=round(score, 6), answer=answer, reasoning=reasoning,
                        raw=f"<think>{reasoning}</think>{answer}", source="simulated",
                        meta={"simulated": True, "true_iou": round(iou, 6)})
+
+    async def compare(self, sample: Sample, first: np.ndarray, second: np.ndarray) -> Verdict:
+        a, b = np.asarray(first, bool), np.asarray(second, bool)
+        order = (masks.digest(masks.encode(a)), masks.digest(masks.encode(b)))
+        sa, ia, _ = self._noisy(sample, a, "first", *order)
+        sb, ib, _ = self._noisy(sample, b, "second", *order)
+        p = 1.0 if sa > sb else 0.0 if sa < sb else 0.5
+        answer = "1" if p > 0.5 else "2" if p < 0.5 else "tie"
+        reasoning = (f"simulated verifier: first {ia:.2f} -> {sa:.2f}, second {ib:.2f} -> "
+                     f"{sb:.2f} (true IoU -> noisy score)")
+        return Verdict(score=p, answer=answer, reasoning=reasoning,
+                       raw=f"<think>{reasoning}</think>{answer}", source="simulated",
+                       meta={"simulated": True})
 
 
 class SimulatedExecutor:

@@ -320,3 +320,24 @@ def parse_rating(answer: str, max_rating: int) -> float | None:
     if scale <= 0 or value < 0 or value > scale:
         return None
     return value / scale
+
+
+def choice_probs(tok: TokenLogprob, k: int) -> list[float] | None:
+    """P(option 1..k) at the answer's digit token (pairwise: k = 2, listwise: k marks),
+    renormalised over the options listed; None when none is."""
+    probs = [0.0] * k
+    for t, lp in tok.distribution().items():
+        n = norm_token(t)
+        if is_digit_token(n) and 1 <= int(n) <= k and probs[int(n) - 1] == 0.0:
+            probs[int(n) - 1] = math.exp(lp)
+    total = sum(probs)
+    return [p / total for p in probs] if total > 0 else None
+
+
+_OPTION = re.compile(r"(?<![\d.])(\d+)(?![\d.])")
+
+
+def parse_choice(answer: str, k: int) -> int | None:
+    """The option (1..k) the answer names: its last standalone number in range, else None."""
+    found = [int(m) for m in _OPTION.findall(answer) if 1 <= int(m) <= k]
+    return found[-1] if found else None

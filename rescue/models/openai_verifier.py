@@ -18,11 +18,12 @@ import numpy as np
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
-from rescue.models.views import OverlayStyle, describe, render_views
+from rescue.models.views import OverlayStyle, describe, describe_candidates, render_views
 from rescue.protocols import Verdict
 from rescue.sample import Sample
 
-SCALES = ("yes_no", "rating")
+SCALES = ("yes_no", "rating", "choice")
+CALL_SHAPES = ("pointwise", "pairwise")
 
 
 def _token_logprobs(choice: Any) -> list[answers.TokenLogprob]:
@@ -47,9 +48,16 @@ class OpenAIVerifier:
                  overlay: Mapping[str, Any] | None = None, image: Mapping[str, Any] | None = None,
                  empty_mask_score: float | None = 0.0,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
-                 preflight_timeout_s: float = 10.0):
+                 preflight_timeout_s: float = 10.0, call_shape: str = "pointwise"):
         if scale not in SCALES:
             raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
+        if call_shape not in CALL_SHAPES:
+            raise ValueError(f"verifier.call_shape must be one of {CALL_SHAPES}, got "
+                             f"{call_shape!r}")
+        if (call_shape == "pairwise") != (scale == "choice"):
+            raise ValueError("verifier.call_shape pairwise answers scale choice (1 or 2), and "
+                             f"only it does; got call_shape {call_shape!r}, scale {scale!r}")
+        self.call_shape = call_shape
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -87,6 +95,7 @@ class OpenAIVerifier:
             "overlay": self.overlay.to_json(),
             "image": self.image.to_json(),
             "empty_mask_score": self.empty_mask_score,
+            **({"call_shape": self.call_shape} if self.call_shape != "pointwise" else {}),
         }
 
     def _prompt_fields(self, sample: Sample) -> dict[str, str]:
@@ -99,6 +108,24 @@ class OpenAIVerifier:
         views = render_views(sample.image, mask, self.overlay)
         urls = [self.image.data_url(img) for _, img in views]
         return self.template.messages(urls, **self._prompt_fields(sample))
+
+    def render_pair(self, sample: Sample, first: np.ndarray,
+                    second: np.ndarray) -> list[dict[str, Any]]:
+        """The chat messages of one arena comparison: the views of candidate 1, then of 2."""
+        urls = [self.image.data_url(img) for m in (first, second)
+                for _, img in render_views(sample.image, m, self.overlay)]
+        return self.template.messages(urls, query=sample.query, max="2", views=describe_candidates(
+            self.overlay.views, 2, self.overlay.color_name))
+
+    async def compare(self, sample: Sample, first: np.ndarray, second: np.ndarray) -> Verdict:
+        """P(candidate 1 is the better answer), from the digit's logprobs or the parsed answer;
+        raises EndpointError only for transport failures."""
+        messages = await asyncio.to_thread(self.render_pair, sample, np.asarray(first, bool),
+                                           np.asarray(second, bool))
+        resp = await self.chat.create("compare", **self.payload(messages))
+        if not resp.choices:
+            return Verdict(score=None, source="", error="verify:no_choice server returned none")
+        return self.read(resp.choices[0])
 
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
         """Score one candidate mask; raises EndpointError only for transport failures."""
@@ -158,6 +185,9 @@ class OpenAIVerifier:
                                raw=raw, source="logprobs", meta=meta)
         if self.scale == "yes_no":
             parsed = answers.parse_yes_no(reply.answer)
+        elif self.scale == "choice":
+            pick = answers.parse_choice(reply.answer, 2)
+            parsed = None if pick is None else float(pick == 1)
         else:
             parsed = answers.parse_rating(reply.answer, self.rating_max)
         if parsed is not None:
@@ -173,6 +203,13 @@ class OpenAIVerifier:
                        meta: dict[str, Any]) -> float | None:
         texts = [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
+        if self.scale == "choice":  # the arena: P(1) over P(1) + P(2)
+            i = answers.answer_index(texts, start, answers.is_digit_token)
+            probs = None if i is None else answers.choice_probs(tokens[i], 2)
+            if probs is None:
+                return None
+            meta["answer_token"] = i
+            return probs[0]
         if self.scale == "rating":
             i = answers.answer_index(texts, start, answers.is_digit_token)
             if i is None:
@@ -201,7 +238,10 @@ class OpenAIVerifier:
         h, w = sample.image.shape[:2]
         mask = np.zeros((h, w), dtype=bool)
         mask[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True
-        messages = await asyncio.to_thread(self.render, sample, mask)
+        if self.call_shape == "pairwise":
+            messages = await asyncio.to_thread(self.render_pair, sample, mask, mask)
+        else:
+            messages = await asyncio.to_thread(self.render, sample, mask)
         return await self.chat.preflight(self.payload(messages))
 
     async def aclose(self) -> None:

@@ -131,6 +131,16 @@ def render_views(image: np.ndarray, mask: np.ndarray,
     return views
 
 
+def describe_candidates(views: Sequence[str], count: int, color_name: str = "red") -> str:
+    """The `{views}` sentence when `count` candidates are shown one after the other, each with
+    the same views (the pairwise arena: 2)."""
+    k = len(views)
+    parts = [f"Images {c * k + 1}-{c * k + k} show candidate {c + 1}:" if k > 1 else
+             f"Image {c + 1} shows candidate {c + 1}:" for c in range(count)]
+    each = "; ".join(_DESCRIPTIONS[v].format(color=color_name) for v in views)
+    return " ".join(parts) + f" (each: {each})."
+
+
 def describe(views: Sequence[str], color_name: str = "red") -> str:
     """A sentence per image for the prompt's `{views}` placeholder."""
     if len(views) == 1:

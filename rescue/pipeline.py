@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from rescue import arena, records, scoring
+from rescue import arena, listwise, records, scoring
 from rescue.cache import Cache, CacheMiss, make_key
 from rescue.datasets.base import Dataset, SampleError
 from rescue.failures import CallFailure, RunAborted, StageGuard, TransportError, classify
@@ -120,10 +120,11 @@ class Pipeline:
 
     def __init__(self, planner: Planner, executor: Executor, verifier: Verifier, cache: Cache, *,
                  max_n: int, samples_in_flight: int = 8, progress: bool = True,
-                 guard: StageGuard | None = None) -> None:
+                 guard: StageGuard | None = None, plan: listwise.Plan | None = None) -> None:
         if max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {max_n}")
         self.planner, self.executor, self.verifier = planner, executor, verifier
+        self.plan = plan  # what the evaluation draws: the listwise stage's sets
         self.cache = cache
         self.max_n = max_n
         self.samples_in_flight = samples_in_flight
@@ -170,8 +171,9 @@ class Pipeline:
 
     @property
     def verifier_shape(self) -> str:
-        """How the verifier is asked: "pointwise" (one mask a call, the default) or "pairwise"
-        (two masks a call, `rescue.arena`)."""
+        """How the verifier is asked: "pointwise" (one mask a call, the default), "pairwise"
+        (two masks a call, `rescue.arena`) or "listwise" (the top-k masks of a subset in one
+        call, `rescue.listwise`)."""
         return str(getattr(self.verifier, "call_shape", "pointwise"))
 
     # -- one cached call, for every stage ----------------------------------------------------
@@ -320,6 +322,39 @@ class Pipeline:
         rec.comparisons = [[i, j, v.score if v.ok else None]
                            for (i, j), v in zip(pairs, answers, strict=True)]
 
+    def choose_key(self, sample: Sample, shown: Sequence[str]) -> str:
+        return self._key("verifier", self.verifier, sample, query=sample.query,
+                         shown=list(shown))
+
+    def _choices(self, sample: Sample, found: SampleMasks) -> CachedCall[tuple[str, ...], Verdict]:
+        sid = sample.sample_id
+
+        async def call(sets: list[tuple[str, ...]]) -> list[Verdict]:
+            return [await self.verifier.choose(sample, [found.decoded[d] for d in shown])
+                    for shown in sets]
+
+        return CachedCall(
+            stage="choose", key=lambda shown: self.choose_key(sample, shown),
+            what=lambda shown: f"listwise choice among masks {list(shown)} of sample {sid!r}",
+            label=lambda shown: f"{sid} {'|'.join(shown)}", load=Verdict.from_json,
+            dump=Verdict.to_json, call=call, batches=lambda sets: [[s] for s in sets],
+            failed=lambda shown, f: Verdict(score=None, error=f.error,
+                                            meta={"transient": f.transient}))
+
+    async def _listwise(self, sample: Sample, found: SampleMasks, rec: SampleRecord) -> None:
+        """One call per set of top-k masks the evaluation's subsets show (`rescue.listwise`),
+        answered into `rec.choices`."""
+        if self.plan is None:
+            raise ValueError("a listwise verifier needs the evaluation's plan (n_grid, seed, "
+                             "draws) to know which sets to ask")
+        sets = listwise.sets_needed(rec, self.plan.n_grid, top_k=int(self.verifier.top_k),
+                                    seed=self.plan.seed, draws=self.plan.draws)
+        items = [tuple(rec.masks[p] for p in shown) for shown in sets]
+        self._bars.grow("choose", len(items))
+        answers = await self._cached(self._choices(sample, found), items)
+        rec.choices = [[list(shown), shown[int(v.meta["choice"])] if v.ok else None]
+                       for shown, v in zip(sets, answers, strict=True)]
+
     # -- one sample ---------------------------------------------------------------------------
     async def process(self, sample: Sample) -> SampleRecord:
         hyps = await self._cached(self._plans(sample), range(self.max_n))
@@ -345,6 +380,8 @@ class Pipeline:
         rec = scoring.score_sample(sample, hyps, found, verdicts, simulated=self.simulated)
         if self.verifier_shape == "pairwise":
             await self._arena(sample, found, rec)
+        elif self.verifier_shape == "listwise":
+            await self._listwise(sample, found, rec)
         return rec
 
     # -- many samples -------------------------------------------------------------------------

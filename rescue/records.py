@@ -89,12 +89,17 @@ class SampleRecord:
     # a pairwise verifier's answers (rescue/arena.py): [i, j, P(mask i better than mask j, i
     # shown first)] over positions in `masks`; only a pairwise run has any
     comparisons: list[list[Any]] = field(default_factory=list)
+    # a listwise verifier's answers (rescue/listwise.py): [mask positions shown, position
+    # chosen or None]; only a listwise run has any
+    choices: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """Every field; `comparisons` only where there are some (other records read alike)."""
+        """Every field; `comparisons` and `choices` only where there are some (other records
+        read alike)."""
         d = asdict(self)
-        if not d["comparisons"]:
-            del d["comparisons"]
+        for name in ("comparisons", "choices"):
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rescue import arena
+from rescue import arena, listwise
 from rescue.consensus import Draws, SubsetConsensus, SubsetEstimate
 from rescue.records import CandidateRecord, SampleRecord
 
@@ -165,9 +165,9 @@ def _permutation(candidates: Sequence[CandidateRecord], *, key: str, seed: int) 
     return rng.permutation(len(candidates)).astype(float)
 
 
-def _arena(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
-    """Scored within subsets from the record's comparisons (`within`); over a bare candidate
-    list there are none: every working candidate ties."""
+def _from_record(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np.ndarray:
+    """Scored within subsets from the record's comparisons or choices (`within`); over a bare
+    candidate list there are none: every working candidate ties."""
     return _tied(candidates, key=key, seed=seed)
 
 
@@ -197,7 +197,7 @@ the working candidates of the subset. The single answer draws a seeded permutati
 ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""
 
-ARENA = Selector("arena", _arena, within=arena.ArenaWeights.of, color="#aec7e8",
+ARENA = Selector("arena", _from_record, within=arena.ArenaWeights.of, color="#aec7e8",
                  of_record=arena.pool_scores)
 """A pairwise verifier's tournament (EVOL-SAM3): the Copeland winner of the masks drawn, from
 the record's cached comparisons (`rescue.arena`); a run whose verifier is pairwise has them."""
@@ -213,10 +213,15 @@ def registry(*selectors: Selector) -> Mapping[str, Selector]:
     return MappingProxyType(out)
 
 
+LISTWISE = Selector("listwise", _from_record, within=listwise.ListwiseWeights.of,
+                    color="#98df8a", of_record=listwise.pool_scores)
+"""Set-of-Marks: the mask a listwise verifier names among the top-k of the masks drawn, from
+the record's cached choices (`rescue.listwise`); a run whose verifier is listwise has them."""
+
 DEFAULTS = (VERIFIER, EXECUTOR, CONSENSUS, FIRST, RANDOM, ORACLE)
 """What a run evaluates unless `selection.selectors` says otherwise."""
 
-SELECTORS = registry(*DEFAULTS, ARENA)
+SELECTORS = registry(*DEFAULTS, ARENA, LISTWISE)
 
 
 def get(name: str) -> Selector:

@@ -50,7 +50,7 @@ def test_without_logprobs_the_last_option_named_is_read():
 
 
 def test_a_pairwise_config_must_answer_by_choice():
-    with pytest.raises(ValueError, match="pairwise answers scale choice"):
+    with pytest.raises(ValueError, match="pairwise or listwise answers scale choice"):
         OpenAIVerifier("m", "http://127.0.0.1:9/v1", "Q: {query}", call_shape="pairwise")
     assert "call_shape" not in OpenAIVerifier("m", "http://x/v1", "Q: {query}").identity()
     assert _verifier().identity()["call_shape"] == "pairwise"
@@ -80,3 +80,33 @@ def test_one_message_carries_both_candidates_views_in_order():
     assert sum(part["type"] == "image_url" for part in content) == 4
     text = content[-1]["text"]
     assert "Images 1-2 show candidate 1" in text and "Images 3-4 show candidate 2" in text
+
+
+def test_the_listwise_call_sends_one_numbered_image_and_reads_the_likeliest_mark():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    sample = Sample("s", "the thing", img, np.zeros((40, 50), np.uint8))
+    shown = []
+    for y in (2, 14, 26):
+        m = np.zeros((40, 50), bool)
+        m[y:y + 10, 5:30] = True
+        shown.append(m)
+    v = OpenAIVerifier("m", "http://127.0.0.1:9/v1", "{views} Q: {query} 1..{max}",
+                       call_shape="listwise", scale="choice", top_k=3)
+    sent = {}
+
+    async def create(stage, **kw):
+        sent.update(stage=stage, **kw)
+        return NS(choices=[_choice([_tok("3", 0.5, [("1", math.log(0.3)),
+                                                     ("2", math.log(0.2))])])])
+
+    v.chat.create = create
+    out = asyncio.run(v.choose(sample, shown))
+    assert out.meta["choice"] == 2 and out.score == pytest.approx(0.5)
+    content = sent["messages"][-1]["content"]
+    assert sent["stage"] == "choose"
+    assert sum(part["type"] == "image_url" for part in content) == 1
+    assert "3 candidate regions" in content[-1]["text"] and "1..3" in content[-1]["text"]
+    parsed = v.read(NS(message=NS(content="</think>Region 2", reasoning=None, model_extra={}),
+                       finish_reason="stop", logprobs=None, index=0), options=3)
+    assert parsed.meta["choice"] == 1 and parsed.ok

@@ -21,7 +21,7 @@ def _pool() -> list[CandidateRecord]:
 
 def test_registry_holds_the_six_default_selectors_and_the_arena():
     assert list(selection.SELECTORS) == ["verifier", "executor", "consensus", "first", "random",
-                                         "oracle", "arena"]
+                                         "oracle", "arena", "listwise"]
     assert [s.name for s in selection.DEFAULTS] == list(selection.SELECTORS)[:6]
 
 

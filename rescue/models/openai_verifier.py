@@ -18,12 +18,19 @@ import numpy as np
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
-from rescue.models.views import OverlayStyle, describe, describe_candidates, render_views
+from rescue.models.views import (
+    OverlayStyle,
+    describe,
+    describe_candidates,
+    describe_marks,
+    draw_marks,
+    render_views,
+)
 from rescue.protocols import Verdict
 from rescue.sample import Sample
 
 SCALES = ("yes_no", "rating", "choice")
-CALL_SHAPES = ("pointwise", "pairwise")
+CALL_SHAPES = ("pointwise", "pairwise", "listwise")
 
 
 def _token_logprobs(choice: Any) -> list[answers.TokenLogprob]:
@@ -48,16 +55,20 @@ class OpenAIVerifier:
                  overlay: Mapping[str, Any] | None = None, image: Mapping[str, Any] | None = None,
                  empty_mask_score: float | None = 0.0,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
-                 preflight_timeout_s: float = 10.0, call_shape: str = "pointwise"):
+                 preflight_timeout_s: float = 10.0, call_shape: str = "pointwise",
+                 top_k: int = 4):
         if scale not in SCALES:
             raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
         if call_shape not in CALL_SHAPES:
             raise ValueError(f"verifier.call_shape must be one of {CALL_SHAPES}, got "
                              f"{call_shape!r}")
-        if (call_shape == "pairwise") != (scale == "choice"):
-            raise ValueError("verifier.call_shape pairwise answers scale choice (1 or 2), and "
-                             f"only it does; got call_shape {call_shape!r}, scale {scale!r}")
-        self.call_shape = call_shape
+        if (call_shape != "pointwise") != (scale == "choice"):
+            raise ValueError("verifier.call_shape pairwise or listwise answers scale choice (a "
+                             f"number), and only they do; got call_shape {call_shape!r}, scale "
+                             f"{scale!r}")
+        if not 2 <= int(top_k) <= 9:
+            raise ValueError(f"verifier.top_k must be in 2..9 (one digit a mark), got {top_k}")
+        self.call_shape, self.top_k = call_shape, int(top_k)
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -96,6 +107,7 @@ class OpenAIVerifier:
             "image": self.image.to_json(),
             "empty_mask_score": self.empty_mask_score,
             **({"call_shape": self.call_shape} if self.call_shape != "pointwise" else {}),
+            **({"top_k": self.top_k} if self.call_shape == "listwise" else {}),
         }
 
     def _prompt_fields(self, sample: Sample) -> dict[str, str]:
@@ -127,6 +139,22 @@ class OpenAIVerifier:
             return Verdict(score=None, source="", error="verify:no_choice server returned none")
         return self.read(resp.choices[0])
 
+    def render_marks(self, sample: Sample, shown: list[np.ndarray]) -> list[dict[str, Any]]:
+        """The chat messages of one Set-of-Marks call: one image, the masks numbered 1..k."""
+        url = self.image.data_url(draw_marks(sample.image, shown, self.overlay))
+        return self.template.messages([url], query=sample.query, max=str(len(shown)),
+                                      views=describe_marks(len(shown)))
+
+    async def choose(self, sample: Sample, shown: list[np.ndarray]) -> Verdict:
+        """The mask named best among `shown` (meta `choice`, 0-based; `score` its
+        probability), from the digit's logprobs or the parsed answer."""
+        ms = [np.asarray(m, bool) for m in shown]
+        messages = await asyncio.to_thread(self.render_marks, sample, ms)
+        resp = await self.chat.create("choose", **self.payload(messages))
+        if not resp.choices:
+            return Verdict(score=None, source="", error="verify:no_choice server returned none")
+        return self.read(resp.choices[0], options=len(ms))
+
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
         """Score one candidate mask; raises EndpointError only for transport failures."""
         m = np.asarray(mask, dtype=bool)
@@ -146,7 +174,7 @@ class OpenAIVerifier:
             kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
         return {"messages": messages, "n": 1, "seed": self.seed, **kwargs}
 
-    def read(self, choice: Any) -> Verdict:
+    def read(self, choice: Any, options: int = 2) -> Verdict:
         """The Verdict in one response choice (pure; exposed for tests and re-scoring).
 
         A reply cut off at max_tokens (`finish_reason=length`) is `verify:truncated` and never
@@ -155,13 +183,13 @@ class OpenAIVerifier:
         `answers.RAW_CAP` characters each (full lengths in meta `answer_chars`,
         `reasoning_chars`, `raw_chars`); the score is read from the whole reply.
         """
-        v = self._read(choice)
+        v = self._read(choice, options)
         meta = dict(v.meta)
         texts = {name: answers.cap_raw(meta, name, getattr(v, name))
                  for name in ("answer", "reasoning", "raw")}
         return v if meta == v.meta else replace(v, meta=meta, **texts)
 
-    def _read(self, choice: Any) -> Verdict:
+    def _read(self, choice: Any, options: int = 2) -> Verdict:
         msg = choice.message
         content = getattr(msg, "content", None)
         reply = answers.reply_of(msg)
@@ -179,15 +207,18 @@ class OpenAIVerifier:
                            f"{self.sampling.max_tokens} ({len(tokens) or '?'} tokens, "
                            f"reasoning {reply.placement})", meta={**meta, "truncated": True})
         if tokens:
-            score = self._logprob_score(tokens, reply, meta)
+            score = self._logprob_score(tokens, reply, meta, options)
             if score is not None:
                 return Verdict(score=score, answer=reply.answer, reasoning=reply.reasoning,
                                raw=raw, source="logprobs", meta=meta)
         if self.scale == "yes_no":
             parsed = answers.parse_yes_no(reply.answer)
         elif self.scale == "choice":
-            pick = answers.parse_choice(reply.answer, 2)
-            parsed = None if pick is None else float(pick == 1)
+            pick = answers.parse_choice(reply.answer, options)
+            parsed = None
+            if pick is not None:
+                meta["choice"] = pick - 1
+                parsed = float(pick == 1) if self.call_shape == "pairwise" else 1.0
         else:
             parsed = answers.parse_rating(reply.answer, self.rating_max)
         if parsed is not None:
@@ -200,16 +231,19 @@ class OpenAIVerifier:
                        f"(finish_reason={finish})", meta=meta)
 
     def _logprob_score(self, tokens: list[answers.TokenLogprob], reply: answers.Reply,
-                       meta: dict[str, Any]) -> float | None:
+                       meta: dict[str, Any], options: int = 2) -> float | None:
         texts = [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
-        if self.scale == "choice":  # the arena: P(1) over P(1) + P(2)
+        if self.scale == "choice":  # arena: P(1) over P(1) + P(2); listwise: the likeliest mark
             i = answers.answer_index(texts, start, answers.is_digit_token)
-            probs = None if i is None else answers.choice_probs(tokens[i], 2)
+            probs = None if i is None else answers.choice_probs(tokens[i], options)
             if probs is None:
                 return None
             meta["answer_token"] = i
-            return probs[0]
+            if self.call_shape == "pairwise":
+                return probs[0]
+            meta["choice"], meta["probs"] = int(np.argmax(probs)), probs
+            return max(probs)
         if self.scale == "rating":
             i = answers.answer_index(texts, start, answers.is_digit_token)
             if i is None:
@@ -240,6 +274,8 @@ class OpenAIVerifier:
         mask[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True
         if self.call_shape == "pairwise":
             messages = await asyncio.to_thread(self.render_pair, sample, mask, mask)
+        elif self.call_shape == "listwise":
+            messages = await asyncio.to_thread(self.render_marks, sample, [mask] * self.top_k)
         else:
             messages = await asyncio.to_thread(self.render, sample, mask)
         return await self.chat.preflight(self.payload(messages))

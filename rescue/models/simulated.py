@@ -183,7 +183,7 @@ def _fence(items: list[dict[str, Any]]) -> str:
     return "```json\n" + json.dumps(items) + "\n```"
 
 
-SHAPES = ("pointwise", "accept", "pairwise")
+SHAPES = ("pointwise", "accept", "pairwise", "listwise")
 
 
 class SimulatedVerifier:
@@ -196,24 +196,29 @@ class SimulatedVerifier:
     "accept" (SAM 3 Agent's accept/reject) 1 when that score is at least 1/2, else 0;
     "pairwise" (`compare`, the arena) P(first better) = 1 when the first mask's noisy score
     beats the second's, 0 when it loses, 1/2 on a tie, the noise drawn per ordered pair so the
-    two orders are two independent judgements.
+    two orders are two independent judgements; "listwise" (`choose`, Set-of-Marks over up to
+    `top_k` masks) the mask with the highest noisy score, the noise drawn per call.
     """
 
     simulated = True
 
     def __init__(self, noise: float = 0.15, bias: float = 0.0, seed: int = 0,
-                 shape: str = "pointwise") -> None:
+                 shape: str = "pointwise", top_k: int = 4) -> None:
         if noise < 0 or not math.isfinite(noise) or not math.isfinite(bias):
             raise ValueError(f"noise must be finite and >= 0, bias finite; got {noise}, {bias}")
         if shape not in SHAPES:
             raise ValueError(f"verifier.shape must be one of {SHAPES}, got {shape!r}")
         self.noise, self.bias, self.seed = float(noise), float(bias), int(seed)
-        self.shape = shape
-        self.call_shape = "pairwise" if shape == "pairwise" else "pointwise"
+        if top_k < 2:
+            raise ValueError(f"verifier.top_k must be >= 2, got {top_k}")
+        self.shape, self.top_k = shape, int(top_k)
+        self.call_shape = shape if shape in ("pairwise", "listwise") else "pointwise"
 
     def identity(self) -> Mapping[str, Any]:
         ident = {"simulator": "SimulatedVerifier", "version": 1, "noise": self.noise,
                  "bias": self.bias, "seed": self.seed}
+        if self.shape == "listwise":
+            return {**ident, "shape": self.shape, "top_k": self.top_k}
         return ident if self.shape == "pointwise" else {**ident, "shape": self.shape}
 
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
@@ -254,6 +259,18 @@ class SimulatedVerifier:
         return Verdict(score=p, answer=answer, reasoning=reasoning,
                        raw=f"<think>{reasoning}</think>{answer}", source="simulated",
                        meta={"simulated": True})
+
+
+    async def choose(self, sample: Sample, shown: Sequence[np.ndarray]) -> Verdict:
+        ms = [np.asarray(m, bool) for m in shown]
+        call = tuple(masks.digest(masks.encode(m)) for m in ms)
+        judged = [self._noisy(sample, m, "choose", *call) for m in ms]
+        pick = int(np.argmax([s for s, _, _ in judged]))
+        reasoning = "simulated verifier: " + ", ".join(
+            f"{k + 1}: {iou:.2f} -> {s:.2f}" for k, (s, iou, _) in enumerate(judged))
+        return Verdict(score=1.0, answer=str(pick + 1), reasoning=reasoning,
+                       raw=f"<think>{reasoning}</think>{pick + 1}", source="simulated",
+                       meta={"simulated": True, "choice": pick})
 
 
 class SimulatedExecutor:

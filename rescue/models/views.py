@@ -10,7 +10,7 @@ and the prompt is told what each one shows (`describe`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -129,6 +129,40 @@ def render_views(image: np.ndarray, mask: np.ndarray,
             interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
             views.append((name, cv2.resize(crop, size, interpolation=interp)))
     return views
+
+
+MARK_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
+"""Set-of-Marks: one distinct colour per numbered mask (Sasha Trubetskoy's palette)."""
+
+
+def draw_marks(image: np.ndarray, marks: Sequence[np.ndarray], style: OverlayStyle) -> np.ndarray:
+    """The image with each mask tinted and outlined in its own colour and its number (1, 2, ...)
+    written at the mask's most interior pixel: Set-of-Marks prompting's one image."""
+    out = np.ascontiguousarray(image).copy()
+    h, w = out.shape[:2]
+    scale = max(0.4, max(h, w) / 800)
+    for k, mask in enumerate(marks):
+        color = MARK_COLORS[k % len(MARK_COLORS)]
+        out = draw_overlay(out, mask, replace(style, color=color))
+        m = np.asarray(mask, bool)
+        if not m.any():
+            continue
+        dist = cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        label = str(k + 1)
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+        x0, y0 = int(min(max(0, x - tw // 2), w - tw)), int(min(max(th, y + th // 2), h - 1))
+        cv2.rectangle(out, (x0 - 2, y0 - th - 2), (x0 + tw + 2, y0 + 3), (0, 0, 0), -1)
+        cv2.putText(out, label, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 2,
+                    cv2.LINE_AA)
+    return out
+
+
+def describe_marks(count: int) -> str:
+    """The `{views}` sentence of the Set-of-Marks image."""
+    return (f"The image shows {count} candidate regions, each tinted in its own colour, "
+            f"outlined, and labelled with its number from 1 to {count}.")
 
 
 def describe_candidates(views: Sequence[str], count: int, color_name: str = "red") -> str:

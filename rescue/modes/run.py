@@ -20,7 +20,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import records, truth
+from rescue import listwise, records, truth
 from rescue.cache import Cache
 from rescue.datasets.base import Dataset
 from rescue.datasets.subset import select_ids
@@ -52,7 +52,8 @@ def probe_sample(dataset: Dataset, ids: Sequence[str], tries: int = 4) -> Sample
 
 
 async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,
-                    cache: Cache) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
+                    cache: Cache, settings: EvaluationSettings
+                    ) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
     models = Models.from_config(cfg)
     check = not cfg.offline
     probe = probe_sample(dataset, ids) if check and cfg.pipeline.get("probe", True) else None
@@ -61,7 +62,9 @@ async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: 
                         max_n=int(cfg.max_n),
                         samples_in_flight=int(cfg.pipeline.samples_in_flight),
                         progress=bool(cfg.pipeline.progress),
-                        guard=StageGuard(**dict(cfg.pipeline.get("abort") or {})))
+                        guard=StageGuard(**dict(cfg.pipeline.get("abort") or {})),
+                        plan=listwise.Plan(settings.n_grid, settings.seed,
+                                           settings.consensus_draws))
         partial = RunDir(out_dir).partial_records_file
         partial.unlink(missing_ok=True)
         recs = await pipe.run(dataset, ids, partial=partial)
@@ -96,7 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
     t0 = time.perf_counter()
-    recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache))
+    recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache,
+                                                       settings))
     gen_s = time.perf_counter() - t0
     records.write(run_dir.records_file, recs)
     truth.write(run_dir.masks_file, pipe.truths.values())

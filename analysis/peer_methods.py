@@ -1,0 +1,123 @@
+"""The peer-methods study's one table and one figure: every aggregator and verifier variant.
+
+    python -m analysis.peer_methods <run dir> [<run dir> ...] --out <dir>
+
+Each run of `experiments/peer_methods.sh` evaluated the same cached pools with one verifier
+variant (pointwise score, accept/reject, pairwise arena, listwise marks); a method is taken from
+the first run that reports it (the oracle and the model-free aggregators agree across runs: the
+pools are the same). Beside each method's gIoU at every N (best-of-N over random N-subsets,
+bootstrap interval, ± the Monte-Carlo SE where the value is not exact) the table gives the run
+it comes from and the calls that run made: the verifier's (by stage) and the planner's and
+executor's (zero once the first run has cached the pools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.runs import Run, cli, find_runs, load_run
+from rescue import aggregation, selection
+from rescue.reporting.plots import plot_iou_vs_n
+from rescue.reporting.tables import SIMULATED_NOTE, cell, markdown_table
+
+VERIFIER_STAGES = ("verify", "compare", "choose")
+
+
+def _calls(run: Run) -> tuple[int, int]:
+    """(verifier calls, planner + executor calls) the run made."""
+    req = (run.stats.get("calls") or {}).get("requests") or {}
+    verifier = sum(int(req.get(s, 0)) for s in VERIFIER_STAGES)
+    return verifier, int(req.get("plan", 0)) + int(req.get("execute", 0))
+
+
+def peer_table(runs: Sequence[Run], estimator: str = "best_of_n",
+               subset: str = "all") -> pd.DataFrame:
+    """Every method's rows (the first run reporting it wins), with `run`, `verifier_calls` and
+    `planner_executor_calls` columns."""
+    seen: set[str] = set()
+    parts = []
+    for run in runs:
+        m = run.metrics
+        if m.empty:
+            raise ValueError(f"{run.path} has no metrics.csv")
+        m = m[(m.estimator == estimator) & (m.get("subset", subset) == subset)]
+        new = sorted(set(m.selector.astype(str)) - seen)
+        seen |= set(new)
+        verifier, others = _calls(run)
+        parts.append(m[m.selector.isin(new)].assign(run=run.path.name, verifier_calls=verifier,
+                                                    planner_executor_calls=others))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _methods(names: Iterable[str]) -> list:
+    """Selector or aggregator definitions, for the plot's colours and dashes."""
+    out = []
+    for n in names:
+        if n in selection.SELECTORS:
+            out.append(selection.SELECTORS[n])
+        elif n in aggregation.AGGREGATORS:
+            out.append(aggregation.AGGREGATORS[n])
+    return out
+
+
+def peer_markdown(table: pd.DataFrame, simulated: bool) -> str:
+    ns = sorted(int(n) for n in table.n.unique())
+    order = list(dict.fromkeys(table.selector.astype(str)))
+    rows = []
+    for name in order:
+        block = table[table.selector == name].set_index("n")
+        first = block.iloc[0]
+        cells = [name, str(first.run), str(int(first.verifier_calls)),
+                 str(int(first.planner_executor_calls))]
+        for n in ns:
+            if n not in block.index:
+                cells.append("")
+                continue
+            row = block.loc[n]
+            text = cell(row, "giou")
+            if not bool(row.get("exact", True)):
+                text += f" ±{100 * float(row.giou_mc_se):.1f}"
+            cells.append(text)
+        rows.append(cells)
+    lines = ["# Peer methods on the same cached pools", ""]
+    if simulated:
+        lines += [SIMULATED_NOTE, ""]
+    lines += ["gIoU % (best-of-N over uniformly random N-subsets; [bootstrap 95% interval]; "
+              "±Monte-Carlo SE where not every subset was enumerated). Calls: what the run "
+              "that reports the method asked of the verifier and of the planner + executor.", ""]
+    lines += markdown_table(["method", "run", "verifier calls", "planner+executor calls",
+                             *(f"N={n}" for n in ns)], "llrr" + "r" * len(ns), rows)
+    return "\n".join(lines) + "\n"
+
+
+def write(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    runs = [load_run(p) for p in find_runs(sources)]
+    table = peer_table(runs)
+    simulated = any(r.simulated for r in runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "peer_methods.csv", "md": out / "peer_methods.md"}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(peer_markdown(table, simulated), encoding="utf-8")
+    paths["plot"] = plot_iou_vs_n(table, out / "peer_methods_iou_vs_n.png", "giou",
+                                  simulated=simulated,
+                                  selectors=_methods(table.selector.astype(str).unique()))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.peer_methods", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories, the pointwise one first")
+    parser.add_argument("--out", required=True, help="where to write the table and figure")
+    args = parser.parse_args(argv)
+    return cli(lambda: write(args.runs, args.out), (ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,13 @@ from math import comb
 
 import numpy as np
 
-from rescue.consensus import TIE_TOLERANCE, Draws, SubsetEstimate, subsets_of
+from rescue.consensus import (
+    TIE_TOLERANCE,
+    Draws,
+    SubsetEstimate,
+    rows_estimate,
+    subsets_of,
+)
 from rescue.records import SampleRecord
 
 SKIP_IOU = 0.85
@@ -120,13 +126,9 @@ class ArenaWeights:
         return pick_weights(self.win, self.borda, self.ok, self._subsets(n)).mean(axis=0)
 
     def estimate(self, n: int, values: np.ndarray) -> SubsetEstimate:
+        m = len(self.ok)
         rows = pick_weights(self.win, self.borda, self.ok, self._subsets(n))
-        m, k = len(self.ok), values.shape[0]
-        if n >= m or comb(m, n) <= self.draws.pilot:
-            return SubsetEstimate(rows.mean(axis=0), 0, np.zeros((k, k)))
-        x = rows @ values.T
-        return SubsetEstimate(rows.mean(axis=0), rows.shape[0],
-                              np.cov(x.T, ddof=1).reshape(k, k) / rows.shape[0])
+        return rows_estimate(rows, values, exact=n >= m or comb(m, n) <= self.draws.pilot)
 
     def prefix(self, n: int) -> np.ndarray:
         return pick_weights(self.win, self.borda, self.ok,

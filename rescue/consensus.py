@@ -197,3 +197,15 @@ class SubsetConsensus:
 
     def prefix(self, n: int) -> np.ndarray:
         return prefix_within(self.ious, self.ok, n)
+
+
+def rows_estimate(rows: np.ndarray, values: np.ndarray, *, exact: bool) -> SubsetEstimate:
+    """The estimate from per-subset pick weights `rows` (D, M) — every subset when `exact`,
+    else D uniform draws — for a selector that picks within subsets by other means (the
+    arena, listwise marks): the mean, and the Monte-Carlo covariance of `values`' mean."""
+    k = values.shape[0]
+    if exact:
+        return SubsetEstimate(rows.mean(axis=0), 0, np.zeros((k, k)))
+    x = rows @ values.T
+    return SubsetEstimate(rows.mean(axis=0), rows.shape[0],
+                          np.cov(x.T, ddof=1).reshape(k, k) / rows.shape[0])

@@ -22,7 +22,14 @@ from math import comb
 
 import numpy as np
 
-from rescue.consensus import Draws, SubsetEstimate, candidate_ious, scores_within, subsets_of
+from rescue.consensus import (
+    Draws,
+    SubsetEstimate,
+    candidate_ious,
+    rows_estimate,
+    scores_within,
+    subsets_of,
+)
 from rescue.records import SampleRecord
 
 
@@ -140,13 +147,9 @@ class ListwiseWeights:
         return self._rows(n).mean(axis=0)
 
     def estimate(self, n: int, values: np.ndarray) -> SubsetEstimate:
-        rows = self._rows(n)
-        m, k = len(self.marks.ok), values.shape[0]
-        if n >= m or comb(m, n) <= self.draws.pilot:
-            return SubsetEstimate(rows.mean(axis=0), 0, np.zeros((k, k)))
-        x = rows @ values.T
-        return SubsetEstimate(rows.mean(axis=0), rows.shape[0],
-                              np.cov(x.T, ddof=1).reshape(k, k) / rows.shape[0])
+        m = len(self.marks.ok)
+        return rows_estimate(self._rows(n), values,
+                             exact=n >= m or comb(m, n) <= self.draws.pilot)
 
     def prefix(self, n: int) -> np.ndarray:
         return self.pick(list(range(min(n, len(self.marks.ok)))))

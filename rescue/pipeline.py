@@ -281,35 +281,38 @@ class Pipeline:
             failed=lambda p, f: Segmentation(rle=None, error=f.error,
                                              meta={"transient": f.transient}))
 
-    def _verdicts(self, sample: Sample, found: SampleMasks) -> CachedCall[str, Verdict]:
-        sid = sample.sample_id
+    @staticmethod
+    def _one_verdict_a_call(stage: str, key: Callable[[T], str], what: Callable[[T], str],
+                            label: Callable[[T], str],
+                            ask: Callable[[T], Awaitable[Verdict]]) -> CachedCall[T, Verdict]:
+        """A verifier stage (verify, compare, choose): one item per call, answered by a
+        `Verdict`; a failed call is recorded as a Verdict without a score."""
 
-        async def call(digests: list[str]) -> list[Verdict]:
-            return [await self.verifier.verify(sample, found.decoded[d]) for d in digests]
+        async def call(items: list[T]) -> list[Verdict]:
+            return [await ask(item) for item in items]
 
         return CachedCall(
-            stage="verify", key=lambda d: self.verify_key(sample, d),
-            what=lambda d: f"verdict on mask {d} of sample {sid!r}",
-            label=lambda d: f"{sid} {d}", load=Verdict.from_json, dump=Verdict.to_json,
-            call=call, batches=lambda digests: [[d] for d in digests],
-            failed=lambda d, f: Verdict(score=None, error=f.error,
-                                        meta={"transient": f.transient}))
+            stage=stage, key=key, what=what, label=label, load=Verdict.from_json,
+            dump=Verdict.to_json, call=call, batches=lambda items: [[i] for i in items],
+            failed=lambda item, f: Verdict(score=None, error=f.error,
+                                           meta={"transient": f.transient}))
+
+    def _verdicts(self, sample: Sample, found: SampleMasks) -> CachedCall[str, Verdict]:
+        sid = sample.sample_id
+        return self._one_verdict_a_call(
+            "verify", lambda d: self.verify_key(sample, d),
+            lambda d: f"verdict on mask {d} of sample {sid!r}", lambda d: f"{sid} {d}",
+            lambda d: self.verifier.verify(sample, found.decoded[d]))
 
     def _comparisons(self, sample: Sample,
                      found: SampleMasks) -> CachedCall[tuple[str, str], Verdict]:
         sid = sample.sample_id
-
-        async def call(pairs: list[tuple[str, str]]) -> list[Verdict]:
-            return [await self.verifier.compare(sample, found.decoded[a], found.decoded[b])
-                    for a, b in pairs]
-
-        return CachedCall(
-            stage="compare", key=lambda ab: self.compare_key(sample, *ab),
-            what=lambda ab: f"comparison of masks {ab[0]} and {ab[1]} of sample {sid!r}",
-            label=lambda ab: f"{sid} {ab[0]}>{ab[1]}", load=Verdict.from_json,
-            dump=Verdict.to_json, call=call, batches=lambda pairs: [[ab] for ab in pairs],
-            failed=lambda ab, f: Verdict(score=None, error=f.error,
-                                         meta={"transient": f.transient}))
+        return self._one_verdict_a_call(
+            "compare", lambda ab: self.compare_key(sample, *ab),
+            lambda ab: f"comparison of masks {ab[0]} and {ab[1]} of sample {sid!r}",
+            lambda ab: f"{sid} {ab[0]}>{ab[1]}",
+            lambda ab: self.verifier.compare(sample, found.decoded[ab[0]],
+                                             found.decoded[ab[1]]))
 
     async def _arena(self, sample: Sample, found: SampleMasks, rec: SampleRecord) -> None:
         """Both orders of every pair of distinct masks but near-duplicates (`rescue.arena`),
@@ -328,18 +331,11 @@ class Pipeline:
 
     def _choices(self, sample: Sample, found: SampleMasks) -> CachedCall[tuple[str, ...], Verdict]:
         sid = sample.sample_id
-
-        async def call(sets: list[tuple[str, ...]]) -> list[Verdict]:
-            return [await self.verifier.choose(sample, [found.decoded[d] for d in shown])
-                    for shown in sets]
-
-        return CachedCall(
-            stage="choose", key=lambda shown: self.choose_key(sample, shown),
-            what=lambda shown: f"listwise choice among masks {list(shown)} of sample {sid!r}",
-            label=lambda shown: f"{sid} {'|'.join(shown)}", load=Verdict.from_json,
-            dump=Verdict.to_json, call=call, batches=lambda sets: [[s] for s in sets],
-            failed=lambda shown, f: Verdict(score=None, error=f.error,
-                                            meta={"transient": f.transient}))
+        return self._one_verdict_a_call(
+            "choose", lambda shown: self.choose_key(sample, shown),
+            lambda shown: f"listwise choice among masks {list(shown)} of sample {sid!r}",
+            lambda shown: f"{sid} {'|'.join(shown)}",
+            lambda shown: self.verifier.choose(sample, [found.decoded[d] for d in shown]))
 
     async def _listwise(self, sample: Sample, found: SampleMasks, rec: SampleRecord) -> None:
         """One call per set of top-k masks the evaluation's subsets show (`rescue.listwise`),

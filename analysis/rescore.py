@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import cli, load_run
-from rescue import selection
+from rescue import selection, truth
 from rescue.evaluation import evaluate
 from rescue.records import CandidateRecord, SampleRecord
 from rescue.reporting.plots import plot_iou_vs_n
@@ -100,7 +100,8 @@ def rescore(records: Sequence[SampleRecord], weights: Mapping[str, float], name:
     """Metrics rows of the combined selector, labelled `name`, as `evaluate` computes them
     with `settings` (their selectors aside)."""
     new = combined_selector(weights, name)
-    return evaluate(records, dataclasses.replace(settings, selectors=(new,), primary=new))
+    return evaluate(records, dataclasses.replace(settings, selectors=(new,), primary=new,
+                                                 aggregators=()))
 
 
 def _slug(weights: Mapping[str, float]) -> str:
@@ -120,7 +121,9 @@ def rescore_run(run_dir: str | Path, weights: Mapping[str, float], name: str | N
     name = name or default_name(weights)
     if name in {s.name for s in settings.selectors}:
         raise ValueError(f"name {name!r} is already a selector; choose another with --name")
-    base = evaluate(recs, settings)
+    # aggregators read the run's stored truth and masks (masks.jsonl beside its records)
+    truths = truth.load(run.dir.masks_source) if settings.aggregators else None
+    base = evaluate(recs, settings, truths=truths)
     new = rescore(recs, weights, name, settings)
     metrics = pd.concat([base, new], ignore_index=True)
     out = Path(out_dir) if out_dir is not None else run.path

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from analysis.rescore import rescore_run
 from rescue import truth
 from rescue.records import read
 
@@ -42,6 +44,14 @@ def test_evaluate_on_a_copied_run_reproduces_metrics_without_dataset_or_cache(tm
     assert all(set(r.masks) <= set(stored[r.sample_id].masks) for r in recs)
     want = (run / "metrics.csv").read_bytes()
     assert b"vote_majority" in want and b"agent_accept" in want
+    # the analysis tools re-evaluate the aggregators from the same stored masks
+    rescored = rescore_run(run, {"verifier": 1.0, "consensus": 0.5}, out_dir=tmp_path / "re",
+                           plot=False)
+    table = pd.read_csv(rescored["csv"])
+    key = ["subset", "estimator", "selector", "n"]
+    both = table.merge(pd.read_csv(run / "metrics.csv"), on=key, suffixes=("", "_run"))
+    assert {"vote_best", "agent_accept"} <= set(both.selector)
+    pd.testing.assert_series_equal(both.giou, both.giou_run, check_names=False)
 
     copy = tmp_path / "elsewhere" / "copied"
     shutil.copytree(run, copy)

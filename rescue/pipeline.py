@@ -27,8 +27,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from rescue import arena, listwise, records, scoring
+from rescue import arena, cost, listwise, records, scoring
 from rescue.cache import Cache, CacheMiss, make_key
+from rescue.cost import Cost
 from rescue.datasets.base import Dataset, SampleError
 from rescue.failures import CallFailure, RunAborted, StageGuard, TransportError, classify
 from rescue.hypothesis import Hypothesis, Prompt, contiguous_runs
@@ -54,7 +55,9 @@ class CallStats:
     execute call all prompts of an image); `items` counts the hypotheses, prompts and masks
     computed by a model; `cached` those served from the cache; `deduped` those skipped because
     an identical prompt or mask of the same sample was already handled; `failures` those that
-    failed, as the stage guard counted them (one count: `StageGuard.failures`).
+    failed, as the stage guard counted them (one count: `StageGuard.failures`). `cost` totals
+    per stage what the answers this run rests on cost (each cache entry once: a sum over the
+    entries read or written), `spent` what this run's own calls cost (`rescue.cost`).
     """
 
     guard: StageGuard = field(default_factory=StageGuard)
@@ -64,6 +67,13 @@ class CallStats:
     deduped: Counter[str] = field(default_factory=Counter)
     samples: int = 0
     failed_samples: int = 0
+    cost: dict[str, Cost] = field(default_factory=dict)
+    spent: dict[str, Cost] = field(default_factory=dict)
+
+    def add_cost(self, stage: str, answers: Iterable[Any], *, spent: bool) -> None:
+        for totals in (self.cost, self.spent) if spent else (self.cost,):
+            totals[stage] = cost.total([totals.get(stage, Cost()),
+                                        *(Cost.of(getattr(a, "meta", None)) for a in answers)])
 
     @property
     def failures(self) -> Counter[str]:
@@ -77,7 +87,9 @@ class CallStats:
         return {"samples": self.samples, "failed_samples": self.failed_samples,
                 "model_calls": self.model_calls,
                 **{name: dict(getattr(self, name)) for name in
-                   ("requests", "items", "cached", "deduped", "failures")}}
+                   ("requests", "items", "cached", "deduped", "failures")},
+                "cost": {s: c.to_json() for s, c in sorted(self.cost.items())},
+                "cost_spent": {s: c.to_json() for s, c in sorted(self.spent.items())}}
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class Pipeline:
             else:
                 got[item] = spec.load(hit)
         self.stats.cached[stage] += len(got)
+        self.stats.add_cost(stage, got.values(), spent=False)
         self._bars.update(stage, len(got))
         batches = spec.batches(missing) if missing else []
         for answered in await asyncio.gather(*(self._call(spec, b) for b in batches)):
@@ -230,6 +243,7 @@ class Pipeline:
         resumed one continue from the same bits."""
         out: dict[T, V] = {}
         for item, v in answers:
+            self.stats.add_cost(spec.stage, [v], spent=True)
             value = _storable(spec.dump(v))
             try:
                 back = spec.load(value)

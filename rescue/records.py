@@ -62,6 +62,9 @@ class CandidateRecord:
     intersection: int = 0
     union: int = 0
     iou: float = 0.0
+    # what this candidate's calls cost, per stage ("plan", "execute", "verify": `Cost.to_json`);
+    # a call shared under dedupe sits on the first candidate of its group only
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

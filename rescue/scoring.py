@@ -51,16 +51,23 @@ def check_masks(sample: Sample, segs: Mapping[str, Segmentation]) -> SampleMasks
             d = masks.digest(seg.rle)
             m = decoded[d] if d in decoded else masks.decode(seg.rle)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            out[pkey] = Segmentation(rle=None, error=f"execute:bad_rle {type(exc).__name__}: {exc}")
+            out[pkey] = Segmentation(rle=None, error=f"execute:bad_rle {type(exc).__name__}: {exc}",
+                                     meta=_kept_cost(seg))
             continue
         if d not in decoded:
             if m.shape != sample.gt.shape:
                 out[pkey] = Segmentation(rle=None, error=(
-                    f"execute:bad_mask_shape {m.shape} != image {sample.gt.shape}"))
+                    f"execute:bad_mask_shape {m.shape} != image {sample.gt.shape}"),
+                    meta=_kept_cost(seg))
                 continue
             decoded[d], rles[d] = m, seg.rle
         digest_of[pkey] = d
     return SampleMasks(segmentations=out, digest_of=digest_of, decoded=decoded, rles=rles)
+
+
+def _kept_cost(seg: Segmentation) -> dict:
+    """An unusable answer still cost its call."""
+    return {"cost": seg.meta["cost"]} if "cost" in seg.meta else {}
 
 
 def pair_iou(rles: Sequence[masks.Rle]) -> np.ndarray:
@@ -86,11 +93,14 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
                                if h.valid and h.prompt.key in found.digest_of))
     pair = pair_iou([found.rles[d] for d in order])
     first_index: dict[str, int] = {}
+    executed: set[str] = set()
     cands: list[CandidateRecord] = []
     for h in hyps:
         c = CandidateRecord(index=h.index, intersection=0, union=target_area,
                             iou=iou(0, target_area))
         cands.append(c)
+        if "cost" in h.meta:
+            c.cost["plan"] = h.meta["cost"]
         if h.prompt is not None:
             pj = h.prompt.to_json()
             c.text, c.box = pj.get("text"), pj.get("box")
@@ -100,6 +110,10 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
             c.failed_stage, c.error = "plan", h.error or "plan:empty_prompt"
             continue
         seg = found.segmentations[h.prompt.key]
+        if h.prompt.key not in executed:  # executed once for the group: its first member pays
+            executed.add(h.prompt.key)
+            if "cost" in seg.meta:
+                c.cost["execute"] = seg.meta["cost"]
         c.executor_score = seg.score
         d = found.digest_of.get(h.prompt.key)
         if d is None:
@@ -114,6 +128,8 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
         v = verdicts.get(d)
         if v is None:  # a verifier not asked of one mask at a time (pairwise)
             continue
+        if c.duplicate_of is None and "cost" in v.meta:  # verified once, by the first
+            c.cost["verify"] = v.meta["cost"]
         c.verifier_score, c.verifier_source = v.score, v.source or None
         if not v.ok:
             c.failed_stage, c.error = "verify", v.error or "verify:no_score"

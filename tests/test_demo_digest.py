@@ -1,7 +1,9 @@
 """The CPU demo's outputs are byte-identical to the stored ones (a refactoring changes no number).
 
 The digests are those of `python run.py` (the demo is deterministic: seeded simulators, a fresh
-cache, sorted records): records.jsonl as at commit e4690ae; metrics.csv since its `exact`,
+cache, sorted records): records.jsonl since each candidate carries its cost (issue 12:
+tokens of the simulated planner and verifier, the executor's prompts; no number changed);
+metrics.csv since its `exact`,
 `giou_mc_se` and `ciou_mc_se` columns and consensus draws chosen from a target standard error
 (issue 10), the only change to its numbers being consensus at N = 4 and 8. A change that means
 to alter the demo's records or metrics updates them here, in the same commit, and says why.
@@ -17,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = {
-    "records.jsonl": "015eab14f2569120ca00206e5ca6f61b3c24cd9f81a038dda9320881aa888175",
+    "records.jsonl": "84f7c1d34ef0f946a180861daedda70571dd05a805bc5ddc0cc4b4df34cd201d",
     "metrics.csv": "6588de2e68ac4b6248caaff94a5302b0ec2e5df906035f413c524e9933b606eb",
 }
 

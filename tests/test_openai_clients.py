@@ -120,8 +120,15 @@ def test_planner_index_mapping_does_not_depend_on_grouping(stand, samples):
     together = run(_planner(url, max_hypotheses_per_request=64).plan(sample, range(12)))
     apart = run(_planner(url, max_hypotheses_per_request=5).plan(sample, range(12)))
     later = run(_planner(url).plan(sample, [7, 8, 9, 10, 11]))
-    assert [h.to_json() for h in together] == [h.to_json() for h in apart]
-    assert [h.to_json() for h in later] == [h.to_json() for h in together[7:]]
+    assert [_answer(h) for h in together] == [_answer(h) for h in apart]
+    assert [_answer(h) for h in later] == [_answer(h) for h in together[7:]]
+
+
+def _answer(h):
+    """A hypothesis without its cost (which depends on how indices were grouped)."""
+    d = h.to_json()
+    d["meta"] = {k: v for k, v in d["meta"].items() if k != "cost"}
+    return d
 
 
 def test_planner_returns_exactly_the_asked_indices_in_order(stand, samples):
@@ -414,3 +421,47 @@ def test_config_values_follow_the_model_cards():
     e = _compose(["experiment=reasonseg_multi_n"])
     assert e.max_n == 64 and list(e.n_grid) == [1, 2, 4, 8, 16, 32, 64]
     assert e.subset.fraction == 0.1 and e.planner._target_.endswith("OpenAIPlanner")
+
+
+# --- cost: the `usage` the server sent is what the answers record ----------------------------
+
+
+def test_planner_records_the_usage_it_was_sent_prompt_once_per_request(stand, samples):
+    si, url = stand()
+    hyps = run(_planner(url, max_hypotheses_per_request=5).plan(samples[0], range(12)))
+    usages = [u for u in si.usages if u["model"] == "planner"]
+    assert len(usages) == 3  # 5 + 5 + 2
+    costs = [h.meta["cost"] for h in hyps]
+    carriers = [h.index for h, c in zip(hyps, costs, strict=True) if c.get("prompt_tokens")]
+    assert carriers == [0, 5, 10]  # each request's prompt paid once, by its first child
+    assert sum(c.get("prompt_tokens", 0) for c in costs) == sum(u["prompt_tokens"]
+                                                                for u in usages)
+    assert sum(c.get("completion_tokens", 0) for c in costs) == sum(u["completion_tokens"]
+                                                                    for u in usages)
+    assert sum(c.get("calls", 0) for c in costs) == 3
+    assert all(c["latency_s"] > 0 for c in costs if c.get("calls"))
+
+
+def test_planner_children_share_the_completion_total_when_not_counted_apart(stand, samples):
+    si, url = stand()
+    hyps = run(_planner(url).plan(samples[0], range(4)))
+    assert sum(h.meta["cost"].get("completion_tokens", 0) for h in hyps) == \
+        si.usages[-1]["completion_tokens"]
+    # vLLM's usage sums the children; without logprobs each child's share is apportioned by
+    # the length of its text, and says so
+    assert all(h.meta["cost"].get("estimated") is True for h in hyps)
+
+
+def test_verifier_records_the_usage_it_was_sent_reasoning_included(stand, samples):
+    si, url = stand()
+    sample = samples[0]
+    verdicts = [run(_verifier(url).verify(sample, m)) for m in (sample.target, ~sample.target)]
+    usages = [u for u in si.usages if u["model"] == "verifier"]
+    assert len(usages) == 2
+    for v, u in zip(verdicts, usages, strict=True):
+        c = v.meta["cost"]
+        assert c["prompt_tokens"] == u["prompt_tokens"] > 0
+        assert c["completion_tokens"] == u["completion_tokens"] > 0
+        assert c.get("reasoning_tokens", 0) == (
+            (u["completion_tokens_details"] or {}).get("reasoning_tokens") or 0)
+        assert c["calls"] == 1 and c["latency_s"] > 0

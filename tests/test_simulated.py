@@ -55,6 +55,26 @@ def test_protocols_and_identity():
     assert SimulatedPlanner(p_correct=0.5).identity() != SimulatedPlanner().identity()
 
 
+def _answer(h):
+    d = h.to_json()
+    d["meta"] = {k: v for k, v in d["meta"].items() if k != "cost"}
+    return d
+
+
+def test_simulated_costs_are_plausible_marked_and_pay_the_prompt_once(samples):
+    s = samples[0]
+    hyps = _plan(SimulatedPlanner(), s, range(6))
+    costs = [h.meta["cost"] for h in hyps]
+    assert all(c["simulated"] and c["completion_tokens"] > 0 for c in costs)
+    assert [bool(c.get("prompt_tokens")) for c in costs] == [True] + [False] * 5
+    assert costs[0]["prompt_tokens"] > (s.width // 32) * (s.height // 32)  # the image's tokens
+    v = asyncio.run(SimulatedVerifier().verify(s, s.target))
+    assert v.meta["cost"]["simulated"] and v.meta["cost"]["calls"] == 1
+    assert 0 < v.meta["cost"]["reasoning_tokens"] < v.meta["cost"]["completion_tokens"]
+    segs = asyncio.run(SimulatedExecutor().segment(s, [h.prompt for h in hyps if h.valid]))
+    assert [g.meta["cost"].get("encodes", 0) for g in segs] == [1] + [0] * (len(segs) - 1)
+
+
 def test_planner_index_stability(samples):
     planner = SimulatedPlanner(base_seed=7)
     for s in samples[:6]:
@@ -62,8 +82,9 @@ def test_planner_index_stability(samples):
         tail = _plan(planner, s, range(16, 32))
         scattered = _plan(planner, s, [31, 3, 17])
         assert [h.index for h in full] == list(range(32))
-        assert [h.to_json() for h in full[16:]] == [h.to_json() for h in tail]
-        assert [h.to_json() for h in scattered] == [full[i].to_json() for i in (31, 3, 17)]
+        # the answers do not depend on the grouping; the cost does (one request's prompt)
+        assert [_answer(h) for h in full[16:]] == [_answer(h) for h in tail]
+        assert [_answer(h) for h in scattered] == [_answer(full[i]) for i in (31, 3, 17)]
         # another instance, same seed: same answers; another seed: different ones
         assert _plan(SimulatedPlanner(base_seed=7), s, range(8)) == full[:8]
         other = _plan(SimulatedPlanner(base_seed=8), s, range(32))

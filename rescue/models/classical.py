@@ -8,6 +8,7 @@ not simulated: its masks are real (if modest) segmentations.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 
 from rescue import masks
+from rescue.cost import Cost, with_cost
 from rescue.hypothesis import Prompt
 from rescue.models.grounding import MIN_BOX_PX
 from rescue.protocols import Segmentation
@@ -330,4 +332,8 @@ class ClassicalExecutor:
                 return _error(prompt, f"execute:grabcut_failed {type(exc).__name__}: {exc}")
 
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
-        return list(await asyncio.gather(*(self._one(sample.image, p) for p in prompts)))
+        """Its cost counts the work (a prompt each; the call on the first), not its seconds: an
+        in-process CPU backend's time says nothing of a GPU's, and a run stays reproducible."""
+        segs = await asyncio.gather(*(self._one(sample.image, p) for p in prompts))
+        return [dataclasses.replace(s, meta=with_cost(s.meta, Cost(prompts=1, calls=int(k == 0))))
+                for k, s in enumerate(segs)]

@@ -16,10 +16,12 @@ server's processor so they map back (without `resize`, the sent image's pixels a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from rescue import cost
 from rescue.failures import TransportError
 from rescue.hypothesis import Hypothesis, contiguous_runs
 from rescue.models import answers
@@ -166,16 +168,24 @@ class OpenAIPlanner:
     async def _request(self, messages: list[dict[str, Any]], start: int, count: int,
                        frame: Frame) -> list[Hypothesis]:
         seed = self.base_seed + start
+        t0 = time.perf_counter()
         resp = await self.chat.create(f"plan n={count} seed={seed}",
                                       **self.payload(messages, start, count))
+        latency = time.perf_counter() - t0
         hyps: dict[int, Hypothesis] = {}
+        choices: dict[int, Any] = {}
         for choice in resp.choices or []:
             k = int(choice.index)
             if not 0 <= k < count or start + k in hyps:
                 continue
             h = self.read(start + k, choice, frame)
             h.meta["seed"] = self.base_seed + start + k
-            hyps[start + k] = h
+            hyps[start + k], choices[start + k] = h, choice
+        got = sorted(hyps)  # the request's cost: prompt once, each child its completion
+        for i, c in zip(got, cost.request_costs(
+                cost.Usage.of(resp), [cost.choice_tokens(choices[i]) for i in got],
+                [cost.choice_chars(choices[i]) for i in got], latency), strict=True):
+            hyps[i].meta["cost"] = c.to_json()
         missing = [start + k for k in range(count) if start + k not in hyps]
         if missing:  # a server that returned fewer choices than asked: retry on resume
             raise EndpointError(self.base_url, f"plan n={count} seed={seed} returned "

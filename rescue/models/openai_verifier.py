@@ -9,12 +9,14 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from rescue import cost
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
@@ -162,10 +164,14 @@ class OpenAIVerifier:
             return Verdict(score=self.empty_mask_score, answer="", source="rule",
                            meta={"rule": "empty_mask"})
         messages = await asyncio.to_thread(self.render, sample, m)
+        t0 = time.perf_counter()
         resp = await self.chat.create("verify", **self.payload(messages))
+        spent = cost.request_costs(cost.Usage.of(resp), [None], [0], time.perf_counter() - t0)[0]
         if not resp.choices:
-            return Verdict(score=None, source="", error="verify:no_choice server returned none")
-        return self.read(resp.choices[0])
+            return Verdict(score=None, source="", error="verify:no_choice server returned none",
+                           meta=cost.with_cost({}, spent))
+        v = self.read(resp.choices[0])
+        return replace(v, meta=cost.with_cost(v.meta, spent))
 
     def payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The keyword arguments of one verification call (the run's and the probe's)."""

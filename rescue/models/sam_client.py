@@ -30,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +41,7 @@ import httpx
 import numpy as np
 
 from rescue import masks
+from rescue.cost import Cost, with_cost
 from rescue.hypothesis import Prompt
 from rescue.models.http import (
     Endpoint,
@@ -281,7 +284,10 @@ class SamClient:
                              retry_after_s=float(after) if after and after.isdigit() else None)
 
     async def _segment_chunk(self, sample: Sample, prompts: Sequence[Prompt],
-                             png: list[str]) -> list[dict[str, Any]]:
+                             png: list[str]) -> tuple[list[dict[str, Any]], Cost]:
+        """The server's results for `prompts`, and what the call cost: its prompts, an encode
+        unless the server's embedding cache served the image, its own timing and the wall
+        latency (resends included)."""
         digest = sample.image_sha256
         body: dict[str, Any] = {"prompts": [p.to_json() for p in prompts], "strict": False,
                                 "multimask": self.multimask, "max_instances": self.max_instances}
@@ -307,12 +313,20 @@ class SamClient:
                 self._remember(digest)
             return data
 
+        t0 = time.perf_counter()
         data = await self.endpoint.call(once, what=f"segment {len(prompts)} prompts")
+        latency = time.perf_counter() - t0
         results = data.get("results") or []
         if len(results) != len(prompts):
             raise EndpointError(self.base_url, f"server answered {len(results)} results for "
                                 f"{len(prompts)} prompts")
-        return results
+        timing = data.get("timing_ms") if isinstance(data.get("timing_ms"), Mapping) else {}
+        try:
+            server_s = max(0.0, float(timing.get("total") or 0.0) / 1e3)
+        except (TypeError, ValueError):
+            server_s = 0.0
+        return results, Cost(prompts=len(prompts), calls=1, latency_s=latency,
+                             encodes=0 if data.get("image_cached") else 1, server_s=server_s)
 
     def _remember(self, digest: str) -> None:
         self._known[digest] = None
@@ -344,13 +358,16 @@ class SamClient:
         chunks = [todo[k:k + limit] for k in range(0, len(todo), limit)]
         png: list[str] = []
         answers: dict[str, dict[str, Any]] = {}
+        costs: dict[str, Cost] = {}  # a call's cost on its first prompt, a prompt each
         if chunks:  # the first request carries the image; the rest refer to it by digest
             first = await self._segment_chunk(sample, chunks[0], png)
-            answers.update(zip((p.key for p in chunks[0]), first, strict=True))
             rest = await asyncio.gather(*(self._segment_chunk(sample, c, png)
                                           for c in chunks[1:]))
-            for chunk, res in zip(chunks[1:], rest, strict=True):
+            for chunk, (res, spent) in zip(chunks, [first, *rest], strict=True):
                 answers.update(zip((p.key for p in chunk), res, strict=True))
+                for k, p in enumerate(chunk):
+                    costs[p.key] = dataclasses.replace(spent, prompts=1) if k == 0 else \
+                        Cost(prompts=1)
         out: list[Segmentation] = []
         for p, r in zip(prompts, reduced, strict=True):
             if r.empty:
@@ -358,9 +375,13 @@ class SamClient:
                     f"execute:empty_prompt nothing left of the prompt with prompt_mode="
                     f"{self.prompt_mode} (it sends {'+'.join(self.prompt_parts)})")))
             else:  # instances chosen with the hypothesis's box, sent or not
-                out.append(choose_instances(answers[r.key], r, self.instance_policy,
-                                            sample.height, sample.width, self.in_box_fraction,
-                                            select_box=p.canonical().box))
+                seg = choose_instances(answers[r.key], r, self.instance_policy,
+                                       sample.height, sample.width, self.in_box_fraction,
+                                       select_box=p.canonical().box)
+                spent = costs.pop(r.key, None)  # two prompts reduced alike: one paid
+                out.append(seg if spent is None else
+                           Segmentation(rle=seg.rle, score=seg.score, box=seg.box,
+                                        error=seg.error, meta=with_cost(seg.meta, spent)))
         return out
 
     async def preflight(self, sample: Sample | None = None) -> list[str]:

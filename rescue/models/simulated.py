@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from rescue import masks
+from rescue import cost, masks
 from rescue.hypothesis import Hypothesis, Prompt
 from rescue.models.grounding import frame_for, parse_grounding
 from rescue.protocols import Segmentation, Verdict
@@ -29,6 +29,12 @@ from rescue.sample import Box, Sample
 
 SCALE = 1000
 """Qwen3-VL grounds on a relative 0..1000 grid; the simulated raw text does too."""
+
+
+PLAN_TEMPLATE_TOKENS = 40
+"""Simulated text tokens of the planner's instructions around the query."""
+VERIFY_TEMPLATE_TOKENS = 60
+"""... and of the verifier's question (its two views: image and overlay)."""
 
 
 def _rng(*parts: object) -> np.random.Generator:
@@ -100,7 +106,16 @@ class SimulatedPlanner:
                 "base_seed": self.base_seed}
 
     async def plan(self, sample: Sample, indices: Sequence[int]) -> list[Hypothesis]:
-        return [self.hypothesis(sample, int(i)) for i in indices]
+        """As one request with n = len(indices): the prompt is paid once, by the first child."""
+        prompt = (cost.image_tokens(sample.width, sample.height)
+                  + cost.text_tokens(sample.query) + PLAN_TEMPLATE_TOKENS)
+        out = []
+        for k, i in enumerate(indices):
+            h = self.hypothesis(sample, int(i))
+            c = cost.simulated_chat(prompt, cost.text_tokens(h.raw), first=k == 0)
+            out.append(Hypothesis(index=h.index, prompt=h.prompt, raw=h.raw, error=h.error,
+                                  label=h.label, meta=cost.with_cost(h.meta, c)))
+        return out
 
     def hypothesis(self, sample: Sample, index: int) -> Hypothesis:
         rng = _rng("planner", self.base_seed, sample.image_sha256, sample.query, index)
@@ -243,9 +258,13 @@ class SimulatedVerifier:
         answer = "yes" if score >= 0.5 else "no"
         reasoning = (f"simulated verifier: true IoU {iou:.2f} + noise "
                      f"({self.noise:g} × {eps:+.2f}) + bias {self.bias:g}")
-        return Verdict(score=round(score, 6), answer=answer, reasoning=reasoning,
-                       raw=f"<think>{reasoning}</think>{answer}", source="simulated",
-                       meta={"simulated": True, "true_iou": round(iou, 6)})
+        raw = f"<think>{reasoning}</think>{answer}"
+        c = cost.simulated_chat(2 * cost.image_tokens(sample.width, sample.height)
+                                + cost.text_tokens(sample.query) + VERIFY_TEMPLATE_TOKENS,
+                                cost.text_tokens(raw), cost.text_tokens(reasoning))
+        return Verdict(score=round(score, 6), answer=answer, reasoning=reasoning, raw=raw,
+                       source="simulated", meta=cost.with_cost(
+                           {"simulated": True, "true_iou": round(iou, 6)}, c))
 
     async def compare(self, sample: Sample, first: np.ndarray, second: np.ndarray) -> Verdict:
         a, b = np.asarray(first, bool), np.asarray(second, bool)
@@ -294,13 +313,19 @@ class SimulatedExecutor:
                 "seed": self.seed}
 
     async def segment(self, sample: Sample, prompts: Sequence[Prompt]) -> list[Segmentation]:
+        """One call: the image encoded once (its cost on the first prompt), then each prompt;
+        simulated seconds of a SAM-like server (0.1 s an encode, 0.02 s a prompt)."""
         out = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
             try:
-                out.append(self.segment_one(sample, p))
+                seg = self.segment_one(sample, p)
             except Exception as exc:  # one bad prompt never fails the others
                 reason = f"execute:failed {type(exc).__name__}: {exc}"
-                out.append(Segmentation(rle=None, error=reason))
+                seg = Segmentation(rle=None, error=reason)
+            c = cost.Cost(prompts=1, calls=int(k == 0), encodes=int(k == 0),
+                          server_s=0.02 + (0.1 if k == 0 else 0.0), simulated=True)
+            out.append(Segmentation(rle=seg.rle, score=seg.score, box=seg.box, error=seg.error,
+                                    meta=cost.with_cost(seg.meta, c)))
         return out
 
     def segment_one(self, sample: Sample, prompt: Prompt) -> Segmentation:

@@ -215,6 +215,7 @@ class StandIn:
     eos_token_id: int = 151645  # <|im_end|>; <|endoftext|> is 151643
     _poisoned: Counter[str] = field(default_factory=Counter)  # images of a 400: next one 500s
     requests: list[dict[str, Any]] = field(default_factory=list)  # chat bodies that got an answer
+    usages: list[dict[str, Any]] = field(default_factory=list)  # the `usage` each answer sent
     received: Counter[str] = field(default_factory=Counter)  # per path, faults included
     faults_served: Counter[str] = field(default_factory=Counter)
     _seen: Counter[str] = field(default_factory=Counter)
@@ -308,6 +309,7 @@ class StandIn:
             resp = await asyncio.to_thread(self._complete, body)
             with self._lock:
                 self.requests.append(body)
+                self.usages.append({"model": body.get("model"), **resp["usage"]})
             return JSONResponse(resp)
 
         return app

@@ -1,0 +1,165 @@
+"""The exact expected cost of best-of-N from one cached pool, and of the first N (prefix).
+
+Dedupe makes cost non-linear in N: identical prompts are executed once and identical masks verified
+once, so what N hypotheses cost is the number of distinct groups they touch. For a uniformly random
+N-subset of the M cached hypotheses, a group of g members is represented with probability
+
+    P(g) = 1 - C(M-g, N) / C(M, N) = 1 - prod_{k<g} (M-N-k) / (M-k)
+
+(no member drawn: all N from the M-g others), so the expected cost is sum over groups of P(g) x
+the group's cost: exact, no sampling. The prefix estimator (hypotheses 0..N-1) represents a group
+iff its first member is below N. Per-hypothesis costs (a planner child's completion tokens) are
+linear: N/M of their sum, or the first N of them.
+
+`PoolCost.of(record)` reads a record's per-candidate costs (`CandidateRecord.cost`, carried by the
+first member of each group), `expected(pool, n, estimator)` gives every `QUANTITIES` at N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rescue.cost import Cost, CostRates
+from rescue.records import SampleRecord
+
+QUANTITIES = ("plan_tokens", "execute_prompts", "execute_encodes", "verify_masks",
+              "verify_tokens", "total_tokens", "gpu_s")
+"""Cost columns of every (selector, N) row: expected per sample. Tokens are prompt + completion
+(reasoning included) as the servers' `usage` counts them; the planner's prompt once per sample
+(one request with n = N); `gpu_s` is the user's conversion (`cost.*`), NaN where none is set."""
+
+
+def miss_probabilities(m: int, n: int) -> np.ndarray:
+    """q[g] = C(M-g, N) / C(M, N), g = 0..M: P(a uniform N-subset of M misses g given items).
+
+    A running product of factors in [0, 1] (no factorials, nothing overflows)."""
+    if not 1 <= n <= m:
+        raise ValueError(f"need 1 <= N <= M, got N={n}, M={m}")
+    k = np.arange(m, dtype=float)
+    factors = np.maximum(m - n - k, 0.0) / (m - k)
+    return np.concatenate([[1.0], np.cumprod(factors)])
+
+
+def represented(m: int, n: int, sizes: Sequence[int] | np.ndarray, firsts: Sequence[int] |
+                np.ndarray, estimator: str) -> np.ndarray:
+    """P(each group is represented among the N drawn): best_of_n over uniform N-subsets of M,
+    or prefix (the first N hypotheses: the group's first member is below N)."""
+    sizes = np.asarray(sizes, dtype=int)
+    if estimator == "prefix":
+        return (np.asarray(firsts, dtype=int) < n).astype(float)
+    if estimator != "best_of_n":
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return 1.0 - miss_probabilities(m, n)[sizes]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Groups of candidates sharing one call: their sizes, first members (pool positions) and
+    the cost of their call."""
+
+    sizes: np.ndarray
+    firsts: np.ndarray
+    costs: tuple[Cost, ...]
+
+    @classmethod
+    def of(cls, members: dict[str, list[int]], costs: dict[str, Cost]) -> Groups:
+        keys = list(members)
+        return cls(np.array([len(members[k]) for k in keys], dtype=int),
+                   np.array([min(members[k]) for k in keys], dtype=int),
+                   tuple(costs.get(k, Cost()) for k in keys))
+
+    def expected(self, m: int, n: int, estimator: str) -> tuple[float, Cost]:
+        """(expected number of groups represented, the `Cost` fields' expected sums)."""
+        if not len(self.sizes):
+            return 0.0, Cost()
+        p = represented(m, n, self.sizes, self.firsts, estimator)
+        return float(p.sum()), _weighted(self.costs, p)
+
+
+def _weighted(costs: Sequence[Cost], w: np.ndarray) -> Cost:
+    """sum_i w_i × cost_i for the numeric fields (a Cost of floats: an expectation)."""
+    def s(name: str) -> float:
+        return float(sum(wi * getattr(c, name) for wi, c in zip(w, costs, strict=True)))
+
+    return Cost(prompt_tokens=s("prompt_tokens"), completion_tokens=s("completion_tokens"),  # type: ignore[arg-type]
+                reasoning_tokens=s("reasoning_tokens"), calls=s("calls"),  # type: ignore[arg-type]
+                prompts=s("prompts"), encodes=s("encodes"),  # type: ignore[arg-type]
+                latency_s=s("latency_s"), server_s=s("server_s"))
+
+
+@dataclass(frozen=True)
+class PoolCost:
+    """One sample's costs as the evaluation reads them: the planner request's own part (prompt,
+    call) once, each hypothesis's completion, the executor's prompt groups, the image (one group
+    of every executed candidate) and the verifier's mask groups."""
+
+    m: int
+    plan_request: Cost
+    plan_each: tuple[Cost, ...]
+    execute: Groups
+    image: Groups
+    verify: Groups
+    recorded: bool  # any cost was recorded (records of an older version carry none)
+
+    @classmethod
+    def of(cls, record: SampleRecord) -> PoolCost:
+        cands = record.candidates
+        plan = [Cost.from_json((c.cost or {}).get("plan")) for c in cands]
+        request = max(plan, key=lambda c: (c.prompt_tokens, c.calls), default=Cost())
+        each = tuple(Cost(completion_tokens=c.completion_tokens,
+                          reasoning_tokens=c.reasoning_tokens) for c in plan)
+        by_prompt: dict[str, list[int]] = {}
+        by_mask: dict[str, list[int]] = {}
+        ex_cost: dict[str, Cost] = {}
+        ver_cost: dict[str, Cost] = {}
+        for pos, c in enumerate(cands):
+            cost = c.cost or {}
+            if c.prompt_key is not None and c.failed_stage != "plan":
+                by_prompt.setdefault(c.prompt_key, []).append(pos)
+                if "execute" in cost:
+                    ex_cost[c.prompt_key] = Cost.from_json(cost["execute"])
+            if c.mask_key is not None:
+                by_mask.setdefault(c.mask_key, []).append(pos)
+                if "verify" in cost:
+                    ver_cost[c.mask_key] = Cost.from_json(cost["verify"])
+        executed = sorted(p for v in by_prompt.values() for p in v)
+        image = Groups.of({"image": executed} if executed else {}, {})
+        return cls(len(cands), Cost(prompt_tokens=request.prompt_tokens, calls=request.calls),
+                   each, Groups.of(by_prompt, ex_cost), image, Groups.of(by_mask, ver_cost),
+                   any(c.cost for c in cands))
+
+
+def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
+             rates: CostRates | None = None) -> dict[str, float]:
+    """Every `QUANTITIES` at N for one sample (N clamped to the pool, as the evaluation does).
+    `verifies`: the selector reads the verifier (else the verify stage costs nothing)."""
+    if not pool.recorded or pool.m == 0:
+        return dict.fromkeys(QUANTITIES, math.nan)
+    nn = min(n, pool.m)
+    if estimator == "prefix":
+        w = np.zeros(pool.m)
+        w[:nn] = 1.0
+    else:
+        w = np.full(pool.m, nn / pool.m)
+    plan = pool.plan_request.tokens + float(sum(
+        wi * c.completion_tokens for wi, c in zip(w, pool.plan_each, strict=True)))
+    prompts, _ = pool.execute.expected(pool.m, nn, estimator)
+    encodes, _ = pool.image.expected(pool.m, nn, estimator)  # one image, encoded if any prompt
+    masks, ver = pool.verify.expected(pool.m, nn, estimator)
+    if not verifies:
+        masks, ver = 0.0, Cost()
+    out = {"plan_tokens": plan, "execute_prompts": prompts, "execute_encodes": encodes,
+           "verify_masks": masks, "verify_tokens": float(ver.tokens),
+           "total_tokens": plan + float(ver.tokens), "gpu_s": math.nan}
+    if rates is not None and rates.set:
+        p, e, v = rates.planner, rates.executor, rates.verifier
+        out["gpu_s"] = ((p.gpu_s_per_token or 0.0) * plan + (p.gpu_s_per_call or 0.0)
+                        + (e.gpu_s_per_prompt or 0.0) * prompts
+                        + ((e.gpu_s_per_encode or 0.0) + (e.gpu_s_per_call or 0.0)) * encodes
+                        + (v.gpu_s_per_token or 0.0) * float(ver.tokens)
+                        + (v.gpu_s_per_call or 0.0) * masks)
+    return out

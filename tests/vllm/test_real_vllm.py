@@ -277,6 +277,56 @@ def test_real_clients_in_process_classify_every_reply(servers: Servers) -> None:
           f"{[(v.meta['finish_reason'], v.source or v.error.split()[0]) for v in verdicts]}")
 
 
+def test_real_verifier_answers_the_arena_and_set_of_marks_calls(servers: Servers) -> None:
+    """The pairwise and listwise verifier configs (issue 13) against the real thinking server:
+    both candidates' overlays in one request (2 images), the numbered marks in one; every reply
+    is scored in [0, 1] (a listwise one names a mark in range) or classified."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    def verifier(name: str):
+        overrides = ["experiment=http_synthetic", "dataset.num_samples=1", f"verifier={name}",
+                     f"verifier.base_url={servers.verifier.api}",
+                     "verifier.sampling.max_tokens=40",
+                     f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}"]
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        ds = instantiate(cfg.dataset)
+        return instantiate(cfg.verifier), ds.load(ds.sample_ids()[0])
+
+    pairwise, sample = verifier("qwen3vl_32b_thinking_pairwise")
+    listwise, _ = verifier("qwen3vl_32b_thinking_listwise")
+    h, w = sample.gt.shape
+    ms = []
+    for k in range(3):
+        m = np.zeros((h, w), dtype=bool)
+        m[10 * k: 10 * k + 40, 5 + 20 * k: 60 + 20 * k] = True
+        ms.append(m)
+
+    async def go():
+        pairs = await asyncio.gather(*(pairwise.compare(sample, ms[a], ms[b])
+                                       for a, b in ((0, 1), (1, 0), (1, 2))))
+        chosen = await asyncio.gather(*(listwise.choose(sample, ms) for _ in range(3)))
+        await pairwise.aclose()
+        await listwise.aclose()
+        return pairs, chosen
+
+    pairs, chosen = asyncio.run(go())
+    for v in [*pairs, *chosen]:
+        assert v.meta["finish_reason"] in ("stop", "length"), v
+        if v.meta["finish_reason"] == "length":
+            assert v.score is None and (v.error or "").startswith("verify:truncated"), v
+        elif v.error is None:
+            assert v.score is not None and 0.0 <= v.score <= 1.0, v
+        else:
+            assert v.score is None and CODE.match(v.error), v
+    for v in chosen:
+        if v.ok:
+            assert v.meta["choice"] in (0, 1, 2), v
+    seen = [(v.meta["finish_reason"], v.source or v.error.split()[0]) for v in pairs + chosen]
+    print(f"\narena/marks: {seen}")
+
+
 # --- (b) wire facts the clients rely on -----------------------------------------------------
 
 

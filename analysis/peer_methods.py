@@ -8,7 +8,8 @@ the first run that reports it (the oracle and the model-free aggregators agree a
 pools are the same). Beside each method's gIoU at every N (best-of-N over random N-subsets,
 bootstrap interval, ± the Monte-Carlo SE where the value is not exact) the table gives the run
 it comes from and the calls that run made: the verifier's (by stage) and the planner's and
-executor's (zero once the first run has cached the pools).
+executor's (zero once the first run has cached the pools), and the verifier tokens its
+answers cost (`rescue.cost`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,23 @@ from rescue.reporting.tables import SIMULATED_NOTE, cell, markdown_table
 VERIFIER_STAGES = ("verify", "compare", "choose")
 
 
-def _calls(run: Run) -> tuple[int, int]:
-    """(verifier calls, planner + executor calls) the run made."""
-    req = (run.stats.get("calls") or {}).get("requests") or {}
+def _calls(run: Run) -> tuple[int, int, int]:
+    """(verifier calls, planner + executor calls) the run made, and the verifier tokens its
+    answers cost (`stats.json` cost per stage, cached answers included: what the method needs
+    whoever paid for it; 0 where the run predates cost accounting)."""
+    calls = run.stats.get("calls") or {}
+    req = calls.get("requests") or {}
     verifier = sum(int(req.get(s, 0)) for s in VERIFIER_STAGES)
-    return verifier, int(req.get("plan", 0)) + int(req.get("execute", 0))
+    costs = calls.get("cost") or {}
+    tokens = sum(int((costs.get(s) or {}).get(k, 0)) for s in VERIFIER_STAGES
+                 for k in ("prompt_tokens", "completion_tokens"))
+    return verifier, int(req.get("plan", 0)) + int(req.get("execute", 0)), tokens
 
 
 def peer_table(runs: Sequence[Run], estimator: str = "best_of_n",
                subset: str = "all") -> pd.DataFrame:
-    """Every method's rows (the first run reporting it wins), with `run`, `verifier_calls` and
+    """Every method's rows (the first run reporting it wins), with `run`, `verifier_calls`,
+    `verifier_tokens` (0 for a method that reads no verifier answer) and
     `planner_executor_calls` columns."""
     seen: set[str] = set()
     parts = []
@@ -48,9 +56,12 @@ def peer_table(runs: Sequence[Run], estimator: str = "best_of_n",
         m = m[(m.estimator == estimator) & (m.get("subset", subset) == subset)]
         new = sorted(set(m.selector.astype(str)) - seen)
         seen |= set(new)
-        verifier, others = _calls(run)
-        parts.append(m[m.selector.isin(new)].assign(run=run.path.name, verifier_calls=verifier,
-                                                    planner_executor_calls=others))
+        verifier, others, tokens = _calls(run)
+        for name in new:  # a method that reads no verifier answer is charged none
+            reads = any(d.name == name and d.needs_verifier for d in _methods([name]))
+            parts.append(m[m.selector == name].assign(
+                run=run.path.name, verifier_calls=verifier if reads else 0,
+                planner_executor_calls=others, verifier_tokens=tokens if reads else 0))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -73,7 +84,7 @@ def peer_markdown(table: pd.DataFrame, simulated: bool) -> str:
         block = table[table.selector == name].set_index("n")
         first = block.iloc[0]
         cells = [name, str(first.run), str(int(first.verifier_calls)),
-                 str(int(first.planner_executor_calls))]
+                 str(int(first.verifier_tokens)), str(int(first.planner_executor_calls))]
         for n in ns:
             if n not in block.index:
                 cells.append("")
@@ -89,9 +100,13 @@ def peer_markdown(table: pd.DataFrame, simulated: bool) -> str:
         lines += [SIMULATED_NOTE, ""]
     lines += ["gIoU % (best-of-N over uniformly random N-subsets; [bootstrap 95% interval]; "
               "±Monte-Carlo SE where not every subset was enumerated). Calls: what the run "
-              "that reports the method asked of the verifier and of the planner + executor.", ""]
-    lines += markdown_table(["method", "run", "verifier calls", "planner+executor calls",
-                             *(f"N={n}" for n in ns)], "llrr" + "r" * len(ns), rows)
+              "that reports the method asked of the verifier (0 where the method reads none of its "
+              "answers) and of the planner + executor; "
+              "verifier tokens: what its verifier answers cost, cached ones included "
+              "(simulated models: simulated tokens).", ""]
+    lines += markdown_table(["method", "run", "verifier calls", "verifier tokens",
+                             "planner+executor calls", *(f"N={n}" for n in ns)],
+                            "llrrr" + "r" * len(ns), rows)
     return "\n".join(lines) + "\n"
 
 

@@ -192,12 +192,14 @@ def agent_accept(pool: Pool, members: np.ndarray, p: AggregationParams) -> np.nd
 @dataclass(frozen=True)
 class Aggregator:
     """One rule that outputs a mask from the candidates drawn. `color`: its line in plots;
-    `needs_truth` is False (no aggregator reads the truth; plots and tables ask)."""
+    `needs_truth` is False (no aggregator reads the truth; plots and tables ask);
+    `needs_verifier`: it reads the verifier's scores."""
 
     name: str
     combine: Combine
     color: str | None = None
     needs_truth: bool = False
+    needs_verifier: bool = False
     params: AggregationParams = field(default_factory=AggregationParams)
 
 
@@ -210,9 +212,9 @@ def build(params: AggregationParams) -> Mapping[str, Aggregator]:
                    lambda pool, m: cluster_vote(pool, m, params, output="majority"),
                    "#e377c2", params=params),
         Aggregator("verifier_fusion", lambda pool, m: verifier_fusion(pool, m, params),
-                   "#17becf", params=params),
+                   "#17becf", needs_verifier=True, params=params),
         Aggregator("agent_accept", lambda pool, m: agent_accept(pool, m, params),
-                   "#bcbd22", params=params),
+                   "#bcbd22", needs_verifier=True, params=params),
     )
     return MappingProxyType({a.name: a for a in defs})
 

@@ -75,7 +75,7 @@ class Selector:
     candidates tied at the top for the single answer (default: the earliest wins). `color`: its
     line in every plot (None: the next colour of the cycle). `of_record`: pool scores that
     need more of the record than its candidates (the arena's comparisons), for the single
-    answer.
+    answer. `needs_verifier`: it reads the verifier's answers (what a study charges it).
     """
 
     name: str
@@ -85,6 +85,7 @@ class Selector:
     tie_break: PoolScores | None = None
     color: str | None = None
     of_record: Callable[[SampleRecord], np.ndarray] | None = None
+    needs_verifier: bool = False
 
     def scores(self, candidates: Sequence[CandidateRecord], *, key: str = "",
                seed: int = 0) -> np.ndarray:
@@ -175,7 +176,7 @@ def _oracle(candidates: Sequence[CandidateRecord], *, key: str, seed: int) -> np
     return np.array([float(c.iou) if c.ok else -np.inf for c in candidates])
 
 
-VERIFIER = Selector("verifier", _verifier, color="#1f77b4")
+VERIFIER = Selector("verifier", _verifier, color="#1f77b4", needs_verifier=True)
 """The verifier VLM's score of each candidate mask."""
 
 EXECUTOR = Selector("executor", _executor, color="#ff7f0e")
@@ -198,7 +199,7 @@ ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""
 
 ARENA = Selector("arena", _from_record, within=arena.ArenaWeights.of, color="#aec7e8",
-                 of_record=arena.pool_scores)
+                 of_record=arena.pool_scores, needs_verifier=True)
 """A pairwise verifier's tournament (EVOL-SAM3): the Copeland winner of the masks drawn, from
 the record's cached comparisons (`rescue.arena`); a run whose verifier is pairwise has them."""
 
@@ -214,7 +215,7 @@ def registry(*selectors: Selector) -> Mapping[str, Selector]:
 
 
 LISTWISE = Selector("listwise", _from_record, within=listwise.ListwiseWeights.of,
-                    color="#98df8a", of_record=listwise.pool_scores)
+                    color="#98df8a", of_record=listwise.pool_scores, needs_verifier=True)
 """Set-of-Marks: the mask a listwise verifier names among the top-k of the masks drawn, from
 the record's cached choices (`rescue.listwise`); a run whose verifier is listwise has them."""
 

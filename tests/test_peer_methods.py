@@ -43,3 +43,7 @@ def test_the_study_puts_every_method_in_one_table_and_figure(tmp_path):
     row = table[table.selector == "arena"].iloc[0]
     assert row.verifier_calls == sent == sum(len(r.comparisons) for r in recs)
     assert row.planner_executor_calls == 0
+    pointwise = table[table.selector == "verifier"].iloc[0]
+    assert row.verifier_tokens > pointwise.verifier_tokens > 0  # both orders of every pair
+    free = table[table.selector.isin(["vote_best", "consensus", "oracle"])]
+    assert (free.verifier_calls == 0).all() and (free.verifier_tokens == 0).all()

@@ -275,9 +275,10 @@ class SimulatedVerifier:
         answer = "1" if p > 0.5 else "2" if p < 0.5 else "tie"
         reasoning = (f"simulated verifier: first {ia:.2f} -> {sa:.2f}, second {ib:.2f} -> "
                      f"{sb:.2f} (true IoU -> noisy score)")
-        return Verdict(score=p, answer=answer, reasoning=reasoning,
-                       raw=f"<think>{reasoning}</think>{answer}", source="simulated",
-                       meta={"simulated": True})
+        raw = f"<think>{reasoning}</think>{answer}"
+        return Verdict(score=p, answer=answer, reasoning=reasoning, raw=raw,
+                       source="simulated", meta=cost.with_cost(
+                           {"simulated": True}, self._cost(sample, 2, raw, reasoning)))
 
 
     async def choose(self, sample: Sample, shown: Sequence[np.ndarray]) -> Verdict:
@@ -287,9 +288,19 @@ class SimulatedVerifier:
         pick = int(np.argmax([s for s, _, _ in judged]))
         reasoning = "simulated verifier: " + ", ".join(
             f"{k + 1}: {iou:.2f} -> {s:.2f}" for k, (s, iou, _) in enumerate(judged))
-        return Verdict(score=1.0, answer=str(pick + 1), reasoning=reasoning,
-                       raw=f"<think>{reasoning}</think>{pick + 1}", source="simulated",
-                       meta={"simulated": True, "choice": pick})
+        raw = f"<think>{reasoning}</think>{pick + 1}"
+        return Verdict(score=1.0, answer=str(pick + 1), reasoning=reasoning, raw=raw,
+                       source="simulated", meta=cost.with_cost(
+                           {"simulated": True, "choice": pick},
+                           self._cost(sample, 1, raw, reasoning)))
+
+    @staticmethod
+    def _cost(sample: Sample, images: int, raw: str, reasoning: str) -> cost.Cost:
+        """A simulated call's tokens: `images` views of the image (the arena: one overlay per
+        candidate; Set-of-Marks: one marked image), the query and the question, the reply."""
+        return cost.simulated_chat(images * cost.image_tokens(sample.width, sample.height)
+                                   + cost.text_tokens(sample.query) + VERIFY_TEMPLATE_TOKENS,
+                                   cost.text_tokens(raw), cost.text_tokens(reasoning))
 
 
 class SimulatedExecutor:

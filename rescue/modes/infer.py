@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from rescue import selection
+from rescue import listwise, selection
 from rescue.cache import Cache
 from rescue.models.roles import Models, check_endpoints
 from rescue.models.views import OverlayStyle, draw_overlay
@@ -161,8 +161,10 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
                     image=image, gt=np.zeros(image.shape[:2], np.uint8), dataset="infer")
     if check:
         await check_endpoints(Models(planner=planner, executor=executor, verifier=verifier))
+    # a listwise verifier is asked only the whole pool's set: the single answer's
     pipe = Pipeline(planner, executor, verifier, cache or Cache(out / "cache"), max_n=max_n,
-                    samples_in_flight=1, progress=False)
+                    samples_in_flight=1, progress=False,
+                    plan=listwise.Plan((max_n,), seed=seed, draws=2))
     (record,) = await pipe.run(_OneImage(sample), [sample.sample_id])
     masks = pipe.masks.of(record)
     selected = selector.answer(record, seed)

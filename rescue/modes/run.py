@@ -116,10 +116,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
     log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
              out_dir)
+    _log_verifier_calls(pipe)
     _log_failure_shares(recs, float(cfg.pipeline.get("max_truncated_share", 0.05)))
     _log_headline(metrics, settings, simulated=pipe.simulated)
     return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths,
             "settings": settings}
+
+
+def _log_verifier_calls(pipe: Pipeline) -> None:
+    """What the verifier's evaluation needed, on the console: per verifier stage (verify,
+    compare, choose) the answers it rests on, read from the cache or asked now."""
+    st = pipe.stats
+    parts = [f"{stage} {st.cached[stage] + st.items[stage]} ({st.cached[stage]} cached, "
+             f"{st.requests[stage]} asked)" for stage in ("verify", "compare", "choose")
+             if st.cached[stage] or st.requests[stage]]
+    if parts:
+        log.info("verifier (%s): %s", pipe.verifier_shape, " | ".join(parts))
 
 
 def _log_failure_shares(recs: Sequence[SampleRecord], max_truncated: float) -> None:

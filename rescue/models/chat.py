@@ -16,13 +16,22 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
-import openai
+import orjson
 from PIL import Image
 
 from rescue.failures import RETRYABLE_4XX
 from rescue.models import probe
-from rescue.models.http import Endpoint, RetryPolicy, describe, openai_model_entry, plain
+from rescue.models.http import (
+    Endpoint,
+    RetryPolicy,
+    describe,
+    openai_model_entry,
+    plain,
+    tls_verify,
+)
+from rescue.models.replies import ChatReply, UndecodableReply, decode
 
 RESERVED = frozenset({"seed", "n", "logprobs", "top_logprobs", "messages", "model", "stream"})
 """Request fields the clients own; `sampling.extra` may not override them."""
@@ -115,6 +124,20 @@ class ImageEncoding:
         return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def error_message(resp: httpx.Response) -> str:
+    """The server's own words for a failed request: vLLM's `{"error": {"message": ...}}` (older
+    releases: a top-level `message`), else the start of the body."""
+    try:
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        if isinstance(inner.get("message"), str):
+            return inner["message"]
+    return resp.text[:300].strip() or resp.reason_phrase
+
+
 def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
@@ -172,9 +195,12 @@ class PromptTemplate:
 
 
 class ChatEndpoint:
-    """An AsyncOpenAI client (created per event loop) behind an `Endpoint`.
+    """vLLM's /chat/completions over one httpx client (created per event loop) behind an
+    `Endpoint`, the bodies decoded by `replies.decode` (no SDK objects: see `replies`).
 
-    The client's own retries are off: `Endpoint` retries, so every attempt is counted once.
+    `Endpoint` retries, so every attempt is counted once. A non-2xx answer raises
+    `httpx.HTTPStatusError` carrying the server's error message (`Endpoint` retries 5xx, 408,
+    409, 429 and honours Retry-After); an undecodable 200 raises `replies.UndecodableReply`.
     """
 
     def __init__(self, role: str, model: str, base_url: str, *, api_key: str | None = "EMPTY",
@@ -191,23 +217,41 @@ class ChatEndpoint:
         self.preflight_timeout_s = float(preflight_timeout_s)
         self.endpoint = Endpoint(role, self.base_url, max_concurrency=max_concurrency,
                                  retry=retry)
-        self._client: openai.AsyncOpenAI | None = None
+        self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def client(self) -> openai.AsyncOpenAI:
+    def client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
-                                              timeout=self.timeout_s, max_retries=0)
+            limit = self.endpoint.max_concurrency + 4  # the probe may run beside the run's calls
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout_s, verify=tls_verify(self.base_url),
+                headers={"Authorization": f"Bearer {self.api_key}",
+                         "Content-Type": "application/json"},
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
             self._loop = loop
         return self._client
 
-    async def create(self, what: str, **kwargs: Any) -> Any:
-        """One chat completion (retried on transient failures); the parsed response."""
-        async def once() -> Any:
-            return await self.client().chat.completions.create(model=self.model, **kwargs)
+    def body(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The JSON body of a call given `chat.completions.create`-style keyword arguments
+        (`extra_body` merged in, as the SDK sends it)."""
+        body = {"model": self.model, **{k: v for k, v in kwargs.items() if k != "extra_body"}}
+        body.update(dict(kwargs.get("extra_body") or {}))
+        return body
 
-        return await self.endpoint.call(once, what=what)
+    async def post(self, kwargs: Mapping[str, Any], timeout_s: float | None = None) -> ChatReply:
+        """One request, not retried: the decoded reply, or the error described above."""
+        resp = await self.client().post(self.base_url + "/chat/completions",
+                                        content=orjson.dumps(self.body(kwargs)),
+                                        timeout=timeout_s or self.timeout_s)
+        if resp.status_code != 200:
+            raise httpx.HTTPStatusError(error_message(resp), request=resp.request,
+                                        response=resp)
+        return decode(resp.content, f"{self.base_url}/chat/completions")
+
+    async def create(self, what: str, **kwargs: Any) -> ChatReply:
+        """One chat completion (retried on transient failures); the decoded reply."""
+        return await self.endpoint.call(lambda: self.post(kwargs), what=what)
 
     async def preflight(self, payload: Mapping[str, Any] | None = None) -> list[str]:
         """/models answers in time and serves the model; with `payload` (the keyword arguments
@@ -231,23 +275,19 @@ class ChatEndpoint:
             if attempt:
                 await asyncio.sleep(0.5 * attempt)
             try:
-                resp = await asyncio.wait_for(self.client().chat.completions.create(
-                    model=self.model, **{**payload, "max_tokens": 1}), self.timeout_s)
-            except openai.APIStatusError as exc:
-                body = exc.body if isinstance(exc.body, Mapping) else {}
-                if isinstance(body.get("error"), Mapping):
-                    body = body["error"]
-                message = str(body.get("message") or exc.message)
-                if exc.status_code < 500 and exc.status_code not in RETRYABLE_4XX:
-                    return [probe.rejection(exc.status_code, message, role=self.role,
-                                            payload=payload)]
-                failure = f"HTTP {exc.status_code}: {' '.join(message.split())[:200]}"
+                resp = await asyncio.wait_for(self.post({**payload, "max_tokens": 1}),
+                                              self.timeout_s)
+            except httpx.HTTPStatusError as exc:
+                status, message = exc.response.status_code, str(exc)
+                if status < 500 and status not in RETRYABLE_4XX:
+                    return [probe.rejection(status, message, role=self.role, payload=payload)]
+                failure = f"HTTP {status}: {' '.join(message.split())[:200]}"
                 continue
-            except (openai.APIConnectionError, TimeoutError) as exc:
+            except (httpx.TransportError, TimeoutError, UndecodableReply) as exc:
                 failure = describe(exc)
                 continue
-            prompt_tokens = getattr(getattr(resp, "usage", None), "prompt_tokens", None)
-            problem = probe.context_problem(prompt_tokens, int(payload.get("max_tokens") or 0),
+            problem = probe.context_problem(resp.prompt_tokens,
+                                            int(payload.get("max_tokens") or 0),
                                             probe.max_model_len(entry), role=self.role,
                                             images=images)
             return [problem] if problem else []
@@ -258,7 +298,7 @@ class ChatEndpoint:
     async def aclose(self) -> None:
         if self._client is not None:
             with contextlib.suppress(RuntimeError):  # its loop is gone: nothing to close
-                await self._client.close()
+                await self._client.aclose()
             self._client = None
             self._loop = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from rescue import cost
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
+from rescue.models.replies import Choice
 from rescue.models.views import (
     OverlayStyle,
     describe,
@@ -35,7 +36,11 @@ SCALES = ("yes_no", "rating", "choice")
 CALL_SHAPES = ("pointwise", "pairwise", "listwise")
 
 
-def _token_logprobs(choice: Any) -> list[answers.TokenLogprob]:
+def _token_logprobs(choice: Any) -> Sequence[answers.TokenLogprob]:
+    """The generated tokens of a choice: decoded lazily from our own `replies.Choice`, or
+    built from an SDK-shaped object (tests, re-scoring)."""
+    if isinstance(choice, Choice):
+        return choice.tokens()
     content = getattr(getattr(choice, "logprobs", None), "content", None) or []
     out = []
     for t in content:
@@ -236,9 +241,9 @@ class OpenAIVerifier:
                        source="", error=f"verify:unparseable {why} "
                        f"(finish_reason={finish})", meta=meta)
 
-    def _logprob_score(self, tokens: list[answers.TokenLogprob], reply: answers.Reply,
+    def _logprob_score(self, tokens: Sequence[answers.TokenLogprob], reply: answers.Reply,
                        meta: dict[str, Any], options: int = 2) -> float | None:
-        texts = [t.token for t in tokens]
+        texts = getattr(tokens, "texts", None) or [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
         if self.scale == "choice":  # arena: P(1) over P(1) + P(2); listwise: the likeliest mark
             i = answers.answer_index(texts, start, answers.is_digit_token)

@@ -36,6 +36,7 @@ from rescue.models.grounding import (
     parse_grounding,
 )
 from rescue.models.http import EndpointError, RetryPolicy, plain
+from rescue.models.workers import WorkerPool
 from rescue.sample import Sample
 
 GROUNDING_SCHEMA: dict[str, Any] = grounding_schema("relative_1000")
@@ -67,7 +68,8 @@ class OpenAIPlanner:
                  multi_object: str = "first", out_of_image_tolerance: float = 0.05,
                  min_box_px: float = MIN_BOX_PX,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
-                 preflight_timeout_s: float = 10.0, thinking: bool = False):
+                 preflight_timeout_s: float = 10.0, thinking: bool = False,
+                 workers: int | None = None):
         if coords not in COORDS:
             raise ValueError(f"planner.coords must be one of {COORDS}, got {coords!r}")
         if multi_object not in MULTI_OBJECT:
@@ -92,6 +94,7 @@ class OpenAIPlanner:
         self.chat = ChatEndpoint("planner", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
+        self.pool = WorkerPool("planner-images", workers)
         if coords == "absolute" and self.resize is not None:
             frame_for(64, 64, coords, self.resize)  # fail on a bad rule now, not per sample
 
@@ -130,7 +133,7 @@ class OpenAIPlanner:
         """
         if not indices:
             return []
-        url = await asyncio.to_thread(self.image.data_url, sample.image)
+        url = await self.pool.run(self.image.data_url, sample.image)
         frame = frame_for(sample.width, sample.height, self.coords, self.resize,
                           self.image.sent_size(sample.width, sample.height))
         messages = self.messages(sample, url)
@@ -228,12 +231,13 @@ class OpenAIPlanner:
         hypotheses as one request holds) is probed with max_tokens=1."""
         if sample is None:
             return await self.chat.preflight()
-        url = await asyncio.to_thread(self.image.data_url, sample.image)
+        url = await self.pool.run(self.image.data_url, sample.image)
         return await self.chat.preflight(self.payload(self.messages(sample, url), 0,
                                                       self.max_per_request))
 
     async def aclose(self) -> None:
         await self.chat.aclose()
+        self.pool.close()
 
     def stats(self) -> dict[str, Any]:
         return self.chat.stats()

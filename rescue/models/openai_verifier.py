@@ -8,7 +8,7 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -29,11 +29,16 @@ from rescue.models.views import (
     draw_marks,
     render_views,
 )
+from rescue.models.workers import Memo, WorkerPool
 from rescue.protocols import Verdict
 from rescue.sample import Sample
 
 SCALES = ("yes_no", "rating", "choice")
 CALL_SHAPES = ("pointwise", "pairwise", "listwise")
+
+
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).digest()
 
 
 def _token_logprobs(choice: Any) -> Sequence[answers.TokenLogprob]:
@@ -63,7 +68,7 @@ class OpenAIVerifier:
                  empty_mask_score: float | None = 0.0,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
                  preflight_timeout_s: float = 10.0, call_shape: str = "pointwise",
-                 top_k: int = 4):
+                 top_k: int = 4, workers: int | None = None, view_memo: int = 256):
         if scale not in SCALES:
             raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
         if call_shape not in CALL_SHAPES:
@@ -95,6 +100,8 @@ class OpenAIVerifier:
         self.chat = ChatEndpoint("verifier", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
+        self.pool = WorkerPool("verifier-views", workers)
+        self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
 
     @property
     def base_url(self) -> str:
@@ -122,26 +129,46 @@ class OpenAIVerifier:
                 "views": describe(self.overlay.views, self.overlay.color_name),
                 "max": str(self.rating_max)}
 
+    def view_urls(self, image: np.ndarray, mask: np.ndarray) -> tuple[str, ...]:
+        """One candidate's views, drawn and encoded (pure, CPU-heavy: run in `self.pool`)."""
+        return tuple(self.image.data_url(img) for _, img in
+                     render_views(image, mask, self.overlay))
+
+    async def views(self, sample: Sample, mask: np.ndarray) -> tuple[str, ...]:
+        """`view_urls` of a mask, drawn in the worker pool once per (image, mask) however many
+        calls show it."""
+        m = np.asarray(mask, bool)
+        key = (sample.sample_id, _digest(sample.image), _digest(np.packbits(m)), m.shape)
+        urls = self._views.get(key)
+        if urls is None:
+            urls = await self.pool.run(self.view_urls, sample.image, m)
+            self._views.put(key, urls)
+        return urls
+
     def render(self, sample: Sample, mask: np.ndarray) -> list[dict[str, Any]]:
         """The chat messages for one candidate (overlay drawn, images encoded)."""
-        views = render_views(sample.image, mask, self.overlay)
-        urls = [self.image.data_url(img) for _, img in views]
-        return self.template.messages(urls, **self._prompt_fields(sample))
+        return self._messages(sample, self.view_urls(sample.image, np.asarray(mask, bool)))
+
+    def _messages(self, sample: Sample, urls: tuple[str, ...]) -> list[dict[str, Any]]:
+        return self.template.messages(list(urls), **self._prompt_fields(sample))
+
+    def _pair_messages(self, sample: Sample, urls: tuple[str, ...]) -> list[dict[str, Any]]:
+        return self.template.messages(list(urls), query=sample.query, max="2",
+                                      views=describe_candidates(self.overlay.views, 2,
+                                                                self.overlay.color_name))
 
     def render_pair(self, sample: Sample, first: np.ndarray,
                     second: np.ndarray) -> list[dict[str, Any]]:
         """The chat messages of one arena comparison: the views of candidate 1, then of 2."""
-        urls = [self.image.data_url(img) for m in (first, second)
-                for _, img in render_views(sample.image, m, self.overlay)]
-        return self.template.messages(urls, query=sample.query, max="2", views=describe_candidates(
-            self.overlay.views, 2, self.overlay.color_name))
+        return self._pair_messages(sample, self.view_urls(sample.image, first)
+                                   + self.view_urls(sample.image, second))
 
     async def compare(self, sample: Sample, first: np.ndarray, second: np.ndarray) -> Verdict:
         """P(candidate 1 is the better answer), from the digit's logprobs or the parsed answer;
         raises EndpointError only for transport failures."""
-        messages = await asyncio.to_thread(self.render_pair, sample, np.asarray(first, bool),
-                                           np.asarray(second, bool))
-        resp = await self.chat.create("compare", **self.payload(messages))
+        urls = await self.views(sample, first) + await self.views(sample, second)
+        resp = await self.chat.create("compare", **self.payload(self._pair_messages(sample,
+                                                                                    urls)))
         if not resp.choices:
             return Verdict(score=None, source="", error="verify:no_choice server returned none")
         return self.read(resp.choices[0])
@@ -156,7 +183,7 @@ class OpenAIVerifier:
         """The mask named best among `shown` (meta `choice`, 0-based; `score` its
         probability), from the digit's logprobs or the parsed answer."""
         ms = [np.asarray(m, bool) for m in shown]
-        messages = await asyncio.to_thread(self.render_marks, sample, ms)
+        messages = await self.pool.run(self.render_marks, sample, ms)
         resp = await self.chat.create("choose", **self.payload(messages))
         if not resp.choices:
             return Verdict(score=None, source="", error="verify:no_choice server returned none")
@@ -168,7 +195,7 @@ class OpenAIVerifier:
         if self.empty_mask_score is not None and not m.any():
             return Verdict(score=self.empty_mask_score, answer="", source="rule",
                            meta={"rule": "empty_mask"})
-        messages = await asyncio.to_thread(self.render, sample, m)
+        messages = self._messages(sample, await self.views(sample, m))
         t0 = time.perf_counter()
         resp = await self.chat.create("verify", **self.payload(messages))
         spent = cost.request_costs(cost.Usage.of(resp), [None], [0], time.perf_counter() - t0)[0]
@@ -284,15 +311,17 @@ class OpenAIVerifier:
         mask = np.zeros((h, w), dtype=bool)
         mask[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True
         if self.call_shape == "pairwise":
-            messages = await asyncio.to_thread(self.render_pair, sample, mask, mask)
+            urls = await self.views(sample, mask)
+            messages = self._pair_messages(sample, urls + urls)
         elif self.call_shape == "listwise":
-            messages = await asyncio.to_thread(self.render_marks, sample, [mask] * self.top_k)
+            messages = await self.pool.run(self.render_marks, sample, [mask] * self.top_k)
         else:
-            messages = await asyncio.to_thread(self.render, sample, mask)
+            messages = self._messages(sample, await self.views(sample, mask))
         return await self.chat.preflight(self.payload(messages))
 
     async def aclose(self) -> None:
         await self.chat.aclose()
+        self.pool.close()
 
     def stats(self) -> dict[str, Any]:
         return self.chat.stats()

@@ -38,6 +38,7 @@ import numpy as np
 
 from rescue import masks
 from rescue.consensus import subsets_of
+from rescue.errors import ConfigError
 from rescue.records import SampleRecord
 from rescue.truth import SampleTruth
 
@@ -111,16 +112,16 @@ class AggregationParams:
                      "accept_score", "max_iom"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"selection.aggregation.{name} must be in [0, 1], got {v}")
+                raise ConfigError(f"selection.aggregation.{name} must be in [0, 1], got {v}")
         if self.draws < 2:
-            raise ValueError(f"selection.aggregation.draws must be >= 2, got {self.draws}")
+            raise ConfigError(f"selection.aggregation.draws must be >= 2, got {self.draws}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> AggregationParams:
         d = dict(cfg or {})
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown selection.aggregation keys {unknown}; valid: "
+            raise ConfigError(f"unknown selection.aggregation keys {unknown}; valid: "
                              f"{', '.join(cls.__dataclass_fields__)}")
         return cls(**{k: (int(v) if k == "draws" else float(v)) for k, v in d.items()})
 
@@ -227,7 +228,7 @@ def named(names: Sequence[str], params: AggregationParams | None = None) -> tupl
     defs = AGGREGATORS if params is None else build(params)
     bad = [n for n in names if n not in defs]
     if bad:
-        raise ValueError(f"unknown aggregators {bad}; valid aggregators: {', '.join(defs)}")
+        raise ConfigError(f"unknown aggregators {bad}; valid aggregators: {', '.join(defs)}")
     return tuple(defs[str(n)] for n in names)
 
 

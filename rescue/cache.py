@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rescue.errors import UserError
+
 STAGES = ("plan", "execute", "verify")
 
 
-class CacheMiss(LookupError):
+class CacheMiss(UserError, LookupError):
     """Raised in offline mode: the answer is not cached and no model may be called."""
 
     def __init__(self, stage: str, what: str, key: str) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rescue.errors import UserError
 from rescue.records import reason_code
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
@@ -60,7 +61,7 @@ def classify(exc: TransportError) -> CallFailure:
     return CallFailure(f"request:{type(exc).__name__}: {detail}", transient=True)
 
 
-class RunAborted(RuntimeError):
+class RunAborted(UserError, RuntimeError):
     """A stage failed for too large a share of its first calls; the message is one line."""
 
 

@@ -16,13 +16,14 @@ from typing import Any
 import yaml
 
 from rescue import records
+from rescue.errors import UserError
 from rescue.records import SampleRecord
 
 MARKERS = (".hydra/config.yaml", "records.jsonl", "metrics.csv")
 """A directory holding any of these is a run directory."""
 
 
-class NoRunsError(ValueError):
+class NoRunsError(UserError, ValueError):
     """A source holds no run directory."""
 
 
@@ -61,9 +62,19 @@ class RunDir:
         "Hydra's composed config, interpolations unresolved."))
     hydra_file = _file(".hydra", "hydra.yaml", doc="Hydra's own settings of the job.")
     overrides_file = _file(".hydra", "overrides.yaml", doc="The command-line overrides.")
+    failed_file = _file("FAILED", doc=(
+        "The one line a run ended on when the user can fix its cause (`rescue.app`)."))
 
     def is_run(self) -> bool:
         return self.path.is_dir() and any((self.path / m).is_file() for m in MARKERS)
+
+    def failed(self) -> bool:
+        """The run ended on a user error before it had results: not part of any study."""
+        return self.failed_file.is_file()
+
+    def mark_failed(self, message: str) -> None:
+        if self.path.is_dir():
+            self.failed_file.write_text(message + "\n", encoding="utf-8")
 
     def config(self) -> dict[str, Any]:
         """`.hydra/config.yaml` as saved ({} when there is none)."""
@@ -122,7 +133,8 @@ def find_runs(sources: str | Path | Iterable[str | Path]) -> list[Path]:
     """Run directories of each source: itself when it is a run, else the runs below it.
 
     Sources keep their order, jobs of a multirun their numeric order; a run named twice is
-    listed once. A source that is missing or holds no run is a `NoRunsError` naming it.
+    listed once; a failed run (`RunDir.failed`) is left out. A source that is missing or holds
+    no run is a `NoRunsError` naming it.
     """
     items = [sources] if isinstance(sources, str | Path) else list(sources)
     found: list[Path] = []
@@ -132,6 +144,7 @@ def find_runs(sources: str | Path | Iterable[str | Path]) -> list[Path]:
             raise NoRunsError(f"{path} is neither a run nor a multirun directory: no such "
                               "directory")
         runs = [path] if RunDir(path).is_run() else _runs_below(path)
+        runs = [r for r in runs if not RunDir(r).failed()]
         if not runs:
             raise NoRunsError(
                 f"{path} holds no run: no Hydra run directories below it (a run directory has "

@@ -29,6 +29,7 @@ import numpy as np
 
 from rescue import arena, listwise
 from rescue.consensus import Draws, SubsetConsensus, SubsetEstimate
+from rescue.errors import ConfigError
 from rescue.records import CandidateRecord, SampleRecord
 
 UNSCORED = float(np.finfo(float).min)
@@ -229,7 +230,7 @@ def get(name: str) -> Selector:
     try:
         return SELECTORS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown selector {name!r}; valid selectors: {', '.join(SELECTORS)}"
         ) from None
 

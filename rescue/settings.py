@@ -16,8 +16,15 @@ from typing import Any
 from rescue import aggregation, selection
 from rescue.aggregation import Aggregator
 from rescue.consensus import Draws
+from rescue.errors import ConfigError
 from rescue.estimators import ESTIMATORS
 from rescue.selection import Selector
+
+
+def default_n_grid(max_n: int) -> tuple[int, ...]:
+    """The N evaluated when `n_grid` is not given: the powers of two below `max_n`, and
+    `max_n` (the seed's `--max_n 64`: 1, 2, 4, ..., 64; `max_n=24`: 1, 2, 4, 8, 16, 24)."""
+    return (*(1 << k for k in range(max_n.bit_length()) if 1 << k < max_n), max_n)
 
 
 @dataclass(frozen=True)
@@ -48,38 +55,38 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         grid = sorted({int(n) for n in self.n_grid})
         if not grid or grid[0] < 1:
-            raise ValueError(f"n_grid must hold integers >= 1, got {list(self.n_grid)}")
+            raise ConfigError(f"n_grid must hold integers >= 1, got {list(self.n_grid)}")
         if self.max_n is not None and grid[-1] > self.max_n:
             bad = [n for n in grid if n > self.max_n]
-            raise ValueError(f"n_grid values {bad} are outside 1..max_n={self.max_n}")
+            raise ConfigError(f"n_grid values {bad} are outside 1..max_n={self.max_n}")
         object.__setattr__(self, "n_grid", tuple(grid))
         object.__setattr__(self, "selectors", tuple(self.selectors))
         object.__setattr__(self, "aggregators", tuple(self.aggregators))
         object.__setattr__(self, "estimators", tuple(str(e) for e in self.estimators))
         if not self.selectors:
-            raise ValueError("no selectors to evaluate")
+            raise ConfigError("no selectors to evaluate")
         names = [s.name for s in self.selectors]
         methods = names + [a.name for a in self.aggregators]
         twice = sorted({n for n in methods if methods.count(n) > 1})
         if twice:
-            raise ValueError(f"selectors {twice} are listed twice")
+            raise ConfigError(f"selectors {twice} are listed twice")
         for name in self.estimators:
             if name not in ESTIMATORS:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}")
         if self.primary not in self.selectors:
-            raise ValueError(f"primary selector {self.primary.name!r} is not among the "
+            raise ConfigError(f"primary selector {self.primary.name!r} is not among the "
                              f"evaluated selectors ({', '.join(names)})")
         if not 0 < self.ci < 1:
-            raise ValueError(f"ci must be in (0, 1), got {self.ci}")
+            raise ConfigError(f"ci must be in (0, 1), got {self.ci}")
         if self.bootstrap < 0:
-            raise ValueError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
+            raise ConfigError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
         if self.consensus_draws < 2:
-            raise ValueError(f"consensus_draws must be >= 2, got {self.consensus_draws}")
+            raise ConfigError(f"consensus_draws must be >= 2, got {self.consensus_draws}")
         if self.consensus_se < 0:
-            raise ValueError(f"consensus_se must be >= 0, got {self.consensus_se}")
+            raise ConfigError(f"consensus_se must be >= 0, got {self.consensus_se}")
         if self.consensus_max_draws < self.consensus_draws:
-            raise ValueError(f"consensus_max_draws ({self.consensus_max_draws}) must be >= "
+            raise ConfigError(f"consensus_max_draws ({self.consensus_max_draws}) must be >= "
                              f"consensus_draws ({self.consensus_draws})")
 
     def draws(self, num_samples: int) -> Draws:
@@ -93,8 +100,16 @@ class EvaluationSettings:
     def from_config(cls, cfg: Mapping[str, Any], *, bounded: bool = True) -> EvaluationSettings:
         """The settings of a composed (or saved) run config. `bounded`: N may not exceed the
         config's `max_n`; re-evaluating records whose pools another run generated is not."""
-        if cfg.get("n_grid") is None:
-            raise ValueError("the config has no n_grid")
+        max_n = cfg.get("max_n")
+        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, int)
+                                  or max_n < 1):
+            raise ConfigError(f"max_n must be an integer >= 1 (hypotheses per sample), got "
+                              f"{max_n!r}")
+        grid = cfg.get("n_grid")
+        if grid is None:
+            if max_n is None:
+                raise ConfigError("the config has neither n_grid nor max_n")
+            grid = default_n_grid(max_n)
         sel = cfg.get("selection") or {}
         kw: dict[str, Any] = {}
         if sel.get("selectors") is not None:
@@ -114,5 +129,7 @@ class EvaluationSettings:
         if cfg.get("seed") is not None:
             kw["seed"] = int(cfg["seed"])
         if bounded:
-            kw["max_n"] = int(cfg["max_n"])
-        return cls(n_grid=tuple(int(n) for n in cfg["n_grid"]), **kw)
+            if max_n is None:
+                raise ConfigError("the config has no max_n")
+            kw["max_n"] = int(max_n)
+        return cls(n_grid=tuple(int(n) for n in grid), **kw)

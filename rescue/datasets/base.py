@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from rescue.errors import UserError
 from rescue.sample import Sample
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """The dataset as a whole cannot be used (folder missing, split unknown, bad layout)."""
 
 

@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from rescue.errors import UserError
 from rescue.protocols import Closable, Counted, Executor, Planner, Preflighted, Verifier
 from rescue.sample import Sample
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """An endpoint is down, slow, or serves another model; one line per problem."""
 
 

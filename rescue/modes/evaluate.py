@@ -8,6 +8,7 @@ metrics.csv, plots and summary.json whichever mode wrote them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import records, truth
+from rescue import console, records, truth
+from rescue.errors import ConfigError
 from rescue.evaluation import evaluate, headline
 from rescue.records import SampleRecord
 from rescue.run_dir import RunDir
 from rescue.settings import EvaluationSettings
 from rescue.truth import SampleTruth
+
+log = logging.getLogger("rescue")
 
 if TYPE_CHECKING:  # reporting draws with matplotlib and OpenCV: loaded when a report is made
     from rescue.reporting.overlays import OverlayItem
@@ -46,10 +50,14 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
     """Recompute metrics from an existing run's records (`records_from=<run dir>`)."""
     # the pools are whatever the run generated: N is bounded by them, not by this max_n
     settings = EvaluationSettings.from_config(cfg, bounded=False)
-    source = RunDir(Path(cfg.records_from))
+    if cfg.get("records_from") is None:
+        raise ConfigError("mode=evaluate needs records_from=<run dir> (a directory that "
+                          "`python run.py` wrote, e.g. outputs/runs/demo/<time>)")
+    source = RunDir(Path(str(cfg.records_from)))
     src = source.records_source  # an evaluate run's: its source's
     if not src.is_file():
-        raise FileNotFoundError(f"mode=evaluate needs records_from=<run dir>; {src} not found")
+        raise ConfigError(f"mode=evaluate: records_from={cfg.records_from} holds no "
+                          f"records ({src} not found)")
     recs = list(records.read(src))
     # what aggregators read: the truth and masks kept beside the records, not the dataset
     truths = truth.load(source.masks_source) if settings.aggregators else None
@@ -57,8 +65,10 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # what made this metrics.csv, for the analysis tools (`analysis.runs.Run.evaluation_settings`)
     RunDir(out_dir).resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    metrics, paths = report(cfg, out_dir, recs, settings,
-                            simulated=any(r.simulated for r in recs), truths=truths)
+    simulated = any(r.simulated for r in recs)
+    log.info("re-evaluating %d samples of %s", len(recs), source.path)
+    metrics, paths = report(cfg, out_dir, recs, settings, simulated=simulated, truths=truths)
+    console.final_block(recs, metrics, settings, out_dir, simulated=simulated)
     return {"records": recs, "metrics": metrics, "paths": paths, "settings": settings}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rescue import records, truth
+from rescue.errors import UserError
 from rescue.evaluation import headline
 from rescue.modes.evaluate import reevaluate
 from rescue.records import SampleRecord
@@ -43,7 +44,7 @@ EVAL_KEYS = ("max_n", "n_grid", "seed", "selection", "report")
 """Settings `main` takes from the shards so the merged report equals the unsharded one."""
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The runs given do not form one complete sharded study."""
 
 

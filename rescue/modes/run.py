@@ -20,13 +20,13 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rescue import listwise, records, truth
+from rescue import console, listwise, records, truth
 from rescue.cache import Cache
 from rescue.datasets.base import Dataset
 from rescue.datasets.subset import select_ids
-from rescue.evaluation import curve, failure_shares, headline, truncation_shares
-from rescue.failures import RunAborted, StageGuard
-from rescue.models.roles import Models, PreflightError
+from rescue.evaluation import headline
+from rescue.failures import StageGuard
+from rescue.models.roles import Models
 from rescue.modes.evaluate import report
 from rescue.pipeline import Pipeline
 from rescue.records import SampleRecord
@@ -51,10 +51,9 @@ def probe_sample(dataset: Dataset, ids: Sequence[str], tries: int = 4) -> Sample
     return None
 
 
-async def _generate(cfg: DictConfig, dataset: Dataset, ids: list[str], out_dir: Path,
-                    cache: Cache, settings: EvaluationSettings
+async def _generate(cfg: DictConfig, models: Models, dataset: Dataset, ids: list[str],
+                    out_dir: Path, cache: Cache, settings: EvaluationSettings
                     ) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
-    models = Models.from_config(cfg)
     check = not cfg.offline
     probe = probe_sample(dataset, ids) if check and cfg.pipeline.get("probe", True) else None
     async with models.ready(check=check, sample=probe):
@@ -92,6 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = EvaluationSettings.from_config(cfg)  # fail before any model call
     run_dir = RunDir(out_dir)
     run_dir.resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    models = Models.from_config(cfg)  # a bad model config fails before the data is scanned
     dataset: Dataset = instantiate(cfg.dataset)
     ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
                      shard=int(cfg.subset.shard), num_shards=int(cfg.subset.num_shards),
@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
     t0 = time.perf_counter()
-    recs, pipe, endpoints = asyncio.run(_generate(cfg, dataset, ids, out_dir, cache,
+    recs, pipe, endpoints = asyncio.run(_generate(cfg, models, dataset, ids, out_dir, cache,
                                                        settings))
     gen_s = time.perf_counter() - t0
     records.write(run_dir.records_file, recs)
@@ -114,11 +114,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics, paths = report(cfg, out_dir, recs, settings, items, simulated=pipe.simulated,
                             truths=pipe.truths)
     _log_to_logger(cfg, metrics, paths, items, simulated=pipe.simulated)
-    log.info("%d samples, %d model calls, outputs in %s", len(recs), pipe.stats.model_calls,
-             out_dir)
+    log.info("%d samples, %d model calls", len(recs), pipe.stats.model_calls)
     _log_verifier_calls(pipe)
-    _log_failure_shares(recs, float(cfg.pipeline.get("max_truncated_share", 0.05)))
-    _log_headline(metrics, settings, simulated=pipe.simulated)
+    console.final_block(recs, metrics, settings, out_dir, simulated=pipe.simulated,
+                        max_truncated=float(cfg.pipeline.get("max_truncated_share", 0.05)))
     return {"records": recs, "metrics": metrics, "stats": stats, "paths": paths,
             "settings": settings}
 
@@ -134,20 +133,6 @@ def _log_verifier_calls(pipe: Pipeline) -> None:
         log.info("verifier (%s): %s", pipe.verifier_shape, " | ".join(parts))
 
 
-def _log_failure_shares(recs: Sequence[SampleRecord], max_truncated: float) -> None:
-    """Each stage's failure share and truncation rate, on the console; a warning when replies
-    were cut off at max_tokens more often than `pipeline.max_truncated_share`."""
-    shares = failure_shares(recs)
-    if shares:
-        log.info("failed: %s", " | ".join(f"{stage} {100 * v:.1f}%" for stage, v in
-                                          shares.items()))
-    for stage, share in truncation_shares(recs).items():
-        if share > max_truncated:
-            log.warning("%s: %.1f%% of replies were cut off at max_tokens (> %.1f%%): raise "
-                        "%s.sampling.max_tokens", stage, 100 * share, 100 * max_truncated,
-                        "planner" if stage == "plan" else "verifier")
-
-
 def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path],
                    items: Sequence[OverlayItem], *, simulated: bool) -> None:
     from rescue.reporting import log_report
@@ -161,30 +146,8 @@ def _log_to_logger(cfg: DictConfig, metrics: pd.DataFrame, paths: dict[str, Path
         logger.finish()
 
 
-def _log_headline(metrics: pd.DataFrame, settings: EvaluationSettings, *,
-                  simulated: bool) -> None:
-    """The number the study is about, on the console: the primary selector's gIoU from N=1 to
-    max N beside the upper bounds' (the oracle; best-of-N over all samples)."""
-    bounds = [s.name for s in settings.selectors if s.needs_truth and s != settings.primary]
-    line = []
-    for sel in (settings.primary.name, *bounds):
-        s = curve(metrics, sel)
-        if len(s):
-            line.append(f"{sel} " + " ".join(f"@{int(n)}:{100 * g:.1f}"
-                                              for n, g in zip(s.n, s.giou, strict=True)))
-    if line:
-        log.info("gIoU%% (best-of-N%s): %s", ", SIMULATED models" if simulated else "",
-                 " | ".join(line))
-
-
 def main(cfg: DictConfig) -> float | None:
-    """Run; the primary selector's gIoU at max N (for sweepers). A stopped run or a failed
-    preflight exits with one line, no traceback."""
-    try:
-        result = run(cfg)
-    except RunAborted as exc:  # one line; the records so far stay in records.partial.jsonl
-        log.error("run stopped: %s", exc)
-        raise SystemExit(f"rescue: run stopped: {exc}") from None
-    except PreflightError as exc:  # one line per problem, no traceback: nothing ran yet
-        raise SystemExit(f"rescue: {exc}") from None
+    """Run; the primary selector's gIoU at max N (for sweepers). A stopped run (its records so
+    far stay in records.partial.jsonl) or a failed preflight ends in one line (`rescue.app`)."""
+    result = run(cfg)
     return headline(result["metrics"], result["settings"])

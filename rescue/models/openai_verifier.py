@@ -9,6 +9,7 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -20,7 +21,7 @@ from rescue import cost
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import RetryPolicy
-from rescue.models.replies import Choice
+from rescue.models.replies import ChatReply, Choice, summed_usage
 from rescue.models.views import (
     OverlayStyle,
     describe,
@@ -35,6 +36,31 @@ from rescue.sample import Sample
 
 SCALES = ("yes_no", "rating", "choice")
 CALL_SHAPES = ("pointwise", "pairwise", "listwise")
+LOGPROBS_AT = ("stream", "answer")
+"""Where the score's logprobs come from: `stream` asks for them on every generated token
+(reasoning included) and finds the answer token; `answer` generates without them, then asks
+for one token continuing the reply up to its answer (vLLM's continue_final_message; the
+prompt and reasoning are in the prefix cache), so the answer's position is known by
+construction and the reply carries no logprobs for the reasoning."""
+
+
+def answer_offset(answer: str, scale: str) -> int | None:
+    """Where the answer's verdict starts in its text: the final yes/no, else the first digit."""
+    if scale == "yes_no":
+        return answers.verdict_offset(answer)
+    digit = re.search(r"\d", answer)
+    return digit.start() if digit else None
+
+
+def continuation_prefix(reply: answers.Reply, at: int) -> str:
+    """The assistant message a continuation starts from: the reasoning inside the think tags
+    as Qwen3 thinking templates render it, then the answer up to its verdict. Trailing spaces
+    are left to the next token (BPE writes " yes" as one token); newlines stay, as the model
+    generated them."""
+    head = reply.answer[:at].rstrip(" ")
+    if reply.placement == "none":
+        return head
+    return f"{answers.THINK_START}\n{reply.reasoning}\n{answers.THINK_END}\n\n{head}"
 
 
 def _digest(a: np.ndarray) -> bytes:
@@ -68,7 +94,8 @@ class OpenAIVerifier:
                  empty_mask_score: float | None = 0.0,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
                  preflight_timeout_s: float = 10.0, call_shape: str = "pointwise",
-                 top_k: int = 4, workers: int | None = None, view_memo: int = 256):
+                 top_k: int = 4, workers: int | None = None, view_memo: int = 256,
+                 logprobs_at: str = "stream"):
         if scale not in SCALES:
             raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
         if call_shape not in CALL_SHAPES:
@@ -81,6 +108,10 @@ class OpenAIVerifier:
         if not 2 <= int(top_k) <= 9:
             raise ValueError(f"verifier.top_k must be in 2..9 (one digit a mark), got {top_k}")
         self.call_shape, self.top_k = call_shape, int(top_k)
+        if logprobs_at not in LOGPROBS_AT:
+            raise ValueError(f"verifier.logprobs_at must be one of {LOGPROBS_AT}, got "
+                             f"{logprobs_at!r}")
+        self.logprobs_at = logprobs_at if logprobs else "stream"
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -122,6 +153,7 @@ class OpenAIVerifier:
             "empty_mask_score": self.empty_mask_score,
             **({"call_shape": self.call_shape} if self.call_shape != "pointwise" else {}),
             **({"top_k": self.top_k} if self.call_shape == "listwise" else {}),
+            **({"logprobs_at": self.logprobs_at} if self.logprobs_at != "stream" else {}),
         }
 
     def _prompt_fields(self, sample: Sample) -> dict[str, str]:
@@ -167,11 +199,7 @@ class OpenAIVerifier:
         """P(candidate 1 is the better answer), from the digit's logprobs or the parsed answer;
         raises EndpointError only for transport failures."""
         urls = await self.views(sample, first) + await self.views(sample, second)
-        resp = await self.chat.create("compare", **self.payload(self._pair_messages(sample,
-                                                                                    urls)))
-        if not resp.choices:
-            return Verdict(score=None, source="", error="verify:no_choice server returned none")
-        return self.read(resp.choices[0])
+        return (await self.ask("compare", self._pair_messages(sample, urls)))[0]
 
     def render_marks(self, sample: Sample, shown: list[np.ndarray]) -> list[dict[str, Any]]:
         """The chat messages of one Set-of-Marks call: one image, the masks numbered 1..k."""
@@ -184,10 +212,7 @@ class OpenAIVerifier:
         probability), from the digit's logprobs or the parsed answer."""
         ms = [np.asarray(m, bool) for m in shown]
         messages = await self.pool.run(self.render_marks, sample, ms)
-        resp = await self.chat.create("choose", **self.payload(messages))
-        if not resp.choices:
-            return Verdict(score=None, source="", error="verify:no_choice server returned none")
-        return self.read(resp.choices[0], options=len(ms))
+        return (await self.ask("choose", messages, len(ms)))[0]
 
     async def verify(self, sample: Sample, mask: np.ndarray) -> Verdict:
         """Score one candidate mask; raises EndpointError only for transport failures."""
@@ -196,19 +221,58 @@ class OpenAIVerifier:
             return Verdict(score=self.empty_mask_score, answer="", source="rule",
                            meta={"rule": "empty_mask"})
         messages = self._messages(sample, await self.views(sample, m))
+        return (await self.ask("verify", messages))[0]
+
+    async def ask(self, what: str, messages: list[dict[str, Any]],
+                  options: int = 2) -> tuple[Verdict, list[ChatReply]]:
+        """One judgement: the Verdict (its cost in meta) and the replies it took (one, or two
+        with `logprobs_at: answer`); raises EndpointError only for transport failures."""
         t0 = time.perf_counter()
-        resp = await self.chat.create("verify", **self.payload(messages))
-        spent = cost.request_costs(cost.Usage.of(resp), [None], [0], time.perf_counter() - t0)[0]
+        resp = await self.chat.create(what, **self.payload(messages))
+        replies = [resp]
         if not resp.choices:
-            return Verdict(score=None, source="", error="verify:no_choice server returned none",
-                           meta=cost.with_cost({}, spent))
-        v = self.read(resp.choices[0])
-        return replace(v, meta=cost.with_cost(v.meta, spent))
+            v = Verdict(score=None, source="", error="verify:no_choice server returned none")
+        else:
+            v = self.read(resp.choices[0], options)
+            if self.logprobs_at == "answer" and v.source == "parsed":
+                v = await self._continue(what, messages, resp.choices[0], v, options, replies)
+        usage = cost.Usage.of({"usage": summed_usage(replies)})
+        spent = cost.request_costs(usage, [None], [0], time.perf_counter() - t0)[0]
+        return replace(v, meta=cost.with_cost(v.meta, spent)), replies
+
+    async def _continue(self, what: str, messages: list[dict[str, Any]], choice: Any,
+                        parsed: Verdict, options: int,
+                        replies: list[ChatReply]) -> Verdict:
+        """`parsed` scored from the logprobs of one token continuing its reply just before the
+        answer; `parsed` itself (meta `continuation` says why) when that cannot be read."""
+        reply = answers.reply_of(choice.message)
+        at = answer_offset(reply.answer, self.scale)
+        if at is None:
+            return replace(parsed, meta={**parsed.meta, "continuation": "no answer position"})
+        prefix = continuation_prefix(reply, at)
+        resp = await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
+        replies.append(resp)
+        tokens = _token_logprobs(resp.choices[0]) if resp.choices else []
+        meta = {**parsed.meta, "continuation": "read"}
+        score = self._score_at(tokens, 0, meta, options) if tokens else None
+        if score is None:
+            return replace(parsed, meta={**meta, "continuation": "no usable logprobs"})
+        return replace(parsed, score=score, source="logprobs", meta=meta)
+
+    def continuation(self, messages: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+        """The one-token request after the reply's `prefix` (reasoning + answer up to its
+        verdict): the run's messages and sampling, the assistant message continued."""
+        kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
+        kwargs["extra_body"] = {**kwargs["extra_body"], "continue_final_message": True,
+                                "add_generation_prompt": False}
+        kwargs.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
+        return {"messages": [*messages, {"role": "assistant", "content": prefix}], "n": 1,
+                "seed": self.seed, **kwargs}
 
     def payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The keyword arguments of one verification call (the run's and the probe's)."""
         kwargs: dict[str, Any] = dict(self.sampling.request_kwargs())
-        if self.logprobs:
+        if self.logprobs and self.logprobs_at == "stream":
             kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
         return {"messages": messages, "n": 1, "seed": self.seed, **kwargs}
 
@@ -272,9 +336,18 @@ class OpenAIVerifier:
                        meta: dict[str, Any], options: int = 2) -> float | None:
         texts = getattr(tokens, "texts", None) or [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
-        if self.scale == "choice":  # arena: P(1) over P(1) + P(2); listwise: the likeliest mark
+        if self.scale in ("choice", "rating"):
             i = answers.answer_index(texts, start, answers.is_digit_token)
-            probs = None if i is None else answers.choice_probs(tokens[i], options)
+        else:
+            k = answers.verdict_offset("".join(texts)[start:])
+            i = None if k is None else answers.token_at(texts, start + k)
+        return None if i is None else self._score_at(tokens, i, meta, options)
+
+    def _score_at(self, tokens: Sequence[answers.TokenLogprob], i: int, meta: dict[str, Any],
+                  options: int = 2) -> float | None:
+        """The score read at answer token `i` (meta gains what it was read from)."""
+        if self.scale == "choice":  # arena: P(1) over P(1) + P(2); listwise: the likeliest mark
+            probs = answers.choice_probs(tokens[i], options)
             if probs is None:
                 return None
             meta["answer_token"] = i
@@ -283,15 +356,8 @@ class OpenAIVerifier:
             meta["choice"], meta["probs"] = int(np.argmax(probs)), probs
             return max(probs)
         if self.scale == "rating":
-            i = answers.answer_index(texts, start, answers.is_digit_token)
-            if i is None:
-                return None
             meta["answer_token"] = i
             return answers.rating_score(tokens, i, self.rating_max)
-        k = answers.verdict_offset("".join(texts)[start:])
-        i = None if k is None else answers.token_at(texts, start + k)
-        if i is None:
-            return None
         meta["answer_token"] = i
         yn = answers.yes_no_score(tokens[i])
         if yn is None:
@@ -317,7 +383,10 @@ class OpenAIVerifier:
             messages = await self.pool.run(self.render_marks, sample, [mask] * self.top_k)
         else:
             messages = self._messages(sample, await self.views(sample, mask))
-        return await self.chat.preflight(self.payload(messages))
+        payload = self.payload(messages)
+        if self.logprobs_at == "answer":  # the continuation's top_logprobs must pass too
+            payload.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return await self.chat.preflight(payload)
 
     async def aclose(self) -> None:
         await self.chat.aclose()

@@ -139,3 +139,20 @@ def decode(body: bytes | str, where: str = "chat completion") -> ChatReply:
     usage = data.get("usage")
     return ChatReply(tuple(choices), usage if isinstance(usage, dict) else {},
                      str(data.get("model") or ""))
+
+
+def summed_usage(replies: Sequence[Any]) -> dict[str, int]:
+    """The token counts of several replies of one judgement added up (a two-step verdict's
+    continuation is a second request: its prompt is counted as the server counts it, though
+    its prefix is cached)."""
+    total = {"prompt_tokens": 0, "completion_tokens": 0}
+    reasoning = 0
+    for r in replies:
+        usage = getattr(r, "usage", None)
+        usage = usage if isinstance(usage, Mapping) else {}
+        for key in total:
+            total[key] += _int(usage.get(key)) or 0
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, Mapping):
+            reasoning += _int(details.get("reasoning_tokens")) or 0
+    return {**total, "completion_tokens_details": {"reasoning_tokens": reasoning}}

@@ -30,14 +30,27 @@ def main() -> None:
     p.add_argument("--judge", default="hash", choices=("hash", "iou"),
                    help="iou needs the verifier's views [overlay, image] and PNG images")
     p.add_argument("--p-broken", type=float, default=0.05)
+    p.add_argument("--planner-latency", type=float, default=0.0,
+                   help="seconds each planner request takes (0: answer at once)")
+    p.add_argument("--verifier-latency", type=float, default=0.0)
+    p.add_argument("--planner-capacity", type=int, default=16, help="requests served at once")
+    p.add_argument("--verifier-capacity", type=int, default=32)
+    p.add_argument("--reasoning-words", type=int, default=0,
+                   help="pad the verifier's reasoning to this many words (a thinking model's)")
     args = p.parse_args()
     ds = SyntheticDataset(num_samples=args.num_samples, seed=args.seed, height=args.height,
                           width=args.width)
     targets = Targets(ds.load(i) for i in ds.sample_ids())
+    reasoning = (" ".join(["the region covers the object, yes"] * (args.reasoning_words // 6 + 1))
+                 if args.reasoning_words else None)
+    latency = {m: t for m, t in ((args.planner_model, args.planner_latency),
+                                 (args.verifier_model, args.verifier_latency)) if t > 0}
     judge = overlay_iou_judge(targets) if args.judge == "iou" else hash_judge
     standin = StandIn({args.planner_model: PlannerScript(targets, p_broken=args.p_broken),
-                       args.verifier_model: VerifierScript(judge)},
-                      reasoning_placement=args.reasoning_placement)
+                       args.verifier_model: VerifierScript(judge, reasoning=reasoning)},
+                      reasoning_placement=args.reasoning_placement, latency_s=latency,
+                      capacity={args.planner_model: args.planner_capacity,
+                                args.verifier_model: args.verifier_capacity})
     uvicorn.run(standin.app(), host="127.0.0.1", port=args.port, log_level="warning")
 
 

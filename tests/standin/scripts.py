@@ -190,8 +190,9 @@ class VerifierScript:
     def __init__(self, judge: Callable[[ChatRequest], float] = hash_judge, *,
                  thinking: bool = True, scale: str = "yes_no", rating_max: int = 10,
                  spellings: Mapping[str, float] | None = None, finish_reason: str = "stop",
-                 answer_template: str = "{answer}"):
+                 answer_template: str = "{answer}", reasoning: str | None = None):
         self.judge = judge
+        self.reasoning = REASONING if reasoning is None else reasoning
         self.thinking = thinking
         self.scale = scale
         self.rating_max = rating_max
@@ -227,7 +228,7 @@ class VerifierScript:
                 answer = self.answer_template.format(answer=f"{value}/{self.rating_max}")
             else:
                 answer = self.answer_template.format(answer=token)
-            out.append(Completion(answer, reasoning=REASONING if self.thinking else None,
+            out.append(Completion(answer, reasoning=self.reasoning if self.thinking else None,
                                   answer_token=token, answer_dist=dist,
                                   finish_reason=self.finish_reason))
         return out

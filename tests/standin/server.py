@@ -207,6 +207,8 @@ class StandIn:
     faults: Faults = field(default_factory=Faults)
     delay_s: float = 0.0  # every chat answer waits this long (slow mode)
     models_delay_s: float = 0.0  # /v1/models waits this long (slow preflight)
+    latency_s: Mapping[str, float] = field(default_factory=dict)  # per model: a GPU's time
+    capacity: Mapping[str, int] = field(default_factory=dict)  # per model: requests at once
     max_logprobs: int = 20
     max_model_len: int = 262144  # Qwen3-VL native context: vLLM's default without --max-model-len
     max_images: int | None = None  # --limit-mm-per-prompt '{"image": k}' (None: no limit)
@@ -220,10 +222,17 @@ class StandIn:
     faults_served: Counter[str] = field(default_factory=Counter)
     _seen: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reasoning_placement not in REASONING_PLACEMENTS:
             raise ValueError(f"reasoning_placement must be one of {REASONING_PLACEMENTS}")
+
+    def _slots(self, model: str) -> asyncio.Semaphore:
+        """`capacity[model]` slots (unbounded without), made on the serving loop."""
+        if model not in self._semaphores:
+            self._semaphores[model] = asyncio.Semaphore(int(self.capacity.get(model, 1 << 30)))
+        return self._semaphores[model]
 
     def chat_requests(self, model: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -283,6 +292,9 @@ class StandIn:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             model = body.get("model")
+            if model in self.latency_s:  # a server of fixed latency and slots (benchmarks)
+                async with self._slots(model):
+                    await asyncio.sleep(self.latency_s[model])
             if model not in self.models:
                 return _error(404, f"The model `{model}` does not exist.", "NotFoundError",
                               "model")
@@ -336,7 +348,11 @@ class StandIn:
         return None
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        text, images = _read_messages(body.get("messages") or [])
+        messages = body.get("messages") or []
+        if (body.get("continue_final_message") and messages
+                and messages[-1].get("role") == "assistant"):
+            return self._continuation(body)
+        text, images = _read_messages(messages)
         n = int(body.get("n") or 1)
         req = ChatRequest(body=body, text=text, images=images, n=n, seed=body.get("seed"))
         completions = list(self.models[body["model"]](req))
@@ -363,6 +379,32 @@ class StandIn:
             "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
             "ec_transfer_params": None, "metrics": None, "prompt_text": None,
         }
+
+    def _continuation(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's continue_final_message with max_tokens=1: the next token after the assistant
+        message, as the policy answers the same conversation (its answer token and
+        distribution), with nothing of the prefix repeated in `content`."""
+        messages = body["messages"]
+        text, images = _read_messages(messages[:-1])
+        req = ChatRequest(body=body, text=text, images=images, n=1, seed=body.get("seed"))
+        c = next(iter(self.models[body["model"]](req)))
+        token = c.answer_token or (tokenize(c.text) or [self.eos_token])[0]
+        logprobs = None
+        if body.get("logprobs"):
+            logprobs = {"content": logprobs_content([token], 0, c.answer_dist,
+                                                    max(int(body.get("top_logprobs") or 0), 1))}
+        prefix = str(messages[-1].get("content") or "")
+        prompt = prompt_tokens(text, images) + len(tokenize(prefix))
+        message = {"role": "assistant", "content": token, "refusal": None, "annotations": None,
+                   "audio": None, "function_call": None, "reasoning": None}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "finish_reason": "length", "stop_reason": None,
+                             "token_ids": None}],
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt + 1,
+                          "completion_tokens": 1, "prompt_tokens_details": None,
+                          "completion_tokens_details": None}}
 
     def _choice(self, index: int, c: Completion, want_lp: bool, k: int,
                 grammar: bool = False) -> tuple[dict[str, Any], int, int]:

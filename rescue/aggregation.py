@@ -45,14 +45,17 @@ from rescue.truth import SampleTruth
 
 @dataclass(frozen=True)
 class Pool:
-    """One sample's pool as an aggregator reads it: `masks` (D, P) its distinct masks over the
-    pixels P that any of them covers outside the ignore region, `target` (P,) which of those are
-    target pixels, `ious` (D, D) their stored IoU, `iom` (D, D) intersection over the smaller
-    area, `areas` (D,) full areas; per candidate (M,) `cand` its distinct mask (-1: none) and
-    `scores` its verifier score (NaN: none)."""
+    """One sample's pool as an aggregator reads it: `masks` (D, P) its distinct masks over
+    pixel atoms P (the pixels that any mask covers outside the ignore region, grouped by which
+    masks cover them and whether they are target: every rule here is pixel-wise, so an atom
+    stands for its `weight` pixels), `target` (P,) which atoms are target pixels, `ious` (D, D)
+    their stored IoU, `iom` (D, D) intersection over the smaller area, `areas` (D,) full
+    areas; per candidate (M,) `cand` its distinct mask (-1: none) and `scores` its verifier
+    score (NaN: none)."""
 
     masks: np.ndarray
     target: np.ndarray
+    weight: np.ndarray
     target_area: int
     ious: np.ndarray
     iom: np.ndarray
@@ -68,9 +71,12 @@ class Pool:
             raise ValueError(f"sample {record.sample_id!r}: masks.jsonl lacks masks {missing[:3]}")
         full = np.stack([masks.decode(truth.masks[d]).ravel() for d in digests]) if digests \
             else np.zeros((0, record.height * record.width), bool)
-        keep = full.any(axis=0) & ~truth.ignore_mask().ravel()
+        covered = full.any(axis=0)
+        keep = covered & ~truth.ignore_mask().ravel()
         areas = full.sum(axis=1)
-        inter = full.astype(np.float64) @ full.T.astype(np.float64)
+        # pairwise intersections over whole masks (ignore pixels too), from their atoms
+        cols, _, weight = atoms(full[:, covered], np.zeros(int(covered.sum()), bool))
+        inter = (cols * weight.astype(np.float64)) @ cols.T.astype(np.float64)
         small = np.minimum.outer(areas, areas)
         iom = np.divide(inter, small, out=np.zeros_like(inter), where=small > 0)
         pos = {d: k for k, d in enumerate(digests)}
@@ -78,15 +84,31 @@ class Pool:
                         dtype=int)
         scores = np.array([c.verifier_score if c.verifier_score is not None else np.nan
                            for c in record.candidates], dtype=float)
-        return cls(full[:, keep], truth.target_mask().ravel()[keep], int(record.target_area),
+        cols, target, weight = atoms(full[:, keep], truth.target_mask().ravel()[keep])
+        return cls(cols, target, weight, int(record.target_area),
                    np.asarray(record.mask_iou, float).reshape(len(digests), len(digests)),
                    iom, areas, cand, scores)
 
     def counts(self, pred: np.ndarray) -> tuple[float, float, float]:
         """(I, U, IoU) of a predicted mask over the pool's pixels (IoU 1 when both empty)."""
-        inter = float((pred & self.target).sum())
-        union = float(pred.sum()) + self.target_area - inter
+        inter = float(self.weight[pred & self.target].sum())
+        union = float(self.weight[pred].sum()) + self.target_area - inter
         return inter, union, (inter / union if union > 0 else 1.0)
+
+
+def atoms(cols: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels (columns of `cols`, (D, P)) grouped by their column and target flag: the
+    distinct columns, their target flags and how many pixels each stands for. A few hundred
+    atoms replace a real image's 10^5 covered pixels, so a subset's vote costs little."""
+    sig = np.vstack([cols, target[None]])
+    if sig.shape[1] == 0:
+        return cols, target, np.zeros(0, dtype=np.int64)
+    if sig.shape[0] <= 63:
+        key = (sig.T.astype(np.uint64) << np.arange(sig.shape[0], dtype=np.uint64)).sum(axis=1)
+        _, first, weight = np.unique(key, return_index=True, return_counts=True)
+    else:
+        _, first, weight = np.unique(sig, axis=1, return_index=True, return_counts=True)
+    return cols[:, first], target[first], weight.astype(np.int64)
 
 
 Combine = Callable[[Pool, np.ndarray], np.ndarray]

@@ -130,7 +130,7 @@ def rescore_run(run_dir: str | Path, weights: Mapping[str, float], name: str | N
     out.mkdir(parents=True, exist_ok=True)
     stem = f"metrics_rescore_{_slug(weights)}"
     paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
-    metrics.to_csv(paths["csv"], index=False)
+    metrics.assign(simulated=run.simulated).to_csv(paths["csv"], index=False)  # as metrics.csv
     paths["md"].write_text(metrics_markdown(metrics, simulated=run.simulated), encoding="utf-8")
     if plot:
         paths["plot"] = plot_iou_vs_n(metrics, out / f"iou_vs_n_rescore_{_slug(weights)}.png",

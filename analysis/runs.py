@@ -108,6 +108,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not rd.is_run():
         raise NoRunsError(f"{rd.path} is not a run directory (no {' or '.join(MARKERS)})")
     metrics = pd.read_csv(rd.metrics_file) if rd.metrics_file.is_file() else pd.DataFrame()
+    # `simulated` is the run's (Run.simulated), not a metric
+    metrics = metrics.drop(columns=["simulated"], errors="ignore")
     stats = _json(rd.stats_file)
     run = Run(path=rd.path, config=rd.config(), overrides=rd.overrides(), metrics=metrics,
               stats=stats, simulated=bool(_flag(rd, stats)), choices=rd.choices())

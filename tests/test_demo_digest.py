@@ -5,8 +5,10 @@ cache, sorted records): records.jsonl since each candidate carries its cost (iss
 tokens of the simulated planner and verifier, the executor's prompts; no number changed);
 metrics.csv since its `exact`,
 `giou_mc_se` and `ciou_mc_se` columns and consensus draws chosen from a target standard error
-(issue 10), the only change to its numbers being consensus at N = 4 and 8. A change that means
-to alter the demo's records or metrics updates them here, in the same commit, and says why.
+(issue 10), the only change to its numbers being consensus at N = 4 and 8; and since its last
+column `simulated` (issue 11: the lines without it hash to the previous 6588de2e…06eb). A
+change that means to alter the demo's records or metrics updates them here, in the same commit,
+and says why.
 """
 
 import hashlib
@@ -20,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = {
     "records.jsonl": "84f7c1d34ef0f946a180861daedda70571dd05a805bc5ddc0cc4b4df34cd201d",
-    "metrics.csv": "6588de2e68ac4b6248caaff94a5302b0ec2e5df906035f413c524e9933b606eb",
+    "metrics.csv": "ca9087cb05b7bc93dbc15cb74e8c5b0877f09e6268b323c5ee8460495c0c8660",
 }
 
 pytestmark = pytest.mark.slow
@@ -36,3 +38,6 @@ def test_the_demo_writes_the_stored_records_and_metrics(tmp_path):
     got = {name: hashlib.sha256((tmp_path / "run" / name).read_bytes()).hexdigest()
            for name in DIGESTS}
     assert got == DIGESTS
+    for table in ("metrics.csv", "failures.csv"):  # a table copied out of its run says it
+        lines = (tmp_path / "run" / table).read_text().splitlines()
+        assert lines[0].endswith(",simulated") and all(ln.endswith(",True") for ln in lines[1:])

@@ -48,7 +48,8 @@ def test_write_metrics_csv_round_trips_and_markdown_lists_everything(tmp_path: P
     df = metrics_frame()
     paths = write_metrics(df, tmp_path, simulated=False)
     back = pd.read_csv(paths["metrics_csv"])
-    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert list(back.columns) == [*df.columns, "simulated"] and not back.simulated.any()
+    pd.testing.assert_frame_equal(back.drop(columns="simulated"), df, check_dtype=False)
     md = paths["metrics_md"].read_text()
     for sel in SELECTORS:
         assert f" {sel} " in md
@@ -138,7 +139,7 @@ def test_failure_table_counts_by_stage_and_reason(tmp_path: Path) -> None:
     assert table.iloc[0].example == "parse:no_json: x"
     paths = write_report(tmp_path, _failing_records(), metrics_frame())
     back = pd.read_csv(paths["failures_csv"])
-    assert back["count"].sum() == 6 and list(back.columns) == list(table.columns)
+    assert back["count"].sum() == 6 and list(back.columns) == [*table.columns, "simulated"]
 
 
 def test_failure_table_of_clean_records_is_empty_with_columns() -> None:

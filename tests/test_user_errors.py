@@ -97,3 +97,19 @@ def test_n_grid_follows_max_n_through_the_composed_config():
                                 (["max_n=8", "n_grid=[1,3]"], (1, 3))):
             cfg = compose(config_name="config", overrides=overrides)
             assert EvaluationSettings.from_config(cfg).n_grid == grid, overrides
+
+
+def test_help_lists_the_modes_every_experiment_and_examples():
+    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    from rescue.app import MODES
+
+    for mode in MODES:
+        assert any(ln.startswith(f"  {mode} ") for ln in lines), mode
+    section = lines[lines.index("Experiments (experiment=):") + 1:lines.index("Common overrides:")]
+    listed = sorted(ln.split()[0] for ln in section if ln.strip())
+    assert listed == sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert sum(ln.startswith("  python run.py") for ln in lines) >= 3
+    assert len(lines) < 70  # not the config dump

@@ -68,7 +68,7 @@ def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: 
             log.warning("report: %s failed: %s: %s", what, type(exc).__name__, exc)
             return None
 
-    paths["failures_csv"] = write_failures(records, out)
+    paths["failures_csv"] = write_failures(records, out, simulated=simulated)
     paths.update(write_metrics(metrics, out, simulated=simulated))  # a bad frame is a bug: raise
     if plots:
         paths.update(attempt("plots", lambda: write_plots(metrics, out, simulated=simulated,

@@ -137,11 +137,12 @@ def metrics_markdown(metrics: pd.DataFrame, simulated: bool = False) -> str:
 
 def write_metrics(metrics: pd.DataFrame, out_dir: Path | str,
                   simulated: bool = False) -> dict[str, Path]:
-    """metrics.csv (exact values, every column) and metrics.md (readable tables)."""
+    """metrics.csv (exact values, every column, and `simulated` on every row: a table copied
+    out of its run still says whether models made it) and metrics.md (readable tables)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "metrics.csv", out / "metrics.md"
-    metrics.to_csv(csv_path, index=False)
+    metrics.assign(simulated=simulated).to_csv(csv_path, index=False)
     md_path.write_text(metrics_markdown(metrics, simulated=simulated), encoding="utf-8")
     return {"metrics_csv": csv_path, "metrics_md": md_path}
 
@@ -173,10 +174,12 @@ def failure_table(records: Sequence[SampleRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS).astype({"count": int, "samples": int})
 
 
-def write_failures(records: Sequence[SampleRecord], out_dir: Path | str) -> Path:
+def write_failures(records: Sequence[SampleRecord], out_dir: Path | str,
+                   simulated: bool = False) -> Path:
+    """failures.csv, `simulated` on every row (as in metrics.csv)."""
     path = Path(out_dir) / "failures.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    failure_table(records).to_csv(path, index=False)
+    failure_table(records).assign(simulated=simulated).to_csv(path, index=False)
     return path
 
 

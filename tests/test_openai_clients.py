@@ -29,6 +29,7 @@ from rescue.models import answers
 from rescue.models.openai_planner import GROUNDING_SCHEMA, OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
 from rescue.models.views import OverlayStyle, crop_box, describe, draw_overlay, render_views
+from rescue.settings import EvaluationSettings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PLAN_PROMPT = {"name": "t", "user": 'Find "{query}". JSON: [{"bbox_2d": [..], "label": ".."}]'}
@@ -419,7 +420,7 @@ def test_config_values_follow_the_model_cards():
                               "verifier=qwen3vl_32b_thinking_rating"]).verifier)
     assert r.scale == "rating" and "{max}" in r.template.user
     e = _compose(["experiment=reasonseg_multi_n"])
-    assert e.max_n == 64 and list(e.n_grid) == [1, 2, 4, 8, 16, 32, 64]
+    assert e.max_n == 64 and EvaluationSettings.from_config(e).n_grid == (1, 2, 4, 8, 16, 32, 64)
     assert e.subset.fraction == 0.1 and e.planner._target_.endswith("OpenAIPlanner")
 
 

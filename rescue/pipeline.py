@@ -144,7 +144,7 @@ class Pipeline:
         self.stats = CallStats(guard=guard or StageGuard())
         self.masks = MaskStore(cache)  # every distinct mask, by digest
         self.truths: dict[str, SampleTruth] = {}  # per sample, for the run's masks.jsonl
-        self._bars = StageBars(enabled=False, plan_total=0)  # `run` replaces it
+        self._bars = StageBars(enabled=False, samples=0)  # `run` replaces it
         self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
                      "verifier": dict(verifier.identity())}
 
@@ -400,7 +400,7 @@ class Pipeline:
                   on_record: Callable[[SampleRecord], None] | None = None) -> list[SampleRecord]:
         """Process `sample_ids`; each finished record is appended to `partial` (crash-safe)."""
         sem = asyncio.Semaphore(self.samples_in_flight)
-        self._bars = StageBars(enabled=self.progress, plan_total=len(sample_ids) * self.max_n)
+        self._bars = StageBars(enabled=self.progress, samples=len(sample_ids))
         out: list[SampleRecord] = []
 
         async def one(sid: str) -> None:
@@ -412,7 +412,6 @@ class Pipeline:
                                        width=0, target_area=0, simulated=self.simulated,
                                        error=f"load:failed {exc}", tags=list(exc.tags))
                     self.stats.failed_samples += 1
-                    self._bars.update("plan", self.max_n)
                 else:
                     try:
                         rec = await self.process(sample)
@@ -428,6 +427,7 @@ class Pipeline:
                                            error=f"sample:crashed {type(exc).__name__}: {exc}")
                         self.stats.failed_samples += 1
                 self.stats.samples += 1
+                self._bars.sample_done()
                 if partial is not None:
                     records.append(partial, rec)
                 if on_record is not None:

@@ -65,3 +65,33 @@ class BoxBackend:
             m[y1:y2, x1:x2] = True
             out.append(PromptResult(instances=[instance_from_mask(m, 0.5)]))
         return out
+
+
+class LatencyBackend(BoxBackend):
+    """A GPU of fixed latency for the client benchmarks: every request takes `latency_s`
+    (the server's --max-in-flight is its capacity), each prompt answered with its box, or the
+    whole image without one. Claims text prompts so the shipped sam3 config runs against it."""
+
+    name = "latency"
+
+    def __init__(self, latency_s: float = 0.1) -> None:
+        super().__init__()
+        self.latency_s = float(latency_s)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(backend=self.name, model="box", backend_version="0", device="cpu",
+                           capabilities={"text": True, "box": True, "points": True,
+                                         "multimask": False},
+                           identity={"backend": self.name, "latency_s": self.latency_s})
+
+    def segment(self, state: Any, prompts: Sequence[Prompt],
+                options: SegmentOptions) -> list[PromptResult]:
+        time.sleep(self.latency_s)
+        h, w = state
+        out = []
+        for p in prompts:
+            m = np.zeros((h, w), bool)
+            x1, y1, x2, y2 = (round(v) for v in (p.box or (0, 0, w, h)))
+            m[y1:y2, x1:x2] = True
+            out.append(PromptResult(instances=[instance_from_mask(m, 0.5)]))
+        return out

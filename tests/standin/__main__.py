@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--planner-latency", type=float, default=0.0,
                    help="seconds each planner request takes (0: answer at once)")
     p.add_argument("--verifier-latency", type=float, default=0.0)
+    p.add_argument("--continuation-latency", type=float, default=0.05,
+                   help="seconds of a continue_final_message request (cached prefill, 1 token)")
     p.add_argument("--planner-capacity", type=int, default=16, help="requests served at once")
     p.add_argument("--verifier-capacity", type=int, default=32)
     p.add_argument("--reasoning-words", type=int, default=0,
@@ -49,6 +51,7 @@ def main() -> None:
     standin = StandIn({args.planner_model: PlannerScript(targets, p_broken=args.p_broken),
                        args.verifier_model: VerifierScript(judge, reasoning=reasoning)},
                       reasoning_placement=args.reasoning_placement, latency_s=latency,
+                      continuation_latency_s=args.continuation_latency,
                       capacity={args.planner_model: args.planner_capacity,
                                 args.verifier_model: args.verifier_capacity})
     uvicorn.run(standin.app(), host="127.0.0.1", port=args.port, log_level="warning")

@@ -209,6 +209,7 @@ class StandIn:
     models_delay_s: float = 0.0  # /v1/models waits this long (slow preflight)
     latency_s: Mapping[str, float] = field(default_factory=dict)  # per model: a GPU's time
     capacity: Mapping[str, int] = field(default_factory=dict)  # per model: requests at once
+    continuation_latency_s: float = 0.05  # a continue_final_message request: cached prefill
     max_logprobs: int = 20
     max_model_len: int = 262144  # Qwen3-VL native context: vLLM's default without --max-model-len
     max_images: int | None = None  # --limit-mm-per-prompt '{"image": k}' (None: no limit)
@@ -220,6 +221,7 @@ class StandIn:
     usages: list[dict[str, Any]] = field(default_factory=list)  # the `usage` each answer sent
     received: Counter[str] = field(default_factory=Counter)  # per path, faults included
     faults_served: Counter[str] = field(default_factory=Counter)
+    served: Counter[str] = field(default_factory=Counter)  # latency mode: model/kind -> count
     _seen: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
@@ -264,6 +266,11 @@ class StandIn:
                     for name in self.models]
             return JSONResponse({"object": "list", "data": data})
 
+        @app.get("/standin/served")
+        async def served() -> JSONResponse:
+            with self._lock:
+                return JSONResponse(dict(self.served))
+
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
             self.received["/v1/chat/completions"] += 1
@@ -293,8 +300,12 @@ class StandIn:
                 await asyncio.sleep(self.delay_s)
             model = body.get("model")
             if model in self.latency_s:  # a server of fixed latency and slots (benchmarks)
+                cont = bool(body.get("continue_final_message"))
+                with self._lock:
+                    self.served[f"{model}/{'continuation' if cont else 'request'}"] += 1
                 async with self._slots(model):
-                    await asyncio.sleep(self.latency_s[model])
+                    await asyncio.sleep(self.continuation_latency_s if cont
+                                        else self.latency_s[model])
             if model not in self.models:
                 return _error(404, f"The model `{model}` does not exist.", "NotFoundError",
                               "model")

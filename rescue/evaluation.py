@@ -33,8 +33,9 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from rescue import aggregation
+from rescue import aggregation, expected_cost
 from rescue.estimators import Ranking, prefix_select_weights
+from rescue.expected_cost import QUANTITIES
 from rescue.records import SampleRecord, reason_code
 from rescue.selection import Selector
 from rescue.settings import EvaluationSettings
@@ -51,6 +52,14 @@ COLUMNS = [
     "ciou_hi", "exact", "giou_mc_se", "ciou_mc_se", "num_samples", "num_failed_samples",
     "num_short_pools", "ciou_definition",
 ]
+COST_UNITS = (
+    "cost columns: expected per sample at N, as cached with each answer; tokens = prompt + "
+    "completion (reasoning included) from the servers' usage, the planner's prompt once (one "
+    "request with n = N); prompts, encodes and masks = distinct calls after dedupe; gpu_s from "
+    "the cost.* rates (NaN: none set); NaN where not recorded or not modelled"
+)
+COST_COLUMNS = [f"{q}{end}" for q in QUANTITIES for end in ("", "_lo", "_hi")] + ["cost_units"]
+"""Beside every row's quality: each `expected_cost.QUANTITIES` with its bootstrap interval."""
 
 
 @dataclass
@@ -196,6 +205,22 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
     return ps
 
 
+def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
+           settings: EvaluationSettings, keys: Sequence[tuple[str, str, int]]) -> np.ndarray:
+    """(K, S, Q) expected cost per row and sample (`rescue.expected_cost`): the same for every
+    selector but for how it spends the verifier."""
+    # aggregators read pointwise verifier scores where they need the verifier at all
+    calls = {d.name: getattr(d, "verifier_calls", "per_mask") if d.needs_verifier else "none"
+             for d in (*settings.selectors, *settings.aggregators)}
+    modes = [calls[s] for _, s, _ in keys]
+    table = expected_cost.sample_costs(records, n_grid, settings.estimators, settings.cost,
+                                       modes)
+    out = np.empty((len(keys), len(records), len(QUANTITIES)))
+    for k, ((e, _, n), mode) in enumerate(zip(keys, modes, strict=True)):
+        out[k] = table[(mode, e, n)]
+    return out
+
+
 def _mc_se(ps: _PerSample, idx: np.ndarray, ciou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Monte-Carlo standard errors (K,) of gIoU and cIoU over the samples `idx`: the samples'
     draws are independent, so variances add; cIoU = ΣI/ΣU by the delta method,
@@ -269,18 +294,24 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
     ci, bootstrap = settings.ci, settings.bootstrap
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
     z = NormalDist().inv_cdf(q[1])
-    rows = []
+    cost = _costs(records, grid, settings, ps.keys)
+    rows, cost_rows = [], []
     for name, idx in subsets(records, by_tag).items():
         size = len(idx)
         inter, union, iou = ps.inter[:, idx], ps.union[:, idx], ps.iou[:, idx]
         giou = iou.mean(axis=1)
         ciou = _ratio(inter.sum(axis=1), union.sum(axis=1))
+        spent = cost[:, idx]  # (K, size, Q)
+        spent_mean = spent.mean(axis=1)
         if bootstrap > 0:
             counts = _resample_counts(rng, size, bootstrap)
             g_lo, g_hi = np.quantile(counts @ iou.T / size, q, axis=0)
             c_lo, c_hi = np.quantile(_ratio(counts @ inter.T, counts @ union.T), q, axis=0)
+            # the same resamples as the quality columns: cost and quality compare paired
+            s_lo, s_hi = np.quantile(np.einsum("ds,ksq->dkq", counts, spent) / size, q, axis=0)
         else:
             g_lo = g_hi = c_lo = c_hi = np.full(len(ps.keys), np.nan)
+            s_lo = s_hi = np.full(spent_mean.shape, np.nan)
         exact = ~ps.mc[:, idx].any(axis=1)
         g_se, c_se = _mc_se(ps, idx, ciou)
         g_lo, g_hi = _widen(giou, g_lo, g_hi, g_se, z)
@@ -291,9 +322,14 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
             rows.append((name, e, s, n, giou[k], ciou[k], g_lo[k], g_hi[k], c_lo[k], c_hi[k],
                          bool(exact[k]), g_se[k], c_se[k], size, n_failed, int(n_short[k]),
                          CIOU_DEFINITION))
+            cost_rows.append([v for t in zip(spent_mean[k], s_lo[k], s_hi[k], strict=True)
+                              for v in t] + [COST_UNITS])
     df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.concat([df, pd.DataFrame(cost_rows, columns=COST_COLUMNS)], axis=1)
     df.attrs.update(
         ciou_definition=CIOU_DEFINITION,
+        cost_units=COST_UNITS,
+        cost_rates=settings.cost.to_json(),
         bootstrap=bootstrap,
         ci=ci,
         seed=settings.seed,

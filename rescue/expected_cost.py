@@ -163,3 +163,37 @@ def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
                         + (v.gpu_s_per_token or 0.0) * float(ver.tokens)
                         + (v.gpu_s_per_call or 0.0) * masks)
     return out
+
+
+VERIFIER_CALLS = ("none", "per_mask", "unmodelled")
+"""How a selector spends the verifier: not at all (`needs_verifier` false), one call per distinct
+mask drawn (the verify stage), or in calls this module does not model (pairwise, listwise:
+`Selector.verifier_calls`; their verify columns are NaN rather than a wrong number)."""
+
+
+def sample_costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
+                 estimators: Sequence[str], rates: CostRates | None,
+                 modes: Sequence[str]) -> dict[tuple[str, str, int], np.ndarray]:
+    """(mode, estimator, N) -> (S, len(QUANTITIES)) expected cost per sample. A failed sample
+    (no candidates) cost nothing; a record without recorded costs is NaN."""
+    pools = [None if r.error is not None or not r.candidates else PoolCost.of(r)
+             for r in records]
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    unmodelled = [QUANTITIES.index(q) for q in ("verify_masks", "verify_tokens",
+                                                "total_tokens", "gpu_s")]
+    for mode in dict.fromkeys(modes):
+        if mode not in VERIFIER_CALLS:
+            raise ValueError(f"verifier_calls must be one of {VERIFIER_CALLS}, got {mode!r}")
+        for e in estimators:
+            for n in n_grid:
+                a = np.zeros((len(records), len(QUANTITIES)))
+                for row, pool in enumerate(pools):
+                    if pool is not None:
+                        got = expected(pool, n, e, verifies=mode != "none", rates=rates)
+                        a[row] = [got[q] for q in QUANTITIES]
+                if mode == "unmodelled":
+                    a[:, unmodelled] = np.nan
+                if rates is None or not rates.set:
+                    a[:, QUANTITIES.index("gpu_s")] = np.nan
+                out[(mode, e, n)] = a
+    return out

@@ -77,6 +77,9 @@ class Selector:
     line in every plot (None: the next colour of the cycle). `of_record`: pool scores that
     need more of the record than its candidates (the arena's comparisons), for the single
     answer. `needs_verifier`: it reads the verifier's answers (what a study charges it).
+    `verifier_calls`: how a selector that needs the verifier spends it, for its cost columns:
+    "per_mask" (one verify call per distinct mask drawn) or "unmodelled" (pairwise, listwise:
+    `rescue.expected_cost` leaves their verifier cost NaN rather than a wrong number).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Selector:
     color: str | None = None
     of_record: Callable[[SampleRecord], np.ndarray] | None = None
     needs_verifier: bool = False
+    verifier_calls: str = "per_mask"
 
     def scores(self, candidates: Sequence[CandidateRecord], *, key: str = "",
                seed: int = 0) -> np.ndarray:
@@ -200,7 +204,7 @@ ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""
 
 ARENA = Selector("arena", _from_record, within=arena.ArenaWeights.of, color="#aec7e8",
-                 of_record=arena.pool_scores, needs_verifier=True)
+                 of_record=arena.pool_scores, needs_verifier=True, verifier_calls="unmodelled")
 """A pairwise verifier's tournament (EVOL-SAM3): the Copeland winner of the masks drawn, from
 the record's cached comparisons (`rescue.arena`); a run whose verifier is pairwise has them."""
 
@@ -216,7 +220,8 @@ def registry(*selectors: Selector) -> Mapping[str, Selector]:
 
 
 LISTWISE = Selector("listwise", _from_record, within=listwise.ListwiseWeights.of,
-                    color="#98df8a", of_record=listwise.pool_scores, needs_verifier=True)
+                    color="#98df8a", of_record=listwise.pool_scores, needs_verifier=True,
+                    verifier_calls="unmodelled")
 """Set-of-Marks: the mask a listwise verifier names among the top-k of the masks drawn, from
 the record's cached choices (`rescue.listwise`); a run whose verifier is listwise has them."""
 

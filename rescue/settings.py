@@ -10,12 +10,13 @@ the field's default below.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rescue import aggregation, selection
 from rescue.aggregation import Aggregator
 from rescue.consensus import Draws
+from rescue.cost import CostRates
 from rescue.errors import ConfigError
 from rescue.estimators import ESTIMATORS
 from rescue.selection import Selector
@@ -37,7 +38,9 @@ class EvaluationSettings:
     and more until the gIoU over all samples has a Monte-Carlo standard error of at most
     `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample.
     `aggregators` (`rescue.aggregation`, none by default) output masks of their own; they need
-    the run's stored truth and masks."""
+    the run's stored truth and masks. `cost`: the user's conversion of each model's work to
+    GPU-seconds (config `cost.*`), read by the cost columns only, so a cached rerun re-costs a
+    study with no model call."""
 
     n_grid: tuple[int, ...]
     selectors: tuple[Selector, ...] = selection.DEFAULTS
@@ -51,6 +54,7 @@ class EvaluationSettings:
     consensus_max_draws: int = 65536
     max_n: int | None = None
     aggregators: tuple[Aggregator, ...] = ()
+    cost: CostRates = field(default_factory=CostRates)
 
     def __post_init__(self) -> None:
         grid = sorted({int(n) for n in self.n_grid})
@@ -128,6 +132,8 @@ class EvaluationSettings:
                 kw[key] = kind(sel[key])
         if cfg.get("seed") is not None:
             kw["seed"] = int(cfg["seed"])
+        if cfg.get("cost") is not None:
+            kw["cost"] = CostRates.from_config(cfg["cost"])
         if bounded:
             if max_n is None:
                 raise ConfigError("the config has no max_n")

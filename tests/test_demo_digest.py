@@ -5,10 +5,11 @@ cache, sorted records): records.jsonl since each candidate carries its cost (iss
 tokens of the simulated planner and verifier, the executor's prompts; no number changed);
 metrics.csv since its `exact`,
 `giou_mc_se` and `ciou_mc_se` columns and consensus draws chosen from a target standard error
-(issue 10), the only change to its numbers being consensus at N = 4 and 8; and since its last
-column `simulated` (issue 11: the lines without it hash to the previous 6588de2e…06eb). A
-change that means to alter the demo's records or metrics updates them here, in the same commit,
-and says why.
+(issue 10), the only change to its numbers being consensus at N = 4 and 8; since its column
+`simulated` (issue 11: the lines without it hash to the previous 6588de2e…06eb); and since its
+cost columns (issue 12: the expected tokens, prompts and masks per sample at N beside every
+row; no quality number changed). A change that means to alter the demo's records or metrics
+updates them here, in the same commit, and says why.
 """
 
 import hashlib
@@ -22,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = {
     "records.jsonl": "84f7c1d34ef0f946a180861daedda70571dd05a805bc5ddc0cc4b4df34cd201d",
-    "metrics.csv": "ca9087cb05b7bc93dbc15cb74e8c5b0877f09e6268b323c5ee8460495c0c8660",
+    "metrics.csv": "9329fbcfc8b613df80c3dff305a3c3c41c9c7c3f84ac390a49c8dd2ac1dc7060",
 }
 
 pytestmark = pytest.mark.slow

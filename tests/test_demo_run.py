@@ -98,3 +98,24 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(resumed / "metrics.csv"),
                                   pd.read_csv(reference / "metrics.csv"))
     assert (resumed / "records.jsonl").read_text() == (reference / "records.jsonl").read_text()
+
+
+def test_a_cached_rerun_with_new_cost_rates_recosts_every_row_with_no_model_call(tmp_path):
+    first = run_demo(tmp_path, "first")
+    rates = ["cost.planner.gpu_s_per_token=0.001", "cost.planner.gpu_s_per_call=0.2",
+             "cost.executor.gpu_s_per_prompt=0.05", "cost.verifier.gpu_s_per_token=0.004",
+             "cost.verifier.gpu_s_per_call=0.1"]
+    again = run_demo(tmp_path, "again", "cache", "offline=true", *rates)
+    assert _stats(again)["calls"]["model_calls"] == 0
+    a, b = pd.read_csv(first / "metrics.csv"), pd.read_csv(again / "metrics.csv")
+    assert a.gpu_s.isna().all() and not b.gpu_s.isna().any()
+    tokens = ["plan_tokens", "execute_prompts", "verify_masks", "verify_tokens", "total_tokens"]
+    pd.testing.assert_frame_equal(a[tokens], b[tokens])
+    assert (a.plan_tokens > 0).all()
+    want = (0.001 * b.plan_tokens + 0.2 + 0.05 * b.execute_prompts + 0.004 * b.verify_tokens
+            + 0.1 * b.verify_masks)
+    assert b.gpu_s.to_numpy() == pytest.approx(want.to_numpy(), rel=1e-9)
+    assert (b.gpu_s_lo <= b.gpu_s + 1e-9).all() and (b.gpu_s <= b.gpu_s_hi + 1e-9).all()
+    # the stats of the study's calls are the same: what the cache holds was not spent again
+    assert _stats(again)["calls"]["cost"] == _stats(first)["calls"]["cost"]
+    assert _stats(again)["calls"]["cost_spent"] == {}

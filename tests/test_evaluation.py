@@ -9,7 +9,7 @@ import pytest
 from named_settings import evaluate_named, per_sample_named
 
 from rescue import selection
-from rescue.evaluation import CIOU_DEFINITION, COLUMNS, failure_summary
+from rescue.evaluation import CIOU_DEFINITION, COLUMNS, COST_COLUMNS, failure_summary
 from rescue.records import CandidateRecord, SampleRecord
 
 ALL = ["verifier", "executor", "consensus", "first", "random", "oracle"]
@@ -90,7 +90,7 @@ def _row(df, estimator, sel, n, subset="all"):
 def test_columns_attrs_and_row_grid():
     recs = random_records(np.random.default_rng(0), 12)
     df = evaluate_named(recs, [1, 2, 4], ALL, bootstrap=50)
-    assert list(df.columns) == COLUMNS
+    assert list(df.columns) == COLUMNS + COST_COLUMNS
     assert len(df) == 3 * 2 * 6 * 3  # subsets (all, long, short) x estimators x selectors x N
     assert set(df.subset) == {"all", "long", "short"}
     assert df.attrs["ciou_definition"] == CIOU_DEFINITION and df.attrs["simulated"] is True

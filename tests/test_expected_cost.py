@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from named_settings import evaluate_named
 
 from rescue import cost, expected_cost
 from rescue.cost import Cost, CostRates, ModelRates
@@ -148,3 +149,50 @@ def test_usage_reads_sdk_objects_and_json_alike():
     obj = Obj(usage=Obj(prompt_tokens=7, completion_tokens=5, completion_tokens_details=None))
     assert cost.Usage.of(obj) == cost.Usage(7, 5, 0)
     assert cost.Usage.of({"usage": None}) == cost.Usage()
+
+
+# --- the cost columns of metrics.csv --------------------------------------------------------
+
+
+def _records(count, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for s in range(count):
+        rec = _pool(rng, int(rng.integers(3, 7)))
+        rec.sample_id = f"s{s}"
+        for c in rec.candidates:
+            c.verifier_score = float(rng.random()) if c.mask_key else None
+        recs.append(rec)
+    return recs
+
+
+def test_metrics_rows_carry_the_mean_expected_cost_with_paired_bootstrap_intervals():
+    recs = _records(10)
+    df = evaluate_named(recs, [1, 2, 3], ["verifier", "consensus"], bootstrap=200)
+    for _, row in df[df.subset == "all"].iterrows():
+        pools = [expected_cost.PoolCost.of(r) for r in recs]
+        want = np.mean([expected_cost.expected(p, row.n, row.estimator,
+                                               verifies=row.selector == "verifier")[
+            "verify_tokens"] for p in pools])
+        assert row.verify_tokens == pytest.approx(want)
+        assert row.verify_tokens_lo <= row.verify_tokens <= row.verify_tokens_hi
+        assert row.plan_tokens_lo <= row.plan_tokens <= row.plan_tokens_hi
+        assert math.isnan(row.gpu_s) and "usage" in row.cost_units
+    consensus = df[df.selector == "consensus"]
+    assert (consensus.verify_tokens == 0).all() and (consensus.verify_masks == 0).all()
+    verifier = df[(df.selector == "verifier") & (df.estimator == "best_of_n")
+                  & (df.subset == "all")].sort_values("n")
+    assert verifier.verify_masks.is_monotonic_increasing  # more drawn, more distinct masks
+
+
+def test_records_without_costs_give_nan_cost_columns_and_unchanged_quality():
+    recs = _records(6)
+    bare = _records(6)
+    for r in bare:
+        for c in r.candidates:
+            c.cost = {}
+    a = evaluate_named(recs, [1, 2], ["verifier"], bootstrap=50)
+    b = evaluate_named(bare, [1, 2], ["verifier"], bootstrap=50)
+    assert b.plan_tokens.isna().all() and not a.plan_tokens.isna().any()
+    quality = ["giou", "ciou", "giou_lo", "giou_hi", "ciou_lo", "ciou_hi"]
+    assert a[quality].equals(b[quality])  # the cost columns draw no extra random numbers

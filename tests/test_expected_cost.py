@@ -196,3 +196,13 @@ def test_records_without_costs_give_nan_cost_columns_and_unchanged_quality():
     assert b.plan_tokens.isna().all() and not a.plan_tokens.isna().any()
     quality = ["giou", "ciou", "giou_lo", "giou_hi", "ciou_lo", "ciou_hi"]
     assert a[quality].equals(b[quality])  # the cost columns draw no extra random numbers
+
+
+def test_quality_against_cost_is_drawn_where_the_metrics_carry_costs(tmp_path):
+    from rescue.reporting.plots import write_plots
+
+    df = evaluate_named(_records(6), [1, 2, 3], ["verifier", "consensus"], bootstrap=20)
+    paths = write_plots(df, tmp_path / "with")
+    assert paths["quality_vs_cost"].stat().st_size > 0
+    bare = df.assign(total_tokens=np.nan)
+    assert "quality_vs_cost" not in write_plots(bare, tmp_path / "without")

@@ -114,14 +114,60 @@ def plot_iou_vs_n(metrics: pd.DataFrame, out_path: Path | str, metric: str = "gi
                     simulated)
 
 
+COST_AXES = {"verify_tokens": "expected verifier tokens per sample",
+             "total_tokens": "expected tokens per sample (planner + verifier)"}
+"""The cost columns (`rescue.evaluation.COST_COLUMNS`) quality is plotted against."""
+
+
+def quality_vs_cost_figure(metrics: pd.DataFrame, estimator: str = "best_of_n",
+                           selectors: Sequence[Selector] | None = None) -> Figure | None:
+    """gIoU and cIoU (rows) against expected verifier tokens and total tokens (columns), one
+    line per selector through its N values (each point labelled N); None when the table has
+    no finite cost (records of a version that recorded none)."""
+    df = with_subset(metrics)
+    df = df[(df["estimator"] == estimator) & (df["subset"].astype(str) == "all")]
+    if df.empty or any(c not in df.columns for c in COST_AXES) or \
+            not df["total_tokens"].notna().any():
+        return None
+    known = {s.name: s for s in (selection.SELECTORS.values() if selectors is None
+                                 else selectors)}
+    fig = Figure(figsize=(11, 8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    for row, metric in enumerate(("giou", "ciou")):
+        for col, (cost, label) in enumerate(COST_AXES.items()):
+            ax = axes[row][col]
+            for name in ordered(df["selector"].astype(str).unique(), list(known)):
+                s = df[(df["selector"] == name) & df[cost].notna()].sort_values("n")
+                if s.empty:
+                    continue
+                sel = known.get(name)
+                bound = sel is not None and sel.needs_truth
+                x, y = s[cost].to_numpy(float), 100.0 * s[metric].to_numpy(float)
+                ax.plot(x, y, marker="o", markersize=4, linestyle="--" if bound else "-",
+                        color=sel.color if sel is not None else None, label=name)
+                for xi, yi, n in zip(x, y, s["n"], strict=True):
+                    ax.annotate(f"N={int(n)}", (xi, yi), fontsize=6, xytext=(2, 2),
+                                textcoords="offset points")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize=8, frameon=False)
+    return fig
+
+
 def write_plots(metrics: pd.DataFrame, out_dir: Path | str, simulated: bool = False,
                 selectors: Sequence[Selector] | None = None) -> dict[str, Path]:
-    """iou_vs_n.png (gIoU) and ciou_vs_n.png for best-of-N, plus the prefix gIoU when present."""
+    """iou_vs_n.png (gIoU) and ciou_vs_n.png for best-of-N, plus the prefix gIoU when present,
+    and quality_vs_cost.png where the metrics carry costs."""
     out = Path(out_dir)
     paths = {"iou_vs_n": plot_iou_vs_n(metrics, out / "iou_vs_n.png", "giou",
                                        simulated=simulated, selectors=selectors),
              "ciou_vs_n": plot_iou_vs_n(metrics, out / "ciou_vs_n.png", "ciou",
                                         simulated=simulated, selectors=selectors)}
+    cost = quality_vs_cost_figure(metrics, selectors=selectors)
+    if cost is not None:
+        paths["quality_vs_cost"] = save_png(cost, out / "quality_vs_cost.png", simulated)
     if (metrics["estimator"] == "prefix").any():
         paths["iou_vs_n_prefix"] = plot_iou_vs_n(metrics, out / "iou_vs_n_prefix.png", "giou",
                                                  estimator="prefix", simulated=simulated,

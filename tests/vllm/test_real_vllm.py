@@ -474,3 +474,48 @@ def test_past_a_server_limit_the_request_is_a_400_naming_it(servers: Servers) ->
     fits = post(servers.verifier, body(VERIFIER, "Is it red?", max_tokens=MAX_MODEL_LEN - 1,
                                        seed=0, **VERIFIER_SAMPLING))
     assert fits.status_code == 200, fits.text
+
+
+def test_the_clients_record_the_real_usage_prompt_once_per_request(servers: Servers) -> None:
+    """Issue 12: each answer's cost is vLLM's own `usage`: a planner request's prompt once (on
+    its first child) and its completion total over the children; a verdict's tokens are exactly
+    those of the same request sent raw (seeded, so the same reply)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    overrides = ["experiment=http_synthetic", "dataset.num_samples=1",
+                 f"planner.base_url={servers.planner.api}",
+                 f"verifier.base_url={servers.verifier.api}",
+                 "planner.structured_output=false", "planner.sampling.max_tokens=24",
+                 "verifier.sampling.max_tokens=32", "verifier.overlay.views=[overlay]",
+                 f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    ds = instantiate(cfg.dataset)
+    sample = ds.load(ds.sample_ids()[0])
+    planner, verifier = instantiate(cfg.planner), instantiate(cfg.verifier)
+    mask = np.zeros(sample.gt.shape, dtype=bool)
+    mask[10:40, 10:50] = True
+
+    async def go():
+        hyps = await planner.plan(sample, list(range(4)))
+        verdict = await verifier.verify(sample, mask)
+        messages = await asyncio.to_thread(verifier.render, sample, mask)
+        await planner.aclose()
+        await verifier.aclose()
+        return hyps, verdict, messages
+
+    hyps, verdict, messages = asyncio.run(go())
+    costs = [h.meta["cost"] for h in hyps]
+    assert costs[0]["prompt_tokens"] > 0 and costs[0]["calls"] == 1
+    assert all("prompt_tokens" not in c and "calls" not in c for c in costs[1:])
+    assert 4 <= sum(c.get("completion_tokens", 0) for c in costs) <= 4 * 24
+    raw = post(servers.verifier, {"model": cfg.verifier.model,
+                                  **verifier.payload(messages)}).json()["usage"]
+    got = verdict.meta["cost"]
+    assert got["prompt_tokens"] == raw["prompt_tokens"]
+    assert got["completion_tokens"] == raw["completion_tokens"]
+    reasoning = (raw.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    assert got.get("reasoning_tokens", 0) == reasoning <= raw["completion_tokens"]
+    assert got["calls"] == 1 and got["latency_s"] > 0
+    print(f"\nusage: plan {costs}, verify {got}")

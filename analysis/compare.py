@@ -36,6 +36,35 @@ from rescue.reporting.tables import (
 PLOT_NAMES = {"giou": "study_iou_vs_n.png", "ciou": "study_ciou_vs_n.png"}
 
 
+def pareto_frontier(points: pd.DataFrame, cost: str = "total_tokens",
+                    metric: str = "giou") -> pd.DataFrame:
+    """The rows no other row dominates (cost no higher and quality no lower, one strictly),
+    by increasing cost; rows without a finite cost are not candidates."""
+    p = points[points[cost].notna() & points[metric].notna()]
+    p = p.sort_values([cost, metric], ascending=[True, False], kind="stable")
+    keep, best = [], -math.inf
+    for i, q in zip(p.index, p[metric], strict=True):
+        if q > best:
+            keep.append(i)
+            best = q
+    return p.loc[keep]
+
+
+def cheapest_reaching(points: pd.DataFrame, fractions: Sequence[float] = (0.9, 0.95, 0.99),
+                      cost: str = "total_tokens", metric: str = "giou") -> pd.DataFrame:
+    """Per fraction X: the cheapest row whose quality reaches X × the best quality of any row
+    (upper bounds that read the truth excluded by the caller)."""
+    p = points[points[cost].notna() & points[metric].notna()]
+    if p.empty:
+        return pd.DataFrame(columns=["fraction", "target", *p.columns])
+    top = float(p[metric].max())
+    rows = []
+    for x in fractions:
+        ok = p[p[metric] >= x * top].sort_values(cost, kind="stable")
+        rows.append({"fraction": x, "target": x * top, **ok.iloc[0].to_dict()})
+    return pd.DataFrame(rows)
+
+
 def _short(label: str, width: int = 90) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
@@ -163,7 +192,37 @@ def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = 
     paths["md"].write_text(study_markdown(table, runs, selector, metric, estimator, subset),
                            encoding="utf-8")
     plot_study(table, runs, paths["plot"], selector, metric, estimator, subset)
+    points = _block(table, estimator, subset)
+    points = points[~points["selector"].isin(UPPER_BOUNDS)]
+    if "total_tokens" in points.columns and points["total_tokens"].notna().any():
+        paths["frontier"] = out / "study_frontier.md"
+        paths["frontier"].write_text(frontier_markdown(points, metric), encoding="utf-8")
     return paths
+
+
+UPPER_BOUNDS = ("oracle",)
+"""Selectors that read the truth: never on a frontier of methods."""
+
+
+def frontier_markdown(points: pd.DataFrame, metric: str = "giou",
+                      cost: str = "total_tokens") -> str:
+    """The Pareto frontier over runs, selectors and N (quality against expected tokens per
+    sample), and the cheapest configuration reaching 90/95/99 % of the best."""
+    cols = ["run", "selector", "n", metric, cost, "verify_tokens"]
+    front = pareto_frontier(points, cost, metric)[cols]
+    cheap = cheapest_reaching(points, cost=cost, metric=metric)
+    def table(df: pd.DataFrame) -> list[str]:
+        return markdown_table(list(df.columns), "l" * 2 + "r" * (len(df.columns) - 2),
+                              [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+                               for row in df.itertuples(index=False)])
+
+    lines = [f"# Quality per unit of compute ({METRIC_TITLES[metric]} vs {cost})", "",
+             "## Pareto frontier", "", *table(front), "",
+             f"## Cheapest configuration reaching X% of the best {METRIC_TITLES[metric]}", "",
+             *table(cheap[["fraction", "target", *cols]])]
+    if points.get("simulated") is not None and bool(points["simulated"].any()):
+        lines += ["", SIMULATED_NOTE]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,3 +206,27 @@ def test_quality_against_cost_is_drawn_where_the_metrics_carry_costs(tmp_path):
     assert paths["quality_vs_cost"].stat().st_size > 0
     bare = df.assign(total_tokens=np.nan)
     assert "quality_vs_cost" not in write_plots(bare, tmp_path / "without")
+
+
+def test_pareto_frontier_and_cheapest_reaching_match_brute_force():
+    import pandas as pd
+
+    from analysis.compare import cheapest_reaching, pareto_frontier
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k = int(rng.integers(1, 12))
+        pts = pd.DataFrame({"total_tokens": rng.integers(0, 6, k).astype(float),
+                            "giou": rng.integers(0, 5, k) / 4.0})
+        front = pareto_frontier(pts)
+        brute = [i for i in pts.index if not any(
+            (pts.total_tokens[j] <= pts.total_tokens[i] and pts.giou[j] >= pts.giou[i])
+            and (pts.total_tokens[j] < pts.total_tokens[i] or pts.giou[j] > pts.giou[i])
+            for j in pts.index)]
+        # ties (equal cost and quality) keep one representative
+        assert {(pts.total_tokens[i], pts.giou[i]) for i in front.index} == \
+            {(pts.total_tokens[i], pts.giou[i]) for i in brute}
+        cheap = cheapest_reaching(pts, (0.5, 1.0))
+        for _, row in cheap.iterrows():
+            ok = pts[pts.giou >= row.fraction * pts.giou.max()]
+            assert row.total_tokens == ok.total_tokens.min()

@@ -227,24 +227,30 @@ def test_run_py_preflight_stops_a_misconfigured_run_in_one_line_per_problem(
     assert ok.returncode == 0, ok.stderr[-3000:]
 
 
-def test_real_clients_in_process_classify_every_reply(servers: Servers) -> None:
-    """OpenAIPlanner and OpenAIVerifier, built from the project's configs, on many real replies:
-    every hypothesis parses or is classified; every verdict carries finish_reason, a cut-off one
-    is verify:truncated and unscored, a scored one lies in [0, 1]."""
+def _clients(servers: Servers, samples: int, plan_tokens: int, verify_tokens: int):
+    """The project's configs with the real clients on the servers: (cfg, the first synthetic
+    sample, OpenAIPlanner, OpenAIVerifier)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    overrides = ["experiment=http_synthetic", "dataset.num_samples=2",
+    overrides = ["experiment=http_synthetic", f"dataset.num_samples={samples}",
                  f"planner.base_url={servers.planner.api}",
                  f"verifier.base_url={servers.verifier.api}",
-                 "planner.structured_output=false", "planner.sampling.max_tokens=64",
-                 "verifier.sampling.max_tokens=40", "verifier.overlay.views=[overlay]",
+                 "planner.structured_output=false", f"planner.sampling.max_tokens={plan_tokens}",
+                 f"verifier.sampling.max_tokens={verify_tokens}",
+                 "verifier.overlay.views=[overlay]",
                  f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     ds = instantiate(cfg.dataset)
-    sample = ds.load(ds.sample_ids()[0])
-    planner, verifier = instantiate(cfg.planner), instantiate(cfg.verifier)
+    return cfg, ds.load(ds.sample_ids()[0]), instantiate(cfg.planner), instantiate(cfg.verifier)
+
+
+def test_real_clients_in_process_classify_every_reply(servers: Servers) -> None:
+    """OpenAIPlanner and OpenAIVerifier, built from the project's configs, on many real replies:
+    every hypothesis parses or is classified; every verdict carries finish_reason, a cut-off one
+    is verify:truncated and unscored, a scored one lies in [0, 1]."""
+    cfg, sample, planner, verifier = _clients(servers, 2, 64, 40)
 
     async def go():
         hyps = await planner.plan(sample, list(range(8)))
@@ -480,20 +486,7 @@ def test_the_clients_record_the_real_usage_prompt_once_per_request(servers: Serv
     """Issue 12: each answer's cost is vLLM's own `usage`: a planner request's prompt once (on
     its first child) and its completion total over the children; a verdict's tokens are exactly
     those of the same request sent raw (seeded, so the same reply)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    overrides = ["experiment=http_synthetic", "dataset.num_samples=1",
-                 f"planner.base_url={servers.planner.api}",
-                 f"verifier.base_url={servers.verifier.api}",
-                 "planner.structured_output=false", "planner.sampling.max_tokens=24",
-                 "verifier.sampling.max_tokens=32", "verifier.overlay.views=[overlay]",
-                 f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    ds = instantiate(cfg.dataset)
-    sample = ds.load(ds.sample_ids()[0])
-    planner, verifier = instantiate(cfg.planner), instantiate(cfg.verifier)
+    cfg, sample, planner, verifier = _clients(servers, 1, 24, 32)
     mask = np.zeros(sample.gt.shape, dtype=bool)
     mask[10:40, 10:50] = True
 

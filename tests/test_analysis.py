@@ -114,8 +114,11 @@ def test_compare_writes_csv_md_plot_with_every_run(made, tmp_path):
     out = tmp_path / "study"
     paths = compare.compare([made["sweep"], made["single"]], out)
     assert paths == {"csv": out / "study.csv", "md": out / "study.md",
-                     "plot": out / "study_iou_vs_n.png"}
+                     "plot": out / "study_iou_vs_n.png", "frontier": out / "study_frontier.md"}
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    frontier = paths["frontier"].read_text()  # quality per unit of compute, across the runs
+    assert "Pareto frontier" in frontier and "reaching X% of the best gIoU" in frontier
+    assert "oracle" not in frontier and "SIMULATED" in frontier
     md = paths["md"].read_text()
     assert "SIMULATED" in md
     runs = [load_run(p) for p in find_runs([made["sweep"], made["single"]])]

@@ -116,3 +116,20 @@ def test_scripts_are_strict_and_relocatable():
     readme = (EXPERIMENTS / "README.md").read_text()
     for script in EXPERIMENTS.glob("*.sh"):
         assert script.name in readme
+
+
+@pytest.mark.slow
+def test_compute_frontier_sweeps_verifier_by_max_n_and_prints_the_cheapest(tmp_path):
+    out = tmp_path / "frontier"
+    proc = _bash("compute_frontier.sh", str(out), f"paths.cache_dir={tmp_path / 'cache'}",
+                 "dataset.num_samples=4", "selection.bootstrap=20", "report.overlays=1",
+                 "pipeline.progress=false", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted(p.name for p in out.iterdir() if (p / "metrics.csv").is_file())
+    assert runs == [str(k) for k in range(6)]
+    study = pd.read_csv(out / "study.csv")
+    assert sorted(study["max_n"].unique()) == [4, 8, 16]
+    assert sorted(study["verifier.noise"].unique()) == [0.1, 0.3]
+    assert study["total_tokens"].notna().all()
+    assert "Cheapest configuration reaching X% of the best gIoU" in proc.stdout
+    assert "Pareto frontier" in (out / "study_frontier.md").read_text()

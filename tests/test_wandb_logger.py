@@ -257,3 +257,17 @@ def test_summary_keys_are_flat_and_the_same_for_any_max_n() -> None:
                          "cost": {"calls": {"plan": 3}}, "skip": float("nan"), "primary": "v"})
     assert flat == {"gain@max": 0.2, "gain": 0.2, "failure_share/plan": 0.1,
                     "cost/calls/plan": 3, "primary": "v"}
+
+
+def test_metrics_with_costs_log_quality_against_compute_charts(wandb_env: Path) -> None:
+    df = metrics_frame(subsets=("all",))
+    df["total_tokens"] = 100.0 * df["n"]  # what the cost columns (issue 12) carry
+    df["verify_tokens"] = 60.0 * df["n"]
+    logger = WandbLogger(project="rescue-test", dir=wandb_env / "run")
+    logger.start({"max_n": 16}, name="cost-run")
+    logger.log_metrics(df)
+    logger.finish()
+    assert logger.errors == []
+    logged = {k for row in read_run(logger.run_dir).history for k in row}
+    assert {"charts/best_of_n/giou_vs_total_tokens_table",
+            "charts/best_of_n/giou_vs_verify_tokens_table"} <= logged

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from rescue.reporting.overlays import OverlayItem, mask_layers
+from rescue.reporting.plots import COST_AXES
 from rescue.reporting.tables import (
     BOUNDS,
     ESTIMATOR_ORDER,
@@ -345,6 +346,17 @@ class WandbLogger:
                     ys.append([float(v) if _finite(v) else None for v in s[metric]])
                 charts[f"charts/{est}/{metric}_vs_n"] = wandb.plot.line_series(
                     xs=xs, ys=ys, keys=sels, title=f"{metric} vs N ({est})", xname="N")
+            for cost in COST_AXES:  # quality per unit of compute (issue 12), N along each line
+                if cost not in block.columns or not block[cost].notna().any():
+                    continue
+                lines = [block[(block["selector"] == sel) & block[cost].notna()].sort_values("n")
+                         for sel in sels]
+                keep = [k for k, s in enumerate(lines) if len(s)]
+                charts[f"charts/{est}/giou_vs_{cost}"] = wandb.plot.line_series(
+                    xs=[[float(v) for v in lines[k][cost]] for k in keep],
+                    ys=[[float(v) if _finite(v) else None for v in lines[k]["giou"]]
+                        for k in keep],
+                    keys=[sels[k] for k in keep], title=f"giou vs {cost} ({est})", xname=cost)
         if charts:
             self._run.log(charts)
 

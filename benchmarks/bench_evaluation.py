@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, uninstalled
 
-from rescue import evaluation, selection
+from rescue import selection
 from rescue.evaluation import evaluate
 from rescue.records import CandidateRecord, SampleRecord
 from rescue.settings import EvaluationSettings
@@ -77,13 +77,6 @@ def main() -> None:
     pool_level = tuple(s for s in SELECTORS if s.within is None)
     evaluate(records, dataclasses.replace(settings, selectors=pool_level), by_tag=False)
     t4 = time.perf_counter()
-    batched, evaluation._estimates = evaluation._estimates, _one_by_one
-    try:
-        df_old = evaluate(records, settings, by_tag=False)
-    finally:
-        evaluation._estimates = batched
-    t5 = time.perf_counter()
-    assert df_old.equals(df), "the batched consensus changed the table"
     print(f"records: {args.samples} samples x {args.m} candidates (built in {t1 - t0:.2f} s)")
     print(f"grid: {len(SELECTORS)} selectors x {len(n_grid)} N x 2 estimators = {len(df)} rows, "
           f"{args.bootstrap} bootstraps")
@@ -92,13 +85,6 @@ def main() -> None:
           f"({len(df_tags)} rows)")
     print(f"evaluate (no consensus): {t4 - t3:.2f} s: consensus within subsets costs "
           f"{(t2 - t1) / (t4 - t3):.1f}x the other {len(pool_level)} selectors together")
-    print(f"evaluate (all, consensus sample by sample as before): {t5 - t4:.2f} s: batched is "
-          f"{(t5 - t4) / (t2 - t1):.1f}x faster, the same table")
-
-
-def _one_by_one(within, n, values):
-    """The evaluation's consensus estimates one sample at a time (the path before batching)."""
-    return {b: sub.estimate(n, values[b]) for b, sub in enumerate(within) if sub is not None}
 
 
 if __name__ == "__main__":

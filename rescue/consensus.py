@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
@@ -132,32 +131,21 @@ def estimate_best_of_n(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndar
     `values` (K, M): per-candidate quantities whose expectation under the pick is wanted (the
     evaluation passes I, U and IoU; the last row sets the draw count). The first `pilot`
     draws are those of `best_of_n_within` with the same generator, so a sample whose pilot
-    suffices gets the same weights as before. `estimate_many` is this for many samples."""
-    m = len(ok)
+    suffices gets the same weights as before."""
+    m, k = len(ok), values.shape[0]
     total = comb(m, n) if n < m else 1
     if total <= pilot:
-        return _exact(best_of_n_within(ious, ok, n, draws=pilot, rng=rng), values.shape[0])
+        w = best_of_n_within(ious, ok, n, draws=pilot, rng=rng)
+        return SubsetEstimate(w, 0, np.zeros((k, k)))
     rows = pick_weights(ious, ok, subsets_of(m, n, pilot, rng))
-    return _grow(ious, ok, n, values, rows, target_var, max_draws, rng)
-
-
-def _exact(weights: np.ndarray, k: int) -> SubsetEstimate:
-    return SubsetEstimate(weights, 0, np.zeros((k, k)))
-
-
-def _grow(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndarray, rows: np.ndarray,
-          target_var: float, max_draws: int, rng: np.random.Generator) -> SubsetEstimate:
-    """From the pilot's pick weights `rows` (drawn with `rng`): more draws until the target
-    variance (enumeration where that is cheaper), the mean and its Monte-Carlo covariance."""
-    m, pilot = len(ok), rows.shape[0]
-    total = comb(m, n)
     x = rows @ values.T  # (pilot, K): each draw's pick's values
     need = pilot
     var = float(x[:, -1].var(ddof=1))
     if target_var > 0 and var > 0:
         need = min(max_draws, max(pilot, math.ceil(var / target_var)))
     if need > pilot and total <= need:  # as many draws as subsets: enumerate instead
-        return _exact(best_of_n_within(ious, ok, n, draws=total, rng=rng), values.shape[0])
+        w = best_of_n_within(ious, ok, n, draws=total, rng=rng)
+        return SubsetEstimate(w, 0, np.zeros((k, k)))
     w_sum, x_sum, xx_sum, done = rows.sum(axis=0), x.sum(axis=0), x.T @ x, pilot
     while done < need:
         batch = min(BATCH, need - done)
@@ -168,39 +156,6 @@ def _grow(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndarray, rows: np
     mean = x_sum / done
     cov = (xx_sum - done * np.outer(mean, mean)) / (done - 1) / done
     return SubsetEstimate(w_sum / done, done, cov)
-
-
-GATHER_MAX = 8
-"""Up to this N a subset's votes are summed from its members' IoUs (N² each), above it by one
-matrix product over the pool (M² each, but in BLAS)."""
-
-
-def _picks(ious: np.ndarray, ok: np.ndarray, sub: np.ndarray) -> np.ndarray:
-    """`pick_weights` for many samples at once: `ious` (B, M, M), `ok` (B, M), `sub` (B, D, N)
-    each sample's D subsets; (B, D, M). The picks equal `pick_weights`' (the sums' order may
-    differ in the last bits, under TIE_TOLERANCE)."""
-    b, d, n = sub.shape
-    m = ok.shape[1]
-    at = np.arange(b)[:, None, None]
-    members = np.zeros((b, d, m), bool)
-    members[at, np.arange(d)[None, :, None], sub] = True
-    voters = members & ok[:, None, :]
-    others = voters.sum(axis=2, keepdims=True) - voters
-    diag = np.diagonal(ious, axis1=1, axis2=2)[:, None, :]
-    if n <= GATHER_MAX:
-        ok_sub = ok[at, sub]  # (B, D, N)
-        pair = ious[at[..., None], sub[..., :, None], sub[..., None, :]]  # (B, D, N, N)
-        own = (pair * ok_sub[..., None, :]).sum(axis=3)
-        votes = np.zeros((b, d, m))
-        votes[at, np.arange(d)[None, :, None], sub] = own
-    else:
-        votes = np.stack([v.astype(float) @ i.T for v, i in zip(voters, ious, strict=True)])
-    votes = votes - voters * diag
-    score = np.divide(votes, others, out=np.zeros(votes.shape), where=others > 0)
-    score = np.where(voters, score, -np.inf)
-    best = score.max(axis=2, keepdims=True)
-    win = np.where(np.isfinite(best), score >= best - TIE_TOLERANCE, members)
-    return win / win.sum(axis=2, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -242,42 +197,6 @@ class SubsetConsensus:
 
     def prefix(self, n: int) -> np.ndarray:
         return prefix_within(self.ious, self.ok, n)
-
-
-def estimate_many(subs: Sequence[SubsetConsensus], n: int,
-                  values: np.ndarray) -> list[SubsetEstimate]:
-    """`SubsetConsensus.estimate` for samples of one pool size M and one `Draws` at once —
-    the same draws, picks and sums, so the same estimates — with the pilot's subsets of all
-    samples scored together (`values`: (B, K, M)). A sample that needs more draws than the
-    pilot continues alone with its own generator."""
-    if not subs:
-        return []
-    d = subs[0].draws
-    m, k = len(subs[0].ok), values.shape[1]
-    ious = np.stack([s.ious for s in subs])
-    ok = np.stack([s.ok for s in subs])
-    total = comb(m, n) if n < m else 1
-    out: list[SubsetEstimate] = []
-    for lo in range(0, len(subs), _CHUNK):
-        part = range(lo, min(lo + _CHUNK, len(subs)))
-        if total <= d.pilot:  # every subset, the same for all samples
-            every = subsets_of(m, n, d.pilot, np.random.default_rng(0))
-            rows = _picks(ious[part], ok[part], np.broadcast_to(every, (len(part), *every.shape)))
-            out += [_exact(r, k) for r in rows.mean(axis=1)]
-            continue
-        rngs = [rng_for(subs[i].seed, subs[i].sample_id, n) for i in part]
-        # the draws of `subsets_of`: the first N of a random order, as a set (argsort's first
-        # N are the N smallest, argpartition's too, in another order that changes no pick)
-        order = np.stack([g.random((d.pilot, m)) for g in rngs])
-        sub = np.argpartition(order, n - 1, axis=2)[..., :n]
-        rows = _picks(ious[part], ok[part], sub)
-        out += [_grow(ious[i], ok[i], n, values[i], rows[j], d.target_var, d.max_draws, g)
-                for j, (i, g) in enumerate(zip(part, rngs, strict=True))]
-    return out
-
-
-_CHUNK = 64
-"""Samples scored together: bounds memory at (64, pilot, M) whatever the study size."""
 
 
 def rows_estimate(rows: np.ndarray, values: np.ndarray, *, exact: bool) -> SubsetEstimate:

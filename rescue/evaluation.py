@@ -34,11 +34,10 @@ import numpy as np
 import pandas as pd
 
 from rescue import aggregation, expected_cost
-from rescue.consensus import SubsetConsensus, SubsetEstimate, estimate_many
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.expected_cost import QUANTITIES
 from rescue.records import SampleRecord, reason_code
-from rescue.selection import Selector, SubsetWeights
+from rescue.selection import Selector
 from rescue.settings import EvaluationSettings
 from rescue.truth import SampleTruth
 
@@ -186,16 +185,14 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
                     best = e == "best_of_n"
                     w = ranking.best_of_n(nn) if best else prefix_select_weights(scores, nn)
                     k = pos[(e, s.name, n)]
-                    ests = (_estimates(within, nn, np.stack([pools.inter, pools.union,
-                                                             pools.iou], axis=1))
-                            if best else {})
                     for b, sub in enumerate(within):
                         if sub is None:
                             continue
                         if not best:
                             w[b] = sub.prefix(nn)
                             continue
-                        est = ests[b]
+                        est = sub.estimate(nn, np.stack(
+                            [pools.inter[b], pools.union[b], pools.iou[b]]))
                         w[b] = est.weights
                         mc[k, pools.rows[b]] = not est.exact
                         mc_cov[k, pools.rows[b]] = est.cov
@@ -221,18 +218,6 @@ def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
     out = np.empty((len(keys), len(records), len(QUANTITIES)))
     for k, ((e, _, n), mode) in enumerate(zip(keys, modes, strict=True)):
         out[k] = table[(mode, e, n)]
-    return out
-
-
-def _estimates(within: Sequence[SubsetWeights | None], n: int,
-               values: np.ndarray) -> dict[int, SubsetEstimate]:
-    """Each sample's estimate at N (`values`: (B, K, M)); consensus's all at once
-    (`consensus.estimate_many`, the same estimates), any other selector's one by one."""
-    batched = [b for b, sub in enumerate(within) if isinstance(sub, SubsetConsensus)]
-    many = estimate_many([within[b] for b in batched], n, values[batched])
-    out = dict(zip(batched, many, strict=True))
-    out.update({b: sub.estimate(n, values[b]) for b, sub in enumerate(within)
-                if sub is not None and b not in out})
     return out
 
 

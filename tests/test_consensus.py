@@ -178,34 +178,3 @@ def test_draws_grow_to_the_target_and_enumerate_when_that_is_cheaper():
                                               max_draws=10_000, rng=np.random.default_rng(0))
     assert enumerated.exact and not enumerated.cov.any()
     np.testing.assert_allclose(enumerated.weights, exact, atol=1e-12)
-
-
-@pytest.mark.parametrize("m", [1, 5, 12, 40])
-def test_many_samples_at_once_give_each_sample_its_own_estimate(m):
-    """`estimate_many` (the evaluation's batched path: gathered votes up to GATHER_MAX, matrix
-    products above, enumeration, draws that grow past the pilot) returns exactly what each
-    sample's `estimate` returns: same draws, same picks, same sums."""
-    rng = np.random.default_rng(m)
-    subs, values = [], []
-    for s in range(70):  # more than one chunk
-        ious, ok = _pool(rng, m, p_fail=0.3 if s % 7 else 1.0)  # ties; some with no mask
-        subs.append(consensus.SubsetConsensus(ious, ok, f"s{s}", 3,
-                                              consensus.Draws(16, 2e-3 * (s % 3), 64)))
-        values.append(np.stack([rng.random(m), rng.random(m) + 1, rng.random(m)]))
-    values = np.stack(values)
-    grew = 0
-    for n in sorted({1, 2, 3, 8, 9, 16, m} & set(range(1, m + 1))):
-        by_draws = {}
-        for b, sub in enumerate(subs):
-            by_draws.setdefault(sub.draws, []).append(b)
-        for idx in by_draws.values():
-            many = consensus.estimate_many([subs[b] for b in idx], n, values[idx])
-            for b, got in zip(idx, many, strict=True):
-                want = subs[b].estimate(n, values[b])
-                assert got.draws == want.draws
-                np.testing.assert_array_equal(got.weights, want.weights)
-                np.testing.assert_array_equal(got.cov, want.cov)
-                grew += got.draws > 16
-    assert consensus.estimate_many([], 4, values[:0]) == []
-    if m == 40:
-        assert grew  # the continuation past the pilot was exercised

@@ -11,14 +11,9 @@
 #   SWEEP="verifier=qwen3vl_8b_instruct,qwen3vl_32b_thinking" \
 #     experiments/compute_frontier.sh OUT experiment=refcoco_multi_n subset.fraction=0.1
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"  # absolute: the next line changes directory
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
+study_group=compute_frontier
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 sweep="${SWEEP:-verifier.noise=0.1,0.3}"
-group=(logger.group=compute_frontier)
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
 
 "$python" run.py -m "$sweep" max_n=4,8,16 'n_grid=[1,2,4]' "${group[@]}" \
   hydra.sweep.dir="$out" "$@"

@@ -5,13 +5,8 @@
 # the planner's hypotheses and masks are shared through the cache, only verification differs.
 # Then OUT_DIR/study.{csv,md} and study_iou_vs_n.png compare them.
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"  # absolute: the next line changes directory
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
-group=(logger.group=demo_noise)  # one W&B group for the sweep; logger=none has no group
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+study_group=demo_noise
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 
 "$python" run.py -m experiment=demo verifier.noise=0.1,0.3,0.6 "${group[@]}" \
   hydra.sweep.dir="$out" "$@"

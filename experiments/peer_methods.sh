@@ -10,13 +10,8 @@
 # Four runs, OUT_DIR/{pointwise,accept,pairwise,listwise}, on one cache: the first plans and
 # segments; the other three call only their verifier. Then one table and one figure in OUT_DIR.
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
-group=(logger.group=peer_methods)
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+study_group=peer_methods
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 
 "$python" run.py verifier="${POINTWISE:-simulated}" hydra.run.dir="$out/pointwise" \
   'selection.aggregators=[vote_best,vote_majority,verifier_fusion]' "${group[@]}" "$@"

@@ -7,13 +7,8 @@
 # only: the planner's hypotheses are cached once (or already are, by reasonseg_multi_n) and
 # read back by every job, which re-executes them under its mode and verifies the new masks.
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
-group=(logger.group=sam3_prompt_modes)
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+study_group=sam3_prompt_modes
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 
 "$python" run.py -m experiment=sam3_prompt_modes \
   executor.prompt_mode=text,text_box,box,box_points \

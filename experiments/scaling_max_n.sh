@@ -10,13 +10,8 @@
 #      model calls): best-of-N at N <= 8 estimated from pools of 8 to 64 hypotheses. The exact
 #      estimator is unbiased in the pool size, so the lines should agree, the bands narrowing.
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
-group=(logger.group=scaling_max_n)
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+study_group=scaling_max_n
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 study=(experiment=refcoco_multi_n subset.fraction=0.1)
 
 "$python" run.py "${study[@]}" max_n=64 "${group[@]}" hydra.run.dir="$out/generate" "$@"

@@ -7,13 +7,8 @@
 # are cached by the first job and read back by the others: only verification reruns.
 # (qwen3vl_8b_instruct verifies on the planner's server, 8002.)
 set -euo pipefail
-out="${1:?usage: $0 OUT_DIR [hydra overrides...]}"
-shift
-out="$(mkdir -p "$out" && cd "$out" && pwd)"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python="${PYTHON:-python}"
-group=(logger.group=verifier_ablation)
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+study_group=verifier_ablation
+source "$(dirname "${BASH_SOURCE[0]}")/study.sh"  # out, python, group; "$@": overrides
 
 "$python" run.py -m experiment=reasonseg_multi_n \
   verifier=qwen3vl_32b_thinking,qwen3vl_32b_thinking_rating,qwen3vl_8b_instruct \

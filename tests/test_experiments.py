@@ -106,15 +106,20 @@ def test_gpu_study_commands(tmp_path, script, expected):
 
 
 def test_scripts_are_strict_and_relocatable():
-    for script in EXPERIMENTS.glob("*.sh"):
+    preamble = EXPERIMENTS / "study.sh"
+    assert "set -euo pipefail" in preamble.read_text()
+    studies = sorted(set(EXPERIMENTS.glob("*.sh")) - {preamble})
+    assert studies
+    for script in studies:
         text = script.read_text()
         assert "set -euo pipefail" in text, script.name
+        assert 'source "$(dirname "${BASH_SOURCE[0]}")/study.sh"' in text, script.name
         assert '"$@"' in text, script.name
         assert "/work/" not in text and "/home/" not in text, script.name
         assert os.access(script, os.X_OK), script.name
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
     readme = (EXPERIMENTS / "README.md").read_text()
-    for script in EXPERIMENTS.glob("*.sh"):
+    for script in [preamble, *studies]:
         assert script.name in readme
 
 

@@ -10,4 +10,6 @@ out="$(mkdir -p "$out" && cd "$out" && pwd)"  # absolute: the next line changes 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-python}"
 group=("logger.group=${study_group:?set study_group before sourcing study.sh}")
-for arg in "$@"; do [[ $arg == logger=none ]] && group=(); done
+for arg in "$@"; do
+  if [[ $arg == logger=none ]]; then group=(); fi
+done

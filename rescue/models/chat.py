@@ -259,7 +259,8 @@ class ChatEndpoint:
         that its prompt plus max_tokens fits the context (see `rescue.models.probe`)."""
         entry, problems = await openai_model_entry(self.role, self.base_url, self.model,
                                                    timeout_s=self.preflight_timeout_s,
-                                                   api_key=self.api_key)
+                                                   api_key=self.api_key,
+                                                   retry=self.endpoint.retry)
         if problems or payload is None:
             return problems
         return await self._probe(payload, entry)

@@ -10,6 +10,7 @@ Every request is counted per endpoint so a run can report how many calls each st
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 
-from rescue.failures import TransportError
+from rescue.failures import RETRYABLE_4XX, TransportError
 
 T = TypeVar("T")
 
@@ -217,36 +218,105 @@ def _slow(url: str, timeout_s: float) -> str:
     return f"endpoint {url} did not answer within {timeout_s:g}s (overloaded or stuck?)"
 
 
-async def get_json(role: str, url: str, timeout_s: float,
-                   headers: Mapping[str, str] | None = None) -> tuple[Any, list[str]]:
-    """GET `url` once for a preflight check: (json, []) or (None, [one clear problem]).
+def _retry_after_s(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: back off as usual
+        return None
 
-    Problems are phrased without the role (the caller prefixes it)."""
+
+@dataclass(frozen=True)
+class _Answer:
+    """One preflight GET: the JSON (or None) and the problem ("" when none), whether a retry
+    may change it, and the Retry-After the server asked for."""
+
+    body: Any = None
+    problem: str = ""
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+async def _get_once(client: httpx.AsyncClient, role: str, url: str, timeout_s: float,
+                    valid: Callable[[Any], bool] | None) -> _Answer:
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, headers=dict(headers or {}),
-                                     verify=tls_verify(url)) as client:
-            resp = await client.get(url)
+        resp = await client.get(url)
     except httpx.TimeoutException:
-        return None, [_slow(url, timeout_s)]
-    except httpx.TransportError as exc:
-        return None, [_down(role, url, exc)]
+        return _Answer(problem=_slow(url, timeout_s), retryable=True)
+    except httpx.ConnectError as exc:  # nothing listens there: say so at once
+        return _Answer(problem=_down(role, url, exc))
+    except httpx.TransportError as exc:  # dropped mid-answer: the server is there
+        return _Answer(problem=_down(role, url, exc), retryable=True)
     if resp.status_code != 200:
-        return None, [f"GET {url} answered HTTP {resp.status_code}: "
-                      f"{resp.text[:200].strip()}"]
+        status = resp.status_code
+        return _Answer(problem=f"GET {url} answered HTTP {status}: {resp.text[:200].strip()}",
+                       retryable=status >= 500 or status in RETRYABLE_4XX,
+                       retry_after_s=_retry_after_s(resp))
     try:
-        return resp.json(), []
+        body = resp.json()
     except ValueError:
-        return None, [f"GET {url} did not answer JSON: {resp.text[:200].strip()!r}"]
+        return _Answer(problem=f"GET {url} did not answer JSON: {resp.text[:200].strip()!r}",
+                       retryable=True)
+    return _Answer(body=body, retryable=valid is not None and not valid(body))
+
+
+async def get_json(role: str, url: str, timeout_s: float,
+                   headers: Mapping[str, str] | None = None, *,
+                   retry: RetryPolicy | Mapping[str, Any] | None = None,
+                   valid: Callable[[Any], bool] | None = None) -> tuple[Any, list[str]]:
+    """GET `url` for a preflight check: (json, []) or (None, [one clear problem]).
+
+    A server that is there but failing (5xx, 408/409/429, a timeout, a dropped connection, a
+    200 that is not JSON or fails `valid`) is asked again under the endpoint's `retry` policy,
+    waiting at least its Retry-After (capped at `max_delay_s`): one bad answer must not stop a
+    run. A refusal (other 4xx) or nothing listening is reported at once. A body still failing
+    `valid` after the retries is returned for the caller to name what is wrong with it.
+    Problems are phrased without the role (the caller prefixes it)."""
+    policy = RetryPolicy.from_config(retry)
+    rng = random.Random()
+    async with httpx.AsyncClient(timeout=timeout_s, headers=dict(headers or {}),
+                                 verify=tls_verify(url)) as client:
+        for attempt in range(policy.attempts):
+            answer = await _get_once(client, role, url, timeout_s, valid)
+            if not answer.retryable or attempt == policy.attempts - 1:
+                break
+            wait = policy.delay(attempt, rng)
+            if answer.retry_after_s is not None:
+                wait = max(wait, min(answer.retry_after_s, policy.max_delay_s))
+            await asyncio.sleep(wait)
+    if not answer.problem:
+        return answer.body, []
+    tail = f" (after {attempt + 1} attempts)" if answer.retryable and attempt else ""
+    return None, [answer.problem + tail]
+
+
+def get_json_sync(role: str, url: str, timeout_s: float,
+                  headers: Mapping[str, str] | None = None, *,
+                  retry: RetryPolicy | Mapping[str, Any] | None = None,
+                  valid: Callable[[Any], bool] | None = None) -> tuple[Any, list[str]]:
+    """`get_json` from synchronous code, inside a running event loop or not (its own loop, in
+    a thread of its own)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, get_json(role, url, timeout_s, headers, retry=retry,
+                                                 valid=valid)).result()
+
+
+def is_model_list(body: Any) -> bool:
+    """An OpenAI /models answer: {"data": [{"id": ...}, ...]}."""
+    data = body.get("data") if isinstance(body, dict) else None
+    return isinstance(data, list) and all(isinstance(m, dict) and "id" in m for m in data)
 
 
 async def openai_model_entry(role: str, base_url: str, model: str, *, timeout_s: float = 10.0,
-                             api_key: str | None = None
+                             api_key: str | None = None,
+                             retry: RetryPolicy | Mapping[str, Any] | None = None
                              ) -> tuple[dict[str, Any] | None, list[str]]:
     """`model`'s entry in the endpoint's /models (vLLM's carries `max_model_len`), or the
     problems: down, slow, not OpenAI-compatible, or serving other models."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/models"
-    body, problems = await get_json(role, url, timeout_s, headers)
+    body, problems = await get_json(role, url, timeout_s, headers, retry=retry,
+                                    valid=is_model_list)
     if problems:
         return None, problems
     try:
@@ -261,7 +331,9 @@ async def openai_model_entry(role: str, base_url: str, model: str, *, timeout_s:
 
 
 async def check_openai_endpoint(role: str, base_url: str, model: str, *,
-                                timeout_s: float = 10.0, api_key: str | None = None) -> list[str]:
+                                timeout_s: float = 10.0, api_key: str | None = None,
+                                retry: RetryPolicy | Mapping[str, Any] | None = None
+                                ) -> list[str]:
     """The endpoint answers /models in time and serves `model`; one message per problem."""
     return (await openai_model_entry(role, base_url, model, timeout_s=timeout_s,
-                                     api_key=api_key))[1]
+                                     api_key=api_key, retry=retry))[1]

@@ -47,8 +47,8 @@ from rescue.models.http import (
     Endpoint,
     EndpointError,
     RetryPolicy,
-    describe,
     get_json,
+    get_json_sync,
     plain,
     tls_verify,
 )
@@ -75,6 +75,11 @@ MODE_NEEDS: dict[str, tuple[str, ...]] = {
 DEFAULT_PROMPT_MODE = "text_box"
 KNOWN_IMAGES = 4096
 """Digests of images this client has sent, remembered to send the digest instead of bytes."""
+
+
+def is_info(body: Any) -> bool:
+    """A SAM server's /v1/info answer (servers/README.md): an object naming its backend."""
+    return isinstance(body, dict) and isinstance(body.get("backend"), str)
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -221,16 +226,15 @@ class SamClient:
 
     def _fetch_info_sync(self) -> dict[str, Any]:
         url = self.base_url + "/v1/info"
-        try:
-            resp = httpx.get(url, timeout=self.preflight_timeout_s, headers=self._headers,
-                             verify=tls_verify(url))
-            resp.raise_for_status()
-            return dict(resp.json())
-        except (httpx.HTTPError, ValueError) as exc:
+        info, problems = get_json_sync("executor", url, self.preflight_timeout_s, self._headers,
+                                       retry=self.endpoint.retry, valid=is_info)
+        if problems or not is_info(info):
+            why = problems[0] if problems else f"not a SAM server's info: {str(info)[:200]}"
             raise EndpointError(self.base_url, (
-                f"cannot read the executor's identity from {url} ({describe(exc)}). Start the "
+                f"cannot read the executor's identity from {url} ({why}). Start the "
                 "server, or pin `executor.info` to the identity recorded in a previous run's "
-                "stats.json (models.executor.server) to work from the cache alone")) from exc
+                "stats.json (models.executor.server) to work from the cache alone"))
+        return dict(info)
 
     def identity(self) -> Mapping[str, Any]:
         """The server's backend identity (GET /v1/info, or the pinned `info`) and this client's
@@ -388,15 +392,19 @@ class SamClient:
         """Server up and ready; its identity matches a pinned `info`; it serves the mode. No
         probe request is needed (`sample` is unused): /v1/info says what the server serves."""
         health, problems = await get_json("executor", self.base_url + "/health",
-                                          self.preflight_timeout_s)
+                                          self.preflight_timeout_s, retry=self.endpoint.retry,
+                                          valid=lambda b: isinstance(b, dict) and "ready" in b)
         if problems:
             return problems
         if not (isinstance(health, dict) and health.get("ready")):
             return [f"SAM server {self.base_url} is not ready: {health}"]
         info, problems = await get_json("executor", self.base_url + "/v1/info",
-                                        self.preflight_timeout_s, self._headers)
+                                        self.preflight_timeout_s, self._headers,
+                                        retry=self.endpoint.retry, valid=is_info)
         if problems:
             return problems
+        if not is_info(info):
+            return [f"{self.base_url}/v1/info is not a SAM server's info: {str(info)[:200]}"]
         self._info = dict(info)
         if self.pinned is not None and (self._server_identity(self.pinned) !=
                                         self._server_identity(self._info)):

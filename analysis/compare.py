@@ -5,7 +5,8 @@ Writes, into `--out` (default: the one directory given):
 - `study.md`: rows N, one column per run (labelled by its varying overrides) for one selector,
   with bootstrap intervals; the same for the oracle; and every selector at each run's largest N;
 - `study_iou_vs_n.png` (`study_ciou_vs_n.png` for `--metric ciou`): one line per run for the
-  selector, each run's oracle faint and dashed in the same colour.
+  selector with its light bootstrap band (the level in the legend's title, from each run's
+  `selection.ci`), each run's oracle dashed in the same colour, drawn above every line.
 Any simulated run makes every output say SIMULATED.
 """
 
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from analysis.runs import NoRunsError, Run, cli, find_runs, load_run, run_labels, study_table
-from rescue.reporting.plots import band, n_axis, new_figure, save_png
+from rescue.reporting.plots import Bands, band, interval_text, n_axis, new_figure, save_png
 from rescue.reporting.tables import (
     ESTIMATOR_TITLES,
     METRIC_TITLES,
@@ -132,10 +134,31 @@ def study_markdown(table: pd.DataFrame, runs: Sequence[Run], selector: str = "ve
     return "\n".join(out) + "\n"
 
 
-def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
-               selector: str = "verifier", metric: str = "giou", estimator: str = "best_of_n",
-               subset: str = "all") -> Path:
-    """One line (with its bootstrap band) per run for `selector`; its oracle faint dashed."""
+def _interval_note(runs: Sequence[Run]) -> str:
+    """What the study plot's shading is, from each run's own `selection.ci`/`bootstrap`."""
+    levels = set()
+    for run in runs:
+        try:
+            settings = run.evaluation_settings()
+        except ValueError:  # a run whose saved config does not say (made by an old version)
+            return "shaded: bootstrap CI over samples (level not recorded by every run)"
+        levels.add((settings.ci, settings.bootstrap))
+    if len(levels) == 1:
+        return Bands(*levels.pop()).note()
+    return "shaded: bootstrap CI over samples, per run: " + ", ".join(
+        interval_text(ci, b) if b else "none" for ci, b in sorted(levels))
+
+
+ORACLE_STYLE = {"linestyle": (0, (4, 2)), "linewidth": 1.3, "alpha": 0.85, "marker": "^",
+                "markersize": 4, "markerfacecolor": "white", "zorder": 3}
+"""Each run's oracle: dashed, hollow triangles, drawn above every run's line so none hides it."""
+
+
+def study_figure(table: pd.DataFrame, runs: Sequence[Run], selector: str = "verifier",
+                 metric: str = "giou", estimator: str = "best_of_n", subset: str = "all"
+                 ) -> Figure:
+    """One line (with its light bootstrap band) per run for `selector`, and each run's oracle
+    dashed in the same colour above them; the legend's title says what the shading is."""
     labels = run_labels(runs)
     block = _block(table, estimator, subset)
     # many runs: a taller figure with the legend below the axes, so the plot keeps its size
@@ -149,9 +172,8 @@ def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
         color = cmap(i % 10)
         rows = block[block["run"] == lab]
         for sel, style in ((selector, {"linestyle": "-", "linewidth": 2.2, "marker": "o",
-                                       "markersize": 4, "label": _short(lab)}),
-                           ("oracle", {"linestyle": "--", "linewidth": 1.2, "alpha": 0.45,
-                                       "label": None})):
+                                       "markersize": 4, "label": _short(lab), "zorder": 2}),
+                           ("oracle", {**ORACLE_STYLE, "label": None})):
             s = rows[rows["selector"] == sel].sort_values("n")
             if s.empty or (sel == "oracle" and selector == "oracle"):
                 continue
@@ -159,19 +181,30 @@ def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
             ns.update(int(n) for n in x)
             ax.plot(x, y, color=color, **style)
             if sel == selector:
-                band(ax, s, metric, color, 0.10)
+                band(ax, s, metric, color)
     if not ns:
         raise ValueError(f"no rows for selector={selector!r}, estimator={estimator!r}, "
                          f"subset={subset!r} in any run")
     n_axis(ax, sorted(ns), metric)
-    ax.plot([], [], color="#555555", linestyle="--", alpha=0.45, label="oracle (each run)")
+    if selector != "oracle" and (block["selector"] == "oracle").any():
+        ax.plot([], [], color="#555555", **{**ORACLE_STYLE, "label": "oracle (each run)"})
+    legend = {"fontsize": 8, "frameon": False, "title": _interval_note(runs),
+              "title_fontsize": 8}
     if below:
-        fig.legend(loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+        fig.legend(loc="outside lower center", ncols=ncols, **legend)
     else:
-        ax.legend(loc="best", fontsize=8, frameon=False)
+        ax.legend(loc="best", **legend)
     ax.set_title(f"{METRIC_TITLES[metric]} of {selector} vs N ({estimator}, subset {subset})",
                  fontsize=11)
-    return save_png(fig, out_path, any(r.simulated for r in runs))
+    return fig
+
+
+def plot_study(table: pd.DataFrame, runs: Sequence[Run], out_path: str | Path,
+               selector: str = "verifier", metric: str = "giou", estimator: str = "best_of_n",
+               subset: str = "all") -> Path:
+    """`study_figure` written to `out_path` (SIMULATED in its title when any run is)."""
+    return save_png(study_figure(table, runs, selector, metric, estimator, subset), out_path,
+                    any(r.simulated for r in runs))
 
 
 def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = "verifier",

@@ -23,7 +23,7 @@ import pandas as pd
 
 from analysis.runs import Run, cli, find_runs, load_run
 from rescue import aggregation, selection
-from rescue.reporting.plots import plot_iou_vs_n
+from rescue.reporting.plots import Bands, interval_text, plot_iou_vs_n
 from rescue.reporting.tables import SIMULATED_NOTE, cell, markdown_table
 
 VERIFIER_STAGES = ("verify", "compare", "choose")
@@ -76,7 +76,8 @@ def _methods(names: Iterable[str]) -> list:
     return out
 
 
-def peer_markdown(table: pd.DataFrame, simulated: bool) -> str:
+def peer_markdown(table: pd.DataFrame, simulated: bool, interval: str) -> str:
+    """The table; `interval` says what `[lo, hi]` is (`plots.interval_text`)."""
     ns = sorted(int(n) for n in table.n.unique())
     order = list(dict.fromkeys(table.selector.astype(str)))
     rows = []
@@ -98,7 +99,7 @@ def peer_markdown(table: pd.DataFrame, simulated: bool) -> str:
     lines = ["# Peer methods on the same cached pools", ""]
     if simulated:
         lines += [SIMULATED_NOTE, ""]
-    lines += ["gIoU % (best-of-N over uniformly random N-subsets; [bootstrap 95% interval]; "
+    lines += [f"gIoU % (best-of-N over uniformly random N-subsets; [{interval}]; "
               "±Monte-Carlo SE where not every subset was enumerated). Calls: what the run "
               "that reports the method asked of the verifier (0 where the method reads none of its "
               "answers) and of the planner + executor; "
@@ -114,14 +115,17 @@ def write(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]
     runs = [load_run(p) for p in find_runs(sources)]
     table = peer_table(runs)
     simulated = any(r.simulated for r in runs)
+    settings = runs[0].evaluation_settings()  # the pointwise run's level
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "peer_methods.csv", "md": out / "peer_methods.md"}
     table.to_csv(paths["csv"], index=False)
-    paths["md"].write_text(peer_markdown(table, simulated), encoding="utf-8")
+    paths["md"].write_text(peer_markdown(
+        table, simulated, interval_text(settings.ci, settings.bootstrap)), encoding="utf-8")
     paths["plot"] = plot_iou_vs_n(table, out / "peer_methods_iou_vs_n.png", "giou",
                                   simulated=simulated,
-                                  selectors=_methods(table.selector.astype(str).unique()))
+                                  selectors=_methods(table.selector.astype(str).unique()),
+                                  bands=Bands.of(settings))
     return paths
 
 

@@ -34,7 +34,7 @@ from analysis.runs import cli, load_run
 from rescue import selection, truth
 from rescue.evaluation import evaluate
 from rescue.records import CandidateRecord, SampleRecord
-from rescue.reporting.plots import plot_iou_vs_n
+from rescue.reporting.plots import Bands, plot_iou_vs_n
 from rescue.reporting.tables import metrics_markdown
 from rescue.selection import Selector
 from rescue.settings import EvaluationSettings
@@ -133,9 +133,12 @@ def rescore_run(run_dir: str | Path, weights: Mapping[str, float], name: str | N
     metrics.assign(simulated=run.simulated).to_csv(paths["csv"], index=False)  # as metrics.csv
     paths["md"].write_text(metrics_markdown(metrics, simulated=run.simulated), encoding="utf-8")
     if plot:
+        # shaded: the new selector (the question) and the upper bounds, at the run's level
         paths["plot"] = plot_iou_vs_n(metrics, out / f"iou_vs_n_rescore_{_slug(weights)}.png",
                                       "giou", estimator=settings.estimators[0],
-                                      simulated=run.simulated, selectors=settings.selectors)
+                                      simulated=run.simulated,
+                                      selectors=(*settings.selectors, *settings.aggregators),
+                                      bands=Bands.of(settings, primary=name))
     return paths
 
 

@@ -332,6 +332,7 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
         cost_rates=settings.cost.to_json(),
         bootstrap=bootstrap,
         ci=ci,
+        primary=settings.primary.name,
         seed=settings.seed,
         simulated=any(r.simulated for r in records),
     )

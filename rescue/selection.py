@@ -74,9 +74,10 @@ class Selector:
     `needs_truth`: it reads the ground truth (an upper bound, not a method: refused by
     inference, drawn dashed, never bold in tables). `tie_break`: a second score that orders the
     candidates tied at the top for the single answer (default: the earliest wins). `color`: its
-    line in every plot (None: the next colour of the cycle). `of_record`: pool scores that
-    need more of the record than its candidates (the arena's comparisons), for the single
-    answer. `needs_verifier`: it reads the verifier's answers (what a study charges it).
+    line in every plot (None: a colour no other line of the plot has, `plots.line_colors`).
+    `of_record`: pool scores that need more of the record than its candidates (the arena's
+    comparisons), for the single answer. `needs_verifier`: it reads the verifier's answers
+    (what a study charges it).
     `verifier_calls`: how a selector that needs the verifier spends it, for its cost columns:
     "per_mask" (one verify call per distinct mask drawn) or "unmodelled" (pairwise, listwise:
     `rescue.expected_cost` leaves their verifier cost NaN rather than a wrong number).

@@ -137,6 +137,54 @@ def test_compare_writes_csv_md_plot_with_every_run(made, tmp_path):
     assert set(csv["run"]) == set(labels) and len(csv) == sum(len(r.metrics) for r in runs)
 
 
+def _legend_title(fig) -> str:
+    legend = fig.axes[0].get_legend() or fig.legends[0]
+    return legend.get_title().get_text()
+
+
+def test_study_plot_draws_each_oracle_above_every_line_and_states_the_level(made, tmp_path):
+    runs = [load_run(p) for p in find_runs([made["sweep"]])]
+    fig = compare.study_figure(study_table(runs), runs)
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]
+    solid = [ln for ln in lines if ln.get_linestyle() == "-"]
+    oracles = [ln for ln in lines if ln.get_linestyle() != "-"]
+    assert len(solid) == len(oracles) == 2
+    # an oracle equal to a run's line (N=1: every selector agrees) still shows, on top
+    assert min(o.get_zorder() for o in oracles) > max(ln.get_zorder() for ln in solid)
+    assert {o.get_color() for o in oracles} == {ln.get_color() for ln in solid}
+    assert _legend_title(fig) == "shaded: 95% bootstrap CI over samples (50 resamples)"
+    # runs evaluated at different levels: each level named
+    ev = tmp_path / "ev90"
+    _run("mode=evaluate", f"records_from={made['single']}", "selection.ci=0.9",
+         f"hydra.run.dir={ev}")
+    both = [load_run(made["single"]), load_run(ev)]
+    title = _legend_title(compare.study_figure(study_table(both), both))
+    assert "per run" in title and "90%" in title and "95%" in title
+
+
+def test_rescore_plot_gives_the_new_selector_its_own_colour_and_band(made, tmp_path,
+                                                                    monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from rescue import selection
+    from rescue.reporting import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_png",
+                        lambda fig, out, simulated=False: drawn.append(fig) or Path(out))
+    rescore.rescore_run(made["sweep"] / "0", {"verifier": 1.0, "consensus": 0.5}, name="mix",
+                        out_dir=tmp_path)
+    (fig,) = drawn
+    ax = fig.axes[0]
+    colors = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
+    assert colors["verifier"] == selection.VERIFIER.color
+    assert colors["mix"] not in {s.color for s in selection.SELECTORS.values()}
+    assert len(set(colors.values())) == len(colors)
+    shaded = [to_hex(c.get_facecolor()[0]) for c in ax.collections]
+    assert shaded == [selection.ORACLE.color, colors["mix"]]  # the question and the bound
+    assert _legend_title(fig) == "shaded: 95% bootstrap CI over samples (50 resamples)"
+
+
 def test_compare_cli_defaults_out_and_fails_clearly(made, tmp_path):
     cmd = [sys.executable, "-m", "analysis.compare"]
     ok = subprocess.run([*cmd, str(made["sweep"]), "--metric", "ciou"], cwd=ROOT,

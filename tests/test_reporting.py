@@ -36,6 +36,7 @@ from rescue.reporting import (
     write_report,
 )
 from rescue.reporting.overlays import SELECTED_RGB, shown_candidates
+from rescue.reporting.plots import Bands, iou_vs_n_figure, line_colors
 from rescue.reporting.tables import metrics_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def test_summary_headline_numbers() -> None:
 
 def _red_title_pixels(path: Path) -> int:
     arr = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    top = arr[: arr.shape[0] // 8]
+    top = arr[: arr.shape[0] // 20]  # the suptitle's band, above any line
     return int(((top[..., 0] > 150) & (top[..., 1] < 60) & (top[..., 2] < 80)).sum())
 
 
@@ -196,6 +197,70 @@ def test_plot_handles_one_n_and_missing_intervals(tmp_path: Path) -> None:
     df = df[df.n == 1].assign(giou_lo=np.nan, giou_hi=np.nan)
     path = plot_iou_vs_n(df, tmp_path / "one.png")
     assert path.stat().st_size > 5_000
+
+
+def _shaded(ax) -> list[str]:
+    """The colours of the bands on `ax` (fill_between), as hex."""
+    from matplotlib.colors import to_hex
+    return [to_hex(c.get_facecolor()[0]) for c in ax.collections]
+
+
+def test_plot_states_the_level_and_shades_only_the_primary_and_the_oracle() -> None:
+    df = metrics_frame()
+    fig = iou_vs_n_figure(df, bands=Bands(0.9, 200, "verifier"))
+    ax = fig.axes[0]
+    assert ax.get_legend().get_title().get_text() == (
+        "shaded: 90% bootstrap CI over samples (200 resamples)")
+    assert _shaded(ax) == [selection.VERIFIER.color, selection.ORACLE.color]
+    assert all(c.get_facecolor()[0][3] <= 0.1 for c in ax.collections)  # light
+    # the level recorded by the evaluation (frame attrs); another primary shades its line
+    df.attrs.update(ci=0.8, bootstrap=10, primary="consensus")
+    ax = iou_vs_n_figure(df).axes[0]
+    assert "80% bootstrap CI over samples (10 resamples)" in ax.get_legend().get_title().get_text()
+    assert _shaded(ax) == [selection.CONSENSUS.color, selection.ORACLE.color]
+    # no level known (a metrics.csv read back) or no resamples: no band, and it says so
+    bare = iou_vs_n_figure(metrics_frame()).axes[0]
+    assert not bare.collections and "not known" in bare.get_legend().get_title().get_text()
+    none = iou_vs_n_figure(metrics_frame(), bands=Bands(0.95, 0, "verifier")).axes[0]
+    assert not none.collections and "bootstrap=0" in none.get_legend().get_title().get_text()
+
+
+def test_the_report_plots_say_the_level_the_config_set(tmp_path: Path, monkeypatch) -> None:
+    from rescue.evaluation import evaluate
+    from rescue.reporting import plots
+    from rescue.settings import EvaluationSettings
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_png", lambda fig, out, simulated=False: drawn.setdefault(
+        Path(out).name, fig) and Path(out))
+    cfg = OmegaConf.create({"max_n": 4, "n_grid": [1, 2, 4],
+                            "selection": {"ci": 0.8, "bootstrap": 30, "primary": "consensus"}})
+    settings = EvaluationSettings.from_config(cfg)
+    recs = [sample_record(make_sample(f"s{i}")) for i in range(3)]
+    write_report(tmp_path, recs, evaluate(recs, settings), simulated=True,
+                 primary=settings.primary.name, selectors=settings.selectors)
+    ax = drawn["iou_vs_n.png"].axes[0]
+    assert ax.get_legend().get_title().get_text() == (
+        "shaded: 80% bootstrap CI over samples (30 resamples)")
+    assert _shaded(ax) == [selection.CONSENSUS.color, selection.ORACLE.color]
+
+
+def test_selectors_the_palette_does_not_know_get_colours_of_their_own() -> None:
+    df = metrics_frame()
+    df["selector"] = df["selector"].replace({"first": "new_a", "random": "new_b"})
+    ax = iou_vs_n_figure(df, bands=Bands(0.95, 10, "verifier")).axes[0]
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert colors["verifier"] == selection.VERIFIER.color
+    assert len(set(colors.values())) == len(colors)  # no two lines alike
+    defined = {s.color for s in selection.SELECTORS.values()}
+    assert colors["new_a"] not in defined and colors["new_b"] not in defined
+    # deterministic: the same table draws the same colours
+    again = iou_vs_n_figure(df, bands=Bands(0.95, 10, "verifier")).axes[0]
+    assert {line.get_label(): line.get_color() for line in again.get_lines()} == colors
+    # a selector defined without a colour is given one too, never the verifier's
+    toy = selection.Selector("toy", selection.VERIFIER.score)
+    picked = line_colors(["verifier", "toy"], {"verifier": selection.VERIFIER, "toy": toy})
+    assert picked["toy"] not in defined
 
 
 # ---------------------------------------------------------------- overlays

@@ -18,7 +18,7 @@ import pandas as pd
 from rescue.records import SampleRecord, json_safe
 from rescue.reporting.logger import Logger, NullLogger
 from rescue.reporting.overlays import OverlayItem, draw_candidates, write_overlays
-from rescue.reporting.plots import plot_iou_vs_n, write_plots
+from rescue.reporting.plots import Bands, plot_iou_vs_n, write_plots
 from rescue.reporting.tables import (
     failure_counts,
     failure_table,
@@ -53,7 +53,8 @@ def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: 
 
     Returns name → path: "metrics_csv", "metrics_md", "failures_csv", "iou_vs_n", "ciou_vs_n"
     (and "iou_vs_n_prefix"), "overlays/<file stem>" per sheet, "summary". `selectors` style
-    the plots (`plots.iou_vs_n_figure`); `plots=False` (`report.plot`) draws none.
+    the plots (`plots.iou_vs_n_figure`), whose bands are the `primary`'s and the upper bounds'
+    at the level `evaluate` recorded in the frame; `plots=False` (`report.plot`) draws none.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,9 @@ def write_report(out_dir: Path | str, records: Sequence[SampleRecord], metrics: 
     paths["failures_csv"] = write_failures(records, out, simulated=simulated)
     paths.update(write_metrics(metrics, out, simulated=simulated))  # a bad frame is a bug: raise
     if plots:
-        paths.update(attempt("plots", lambda: write_plots(metrics, out, simulated=simulated,
-                                                          selectors=selectors)) or {})
+        paths.update(attempt("plots", lambda: write_plots(
+            metrics, out, simulated=simulated, selectors=selectors,
+            bands=Bands.of_table(metrics, primary))) or {})
     sheets = attempt("overlays", lambda: write_overlays(overlay_items, out / "overlays")) or []
     paths.update({f"overlays/{p.stem}": p for p in sheets})
     head: dict[str, Any] = {"simulated": bool(simulated)}

@@ -7,9 +7,11 @@ as one JSON line appended to a segment file owned by the writing process:
 
 Why segments: one O_APPEND write per entry is atomic for practical purposes, a killed writer can
 only tear its own last line (skipped on read), and several processes (a Hydra multirun, SLURM
-array jobs) share one directory without locks because no two write the same file. Readers pick
-up entries other processes append while they run by tailing segments on a miss. Many small
-entries live in few files, which network file systems prefer to one file per mask.
+array jobs) share one directory because no two write the same file. Readers pick up entries
+other processes append while they run by tailing segments on a miss; readers never lock. A
+write takes the stage's lock for one check-and-append, so the first answer stored for a key is
+the only one, and the one its writer goes on with (`put` returns it). Many small entries live in
+few files, which network file systems prefer to one file per mask.
 
 Memory holds an index, not the values: key -> (segment, offset, length), about 100 bytes an
 entry, so a job of a large sweep can open a cache of millions of entries (verdicts carry a
@@ -18,6 +20,7 @@ thinking model's reasoning) and read back only the ones it needs, one `pread` ea
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -154,7 +157,16 @@ class Cache:
         return sum(len(self._segments(s).entries) for s in STAGES)
 
     # -- writing -----------------------------------------------------------------------------
-    def put(self, stage: str, key: str, value: Any, what: str = "") -> None:
+    def put(self, stage: str, key: str, value: Any, what: str = "") -> Any:
+        """Store `value` under `key` unless another writer stored it first; return the value
+        the cache serves for `key` from now on: the first answer wins, for its writer too.
+
+        Two jobs computing one key with a non-deterministic model (real vLLM is not bitwise
+        reproducible) must not each keep their own answer: the loser's records would describe
+        what no reader is ever served. So the check-and-append runs under the stage's lock
+        (`flock` on `<stage>/.lock`, shared by every process on the file system), after a
+        tail scan that sees every entry appended before it; no key is appended twice.
+        """
         if self.offline:
             raise RuntimeError("offline cache is read-only")
         line = (json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
@@ -162,16 +174,28 @@ class Cache:
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{self.writer}.jsonl"
-        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        lock = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            end = os.fstat(fd).st_size  # this process is the segment's only writer
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            seg = self._scan(stage)
+            first = seg.entries.get(key)
+            if first is not None:
+                won = self._read(stage, first)
+                if won is not None:
+                    self.counts[f"{stage}.lost"] += 1
+                    return won
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+                end = os.fstat(fd).st_size  # this process is the segment's only writer
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-        seg = self._segments(stage)
+            os.close(lock)  # releases the lock
         seg.entries[key] = (name, end - len(line), len(line) - 1)
         seg.offsets[name] = end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += 1
+        return value
 
     def stats(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))

@@ -252,8 +252,10 @@ class Pipeline:
                     raise
                 value = spec.dump(spec.salvage(v, exc))
                 back = spec.load(value)
-            self.cache.put(spec.stage, spec.key(item), value, spec.label(item))
-            out[item] = back
+            won = self.cache.put(spec.stage, spec.key(item), value, spec.label(item))
+            # another job stored this key first: go on with its answer, the one every reader
+            # of the cache is served, so this run's records describe what the cache holds
+            out[item] = back if won is value else spec.load(won)
         return out
 
     # -- the three stages ---------------------------------------------------------------------

@@ -81,6 +81,46 @@ def test_several_processes_share_one_directory(tmp_path):
     assert len(list((tmp_path / "execute").glob("*.jsonl"))) == 4
 
 
+def _racer(root, start, keys, out):
+    """A non-deterministic writer: a fresh random answer for every key, the same keys as the
+    other racers, all released at once."""
+    import os
+
+    c = Cache(root, rescan_interval=1e9)
+    len(c)  # index now, before the others write: lookups would miss what they store
+    start.wait()
+    out.put({k: c.put("plan", k, {"answer": os.urandom(8).hex()}) for k in keys})
+
+
+def test_the_first_answer_wins_for_every_writer_and_every_reader(tmp_path):
+    ctx = mp.get_context("spawn")
+    keys = [make_key({"i": i}) for i in range(40)]
+    start, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(str(tmp_path), start, keys, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    kept = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(k == kept[0] for k in kept[1:])  # each writer goes on with the same answers
+    reader = Cache(tmp_path)
+    assert {k: reader.get("plan", k) for k in keys} == kept[0]
+    lines = [json.loads(line) for seg in (tmp_path / "plan").glob("*.jsonl")
+             for line in seg.read_text().splitlines()]
+    assert sorted(entry["k"] for entry in lines) == sorted(keys)  # no key stored twice
+
+
+def test_put_returns_the_stored_answer_and_a_late_writer_gets_the_first(tmp_path):
+    early, late = Cache(tmp_path), Cache(tmp_path, rescan_interval=1e9)
+    assert len(late) == 0
+    assert early.put("plan", "k", {"v": 1}) == {"v": 1}
+    assert late.put("plan", "k", {"v": 2}) == {"v": 1}
+    assert late.get("plan", "k") == {"v": 1} and Cache(tmp_path).get("plan", "k") == {"v": 1}
+    assert late.stats() == {"plan.hit": 1, "plan.lost": 1}
+
+
 def test_memory_holds_an_index_and_values_are_read_back_from_disk(tmp_path):
     c = Cache(tmp_path)
     c.put("verify", "k" * 64, {"reasoning": "long " * 1000})

@@ -13,6 +13,7 @@ from rescue.hypothesis import Hypothesis, Prompt
 from rescue.mask_store import MaskStore
 from rescue.pipeline import Pipeline
 from rescue.protocols import Segmentation, Verdict
+from rescue.records import dumps
 from rescue.sample import Sample
 
 BOXES = [(10, 10, 30, 30), (10, 10, 30, 30), (0, 0, 20, 20), (30, 30, 60, 60)]
@@ -251,3 +252,36 @@ def test_masks_are_read_back_by_digest_from_the_record_alone(tmp_path):
     got = store.of(recs[0])
     assert sorted(got) == [c.index for c in recs[0].candidates if c.mask_key is not None]
     assert got[0].shape == (64, 64) and int(got[0].sum()) == recs[0].candidates[0].area
+
+
+class CoinPlanner(ListPlanner):
+    """Non-deterministic, like a real vLLM: every call proposes freshly drawn boxes."""
+
+    async def plan(self, sample, indices):
+        self.requests.append(list(indices))
+        rng = np.random.default_rng()
+        corners = rng.integers(0, 30, (len(indices), 2))
+        sides = rng.integers(5, 30, (len(indices), 2))
+        return [Hypothesis(index=i, prompt=Prompt(text="thing", box=(
+            int(x), int(y), int(x + w), int(y + h))))
+            for i, (x, y), (w, h) in zip(indices, corners, sides, strict=True)]
+
+
+def test_a_job_that_loses_a_race_goes_on_with_the_answer_the_cache_serves(tmp_path):
+    """Two jobs compute the same keys with a non-deterministic planner: the second to store
+    must build its records from the first one's answers, the only ones the cache serves."""
+    root = tmp_path / "cache"
+    late = Cache(root, rescan_interval=1e9)
+    assert len(late) == 0  # indexed before the other job wrote: its lookups will miss
+    first, _ = _run(tmp_path, CoinPlanner(), BoxExecutor(), AreaVerifier(), max_n=4)
+    slow_planner = CoinPlanner()
+    pipe = Pipeline(slow_planner, BoxExecutor(), AreaVerifier(), late, max_n=4, progress=False)
+    second = asyncio.run(pipe.run(OneSample(), ["a", "b"]))
+    # it computed its own answers for sample a at least (b's may be found meanwhile) ...
+    assert slow_planner.requests[0] == [0, 1, 2, 3]
+    assert late.counts["plan.lost"] == 4 * len(slow_planner.requests)  # ... and lost
+    assert [dumps(r) for r in second] == [dumps(r) for r in first]
+    fresh = Pipeline(CoinPlanner(), BoxExecutor(), AreaVerifier(), Cache(root, offline=True),
+                     max_n=4, progress=False)
+    assert [dumps(r) for r in asyncio.run(fresh.run(OneSample(), ["a", "b"]))] == \
+        [dumps(r) for r in first]

@@ -192,6 +192,8 @@ class FaultProxy:
             tasks.add(task)
             try:
                 await self._connection(reader, writer)
+            except asyncio.CancelledError:
+                pass  # the proxy is stopping (asyncio logs a cancelled handler as an error)
             finally:
                 tasks.discard(task)
 

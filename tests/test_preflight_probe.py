@@ -198,9 +198,12 @@ def test_rejection_hints_name_the_setting():
 
 def test_a_failing_server_is_named_not_blamed_on_the_payload(serve):
     """A server answering 503 to every probe is failing or busy, not refusing the payload:
-    the probe tries three times, then says so (and how to skip it)."""
+    the probe tries as often as the endpoint's retry policy says, then says so (and how to
+    skip it)."""
     si, url = serve(faults=Faults(fraction=1.0, kinds=("503",)))
-    lines = _problems(_models(url, verifier={"sampling": {"max_tokens": 4096}}))
+    three = {"attempts": 3, "base_delay_s": 0.01}  # the endpoint's retry policy
+    lines = _problems(_models(url, planner={"retry": three},
+                              verifier={"sampling": {"max_tokens": 4096}, "retry": three}))
     assert len(lines) == 2 and all("failed 3 times, last: HTTP 503" in x for x in lines)
     assert "pipeline.probe=false" in lines[0] and "refused" not in lines[0]
     assert si.faults_served["503"] == 6

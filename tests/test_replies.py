@@ -51,11 +51,28 @@ def test_the_decoder_reads_what_the_sdk_reads_from_captured_vllm_bodies(path):
 
 
 @pytest.mark.parametrize("body", [b"", b"{not json", b"[1, 2]", b'{"choices": 3}',
-                                  b'{"choices": ["x"]}'])
+                                  b'{"choices": ["x"]}', b'{"choices": [{"index": 0}]}',
+                                  b'{"choices": [{"message": {"content": 7}}]}',
+                                  b'{"choices": [{"message": null}]}'])
 def test_a_body_that_is_no_chat_completion_is_a_transport_error(body):
     with pytest.raises(UndecodableReply) as err:
         decode(body)
-    assert isinstance(err.value, TransportError)
+    assert isinstance(err.value, TransportError) and err.value.retryable
+
+
+def test_a_reply_must_hold_every_choice_asked_for():
+    one = {"index": 0, "message": {"content": "a"}}
+    two = {"index": 1, "message": {"content": None, "reasoning": "b"}}
+    assert len(decode(json.dumps({"choices": [one, two]}), n=2).choices) == 2
+    for choices in ([], [one], [one, one], [two]):
+        with pytest.raises(UndecodableReply, match="for n=2"):
+            decode(json.dumps({"choices": choices}), n=2)
+
+
+def test_bad_model_text_in_a_well_formed_reply_is_an_answer_not_a_fault():
+    """The envelope is the transport's; what the model wrote is judged by the readers."""
+    body = json.dumps({"choices": [{"index": 0, "message": {"content": "{[ not a box"}}]})
+    assert decode(body, n=1).choices[0].message.content == "{[ not a box"
 
 
 def _flaky_app(bodies: list[bytes], seen: list[int]) -> FastAPI:

@@ -11,6 +11,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from faultproxy import FaultPlan, FaultProxy
 from standin import (
     Faults,
     PlannerScript,
@@ -110,6 +111,23 @@ def test_a_flaky_server_yields_exactly_the_results_of_a_clean_one(serve_standin,
     assert fpstats["retries"] + fvstats["retries"] == served
     assert fpstats["failures"] == fvstats["failures"] == 0
     assert fpstats["requests"] == fpstats["ok"] + fpstats["retries"]
+
+
+def test_malformed_200s_from_the_chat_server_are_retried(serve_standin, samples):
+    """A 200 cut short, not JSON, or of another shape (no choices, fewer than n) is garbled
+    transport, not a model's answer: asked again, the run gets the clean answers and loses
+    nothing."""
+    plans, verdicts, _, _ = run(_workload(serve_standin(StandIn(_models(samples))), samples))
+    upstream = serve_standin(StandIn(_models(samples))).removesuffix("/v1")
+    body_faults = ("cut", "truncate", "garbage", "shape")
+    plan = FaultPlan.even(0.4, kinds=body_faults, seed=5)
+    with FaultProxy(upstream, plan, script=[*body_faults, *["shape"] * 6]) as proxy:
+        fplans, fverdicts, fpstats, fvstats = run(_workload(proxy.url + "/v1", samples))
+    assert _answers(fplans) == _answers(plans)
+    assert _answers(fverdicts) == _answers(verdicts)
+    assert set(proxy.injected) == set(body_faults)
+    assert fpstats["retries"] + fvstats["retries"] == sum(proxy.injected.values())
+    assert fpstats["failures"] == fvstats["failures"] == 0
 
 
 def test_retries_are_bounded_and_counted(serve_standin, samples):

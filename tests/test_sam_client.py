@@ -6,13 +6,14 @@ import asyncio
 
 import numpy as np
 import pytest
+from faultproxy import FaultPlan, FaultProxy
 from standin import ServerThread, free_port
 
 from rescue import masks
 from rescue.datasets.synthetic import SyntheticDataset
 from rescue.hypothesis import Prompt
 from rescue.metrics import iou, iou_counts
-from rescue.models.http import EndpointError
+from rescue.models.http import EndpointError, UndecodableReply
 from rescue.models.sam_client import (
     DEFAULT_PROMPT_MODE,
     PROMPT_MODES,
@@ -21,6 +22,7 @@ from rescue.models.sam_client import (
     mode_parts,
     mode_unsupported,
     reduce_prompt,
+    segment_answer,
 )
 from servers.backends import make_backend
 from servers.sam_server import ServerSettings, create_app
@@ -303,3 +305,52 @@ def test_bad_config_is_rejected():
         SamClient("http://x", instance_policy="biggest")
     with pytest.raises(ValueError, match="prompt_mode"):
         SamClient("http://x", prompt_mode="points")
+
+
+# --- malformed 200s (issue 14): a broken body is a transport failure, retried ----------------
+
+BODY_FAULTS = ("cut", "truncate", "garbage", "shape")
+
+
+def _segment_all(client, samples):
+    async def go():
+        out = [await client.segment(s, [Prompt(box=b) for b in s.target_boxes] +
+                                    [Prompt(box=(2, 2, 40, 30)), Prompt(box=(50, 40, 150, 110))])
+               for s in samples]
+        await client.aclose()
+        return out
+
+    return [[(g.rle, g.score, g.box, g.error) for g in segs] for segs in run(go())]
+
+
+def test_malformed_200s_are_retried_to_the_clean_answer(sam, samples):
+    """Bodies cut short, not JSON or of another shape are what an overloaded server or a proxy
+    returns: the client asks again and gets exactly the clean answers, and nothing failed."""
+    url = sam(image_cache_size=0)
+    clean = _segment_all(_client(url), samples)
+    plan = FaultPlan.even(0.4, kinds=BODY_FAULTS, seed=2)
+    with FaultProxy(url, plan, script=[*BODY_FAULTS, "shape", "shape"]) as proxy:
+        client = _client(proxy.url, retry={"attempts": 10, "base_delay_s": 0.01})
+        faulty = _segment_all(client, samples)
+    assert faulty == clean
+    assert set(proxy.injected) == set(BODY_FAULTS)
+    st = client.stats()
+    assert st["retries"] == sum(proxy.injected.values()) and st["failures"] == 0
+
+
+@pytest.mark.parametrize("body", [
+    b"", b'{"results": [{"instances": []', b"[1]", b'{"results": null}', b'{"results": []}',
+    b'{"results": [{"instances": []}, {"instances": []}]}', b'{"results": ["x"]}',
+    b'{"results": [{"instances": {"rle": 1}}]}', b'{"results": [{"instances": [{"score": 1}]}]}',
+    b'{"results": [{"instances": [], "error": 3}]}'])
+def test_a_body_that_is_no_segmentation_is_undecodable(body):
+    with pytest.raises(UndecodableReply) as err:
+        segment_answer(body, 1, "http://sam/v1/segment")
+    assert err.value.retryable
+
+
+def test_a_well_formed_answer_is_an_answer_whatever_it_says():
+    """An empty result or a prompt error is the model's answer, not a broken body."""
+    body = (b'{"results": [{"instances": [], "error": null}, {"instances": null, "error": '
+            b'"bad box"}, {"instances": [{"rle": {"size": [4, 4], "counts": "04"}}]}]}')
+    assert len(segment_answer(body, 3, "here")["results"]) == 3

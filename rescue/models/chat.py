@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,12 +27,14 @@ from rescue.models import probe
 from rescue.models.http import (
     Endpoint,
     RetryPolicy,
+    UndecodableReply,
     describe,
     openai_model_entry,
     plain,
+    retry_after,
     tls_verify,
 )
-from rescue.models.replies import ChatReply, UndecodableReply, decode
+from rescue.models.replies import ChatReply, decode
 
 RESERVED = frozenset({"seed", "n", "logprobs", "top_logprobs", "messages", "model", "stream"})
 """Request fields the clients own; `sampling.extra` may not override them."""
@@ -200,7 +203,8 @@ class ChatEndpoint:
 
     `Endpoint` retries, so every attempt is counted once. A non-2xx answer raises
     `httpx.HTTPStatusError` carrying the server's error message (`Endpoint` retries 5xx, 408,
-    409, 429 and honours Retry-After); an undecodable 200 raises `replies.UndecodableReply`.
+    409, 429 and honours Retry-After); a 200 that is not a chat completion of `n` choices
+    raises `UndecodableReply` (retried too).
     """
 
     def __init__(self, role: str, model: str, base_url: str, *, api_key: str | None = "EMPTY",
@@ -247,7 +251,8 @@ class ChatEndpoint:
         if resp.status_code != 200:
             raise httpx.HTTPStatusError(error_message(resp), request=resp.request,
                                         response=resp)
-        return decode(resp.content, f"{self.base_url}/chat/completions")
+        return decode(resp.content, f"{self.base_url}/chat/completions",
+                      n=int(kwargs.get("n") or 1))
 
     async def create(self, what: str, **kwargs: Any) -> ChatReply:
         """One chat completion (retried on transient failures); the decoded reply."""
@@ -265,16 +270,19 @@ class ChatEndpoint:
             return problems
         return await self._probe(payload, entry)
 
-    async def _probe(self, payload: Mapping[str, Any], entry: Mapping[str, Any] | None,
-                     attempts: int = 3) -> list[str]:
-        """The run's request with max_tokens=1, outside the run's retries and counters. A
-        transient answer is tried again (vLLM fails the request after a 400 on the same images
-        once with a 500); a refusal is reported at once."""
+    async def _probe(self, payload: Mapping[str, Any], entry: Mapping[str, Any] | None
+                     ) -> list[str]:
+        """The run's request with max_tokens=1, outside the run's counters. A transient answer
+        is tried again under the endpoint's retry policy, honouring Retry-After (vLLM fails the
+        request after a 400 on the same images once with a 500); a refusal is reported at
+        once."""
         images = probe.count_images(payload.get("messages"))
-        failure = ""
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(0.5 * attempt)
+        policy = self.endpoint.retry
+        rng = random.Random()
+        failure, wait = "", 0.0
+        for attempt in range(policy.attempts):
+            await asyncio.sleep(wait)
+            wait = policy.delay(attempt, rng)
             try:
                 resp = await asyncio.wait_for(self.post({**payload, "max_tokens": 1}),
                                               self.timeout_s)
@@ -283,6 +291,9 @@ class ChatEndpoint:
                 if status < 500 and status not in RETRYABLE_4XX:
                     return [probe.rejection(status, message, role=self.role, payload=payload)]
                 failure = f"HTTP {status}: {' '.join(message.split())[:200]}"
+                asked = retry_after(exc)
+                if asked is not None:
+                    wait = max(wait, min(asked, policy.max_delay_s))
                 continue
             except (httpx.TransportError, TimeoutError, UndecodableReply) as exc:
                 failure = describe(exc)
@@ -293,7 +304,7 @@ class ChatEndpoint:
                                             images=images)
             return [problem] if problem else []
         return [f"the probe request (the run's payload, max_tokens=1) to {self.base_url} "
-                f"failed {attempts} times, last: {failure}; the server is failing or "
+                f"failed {policy.attempts} times, last: {failure}; the server is failing or "
                 f"overloaded (pipeline.probe=false skips the probe)"]
 
     async def aclose(self) -> None:

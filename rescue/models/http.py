@@ -84,6 +84,16 @@ class EndpointError(TransportError):
         self.retry_after_s = retry_after_s
 
 
+class UndecodableReply(EndpointError):
+    """A 200 whose body is not what the protocol answers: not JSON, cut short, or JSON of
+    another shape (no `choices`, too few results). It was garbled on the way or by an
+    overloaded server, so it is a `TransportError` retried like a dropped connection; a
+    well-formed reply whose model text is bad is an answer, not this."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(where, message, retryable=True)
+
+
 def status_of(exc: BaseException) -> int | None:
     if isinstance(exc, openai.APIStatusError):
         return int(exc.status_code)
@@ -302,9 +312,11 @@ def get_json_sync(role: str, url: str, timeout_s: float,
 
 
 def is_model_list(body: Any) -> bool:
-    """An OpenAI /models answer: {"data": [{"id": ...}, ...]}."""
+    """An OpenAI /models answer: {"data": [{"id": ...}, ...]}, at least one model (vLLM always
+    serves one: an empty list is a garbled answer)."""
     data = body.get("data") if isinstance(body, dict) else None
-    return isinstance(data, list) and all(isinstance(m, dict) and "id" in m for m in data)
+    return bool(data) and isinstance(data, list) and all(isinstance(m, dict) and "id" in m
+                                                         for m in data)
 
 
 async def openai_model_entry(role: str, base_url: str, model: str, *, timeout_s: float = 10.0,

@@ -9,8 +9,11 @@ reader indexes it (usually the one answer token). The objects keep the SDK's att
 (`choices[].message.content`, `.finish_reason`, `.index`, `.logprobs`, `.usage`), so readers
 work on either.
 
-A 200 whose body is not a chat completion is a retryable `TransportError` (`UndecodableReply`): what
-arrived was garbled on the way or by an overloaded server, and a retry may pass.
+A 200 whose body is not a chat completion (not JSON, cut short, no `choices` list, a choice that is
+not an object or has no message, fewer or more choices than the request's `n`) is a retryable
+`TransportError` (`http.UndecodableReply`): what arrived was garbled on the way or by an
+overloaded server, and a retry may pass. What a well-formed choice says is the model's answer,
+however bad: its readers judge it, and it is never retried.
 """
 
 from __future__ import annotations
@@ -22,15 +25,7 @@ from typing import Any, overload
 import orjson
 
 from rescue.models.answers import TokenLogprob
-from rescue.models.http import EndpointError
-
-
-class UndecodableReply(EndpointError):
-    """A 200 whose body is not a chat completion: a `TransportError`, retried like a dropped
-    connection."""
-
-    def __init__(self, where: str, message: str):
-        super().__init__(where, message, retryable=True)
+from rescue.models.http import UndecodableReply
 
 
 @dataclass(frozen=True)
@@ -113,8 +108,10 @@ def _text(d: Mapping[str, Any], key: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def decode(body: bytes | str, where: str = "chat completion") -> ChatReply:
-    """The ChatReply in a 200's body; `UndecodableReply` when it is not one."""
+def decode(body: bytes | str, where: str = "chat completion", n: int | None = None
+           ) -> ChatReply:
+    """The ChatReply in a 200's body; `UndecodableReply` when it is not one, or (given the
+    request's `n`) when it does not hold choices 0..n-1 (vLLM always answers all n)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -128,7 +125,8 @@ def decode(body: bytes | str, where: str = "chat completion") -> ChatReply:
         if not isinstance(c, dict):
             raise UndecodableReply(where, f"choice {k} is not an object: {str(c)[:80]!r}")
         msg = c.get("message")
-        msg = msg if isinstance(msg, dict) else {}
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str | None):
+            raise UndecodableReply(where, f"choice {k} has no message object: {str(c)[:80]!r}")
         logprobs = c.get("logprobs")
         index = c.get("index", k)
         choices.append(Choice(index=index if isinstance(index, int) else k,
@@ -136,6 +134,9 @@ def decode(body: bytes | str, where: str = "chat completion") -> ChatReply:
                                               _text(msg, "reasoning_content")),
                               finish_reason=_text(c, "finish_reason"),
                               logprobs=logprobs if isinstance(logprobs, dict) else None))
+    if n is not None and sorted(c.index for c in choices) != list(range(n)):
+        raise UndecodableReply(where, f"a 200 with choices {[c.index for c in choices][:20]} "
+                               f"for n={n}")
     usage = data.get("usage")
     return ChatReply(tuple(choices), usage if isinstance(usage, dict) else {},
                      str(data.get("model") or ""))

@@ -39,6 +39,7 @@ from typing import Any
 import cv2
 import httpx
 import numpy as np
+import orjson
 
 from rescue import masks
 from rescue.cost import Cost, with_cost
@@ -47,6 +48,7 @@ from rescue.models.http import (
     Endpoint,
     EndpointError,
     RetryPolicy,
+    UndecodableReply,
     get_json,
     get_json_sync,
     plain,
@@ -80,6 +82,11 @@ KNOWN_IMAGES = 4096
 def is_info(body: Any) -> bool:
     """A SAM server's /v1/info answer (servers/README.md): an object naming its backend."""
     return isinstance(body, dict) and isinstance(body.get("backend"), str)
+
+
+def is_health(body: Any) -> bool:
+    """A SAM server's /health answer: an object saying whether it is ready."""
+    return isinstance(body, dict) and isinstance(body.get("ready"), bool)
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -272,10 +279,7 @@ class SamClient:
         return await self.client().post(self.base_url + "/v1/segment", json=payload)
 
     def _error(self, resp: httpx.Response) -> EndpointError:
-        try:
-            detail = resp.json().get("detail") or {}
-        except ValueError:
-            detail = {}
+        detail = _detail(resp) or {}
         code = detail.get("code", "") if isinstance(detail, dict) else ""
         message = detail.get("message", "") if isinstance(detail, dict) else str(detail)
         if code == "invalid_prompts" and isinstance(detail, dict):
@@ -312,7 +316,7 @@ class SamClient:
                 resp = await self._post({**body, "image": {"b64": await image_bytes()}})
             if resp.status_code != 200:
                 raise self._error(resp)
-            data = resp.json()
+            data = segment_answer(resp.content, len(prompts), self.base_url + "/v1/segment")
             if data.get("image_sha256") == digest:
                 self._remember(digest)
             return data
@@ -320,10 +324,7 @@ class SamClient:
         t0 = time.perf_counter()
         data = await self.endpoint.call(once, what=f"segment {len(prompts)} prompts")
         latency = time.perf_counter() - t0
-        results = data.get("results") or []
-        if len(results) != len(prompts):
-            raise EndpointError(self.base_url, f"server answered {len(results)} results for "
-                                f"{len(prompts)} prompts")
+        results = data["results"]
         timing = data.get("timing_ms") if isinstance(data.get("timing_ms"), Mapping) else {}
         try:
             server_s = max(0.0, float(timing.get("total") or 0.0) / 1e3)
@@ -393,7 +394,7 @@ class SamClient:
         probe request is needed (`sample` is unused): /v1/info says what the server serves."""
         health, problems = await get_json("executor", self.base_url + "/health",
                                           self.preflight_timeout_s, retry=self.endpoint.retry,
-                                          valid=lambda b: isinstance(b, dict) and "ready" in b)
+                                          valid=is_health)
         if problems:
             return problems
         if not (isinstance(health, dict) and health.get("ready")):
@@ -427,9 +428,43 @@ class SamClient:
         return {"role": "executor", **self.endpoint.stats()}
 
 
-def _code(resp: httpx.Response) -> str:
+def _detail(resp: httpx.Response) -> Any:
+    """The `detail` of an error body (servers/README.md), None when the body has none."""
     try:
-        detail = resp.json().get("detail")
-    except ValueError:
-        return ""
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return None
+    return body.get("detail") if isinstance(body, dict) else None
+
+
+def _code(resp: httpx.Response) -> str:
+    detail = _detail(resp)
     return str(detail.get("code", "")) if isinstance(detail, dict) else ""
+
+
+def _instance_ok(inst: Any) -> bool:
+    rle = inst.get("rle") if isinstance(inst, dict) else None
+    return (isinstance(rle, dict) and isinstance(rle.get("size"), list)
+            and len(rle["size"]) == 2 and isinstance(rle.get("counts"), str | list))
+
+
+def segment_answer(body: bytes, prompts: int, where: str) -> dict[str, Any]:
+    """A 200 of POST /v1/segment as the protocol says (servers/README.md): an object whose
+    `results` hold one `{"instances": [...], "error": ...}` per prompt sent, every instance
+    with an RLE. Anything else (not JSON, cut short, another shape) is `UndecodableReply`,
+    retried like a dropped connection; what a well-formed result says is the model's answer."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UndecodableReply(where, f"a 200 whose body is not JSON ({exc}): "
+                               f"{bytes(body[:120])!r}") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or len(results) != prompts:
+        raise UndecodableReply(where, f"a 200 without {prompts} results: {str(data)[:120]!r}")
+    for k, r in enumerate(results):
+        instances = r.get("instances") if isinstance(r, dict) else None
+        if not (isinstance(r, dict) and isinstance(instances, list | None)
+                and isinstance(r.get("error"), str | None)
+                and all(_instance_ok(i) for i in instances or ())):
+            raise UndecodableReply(where, f"result {k} is not a segmentation: {str(r)[:120]!r}")
+    return data

@@ -32,13 +32,14 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rescue.images import ImageError, ImageLimits, decode
 from rescue.sample import image_digest
 from servers import __version__
 from servers.backends import SegmenterBackend, SegmentOptions, make_backend
 from servers.errors import ApiError
 from servers.gate import Gate, GateSettings, GateStats
 from servers.image_cache import CachedImage, ImageCache
-from servers.images import ImageInvalid, ImageTooLarge, decode_b64, decode_image
+from servers.images import decode_b64
 from servers.prompts import PromptInvalid, validate_prompt
 from servers.protocol import (
     ErrorResponse,
@@ -64,8 +65,8 @@ class ServerSettings:
     port: int = 8001
     token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
-    max_image_pixels: int = 32 * 1024 * 1024
-    max_image_side: int = 8192
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_image_side: int = ImageLimits.max_side
     max_prompts: int = 256
     max_points: int = 64
     max_instances: int = 16
@@ -148,6 +149,7 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
     """The app around `backend`; the backend loads in a thread at startup (see /health)."""
     settings = settings or ServerSettings()
     rt = _Runtime(backend=backend, settings=settings, cache=ImageCache(settings.image_cache_size))
+    limits = ImageLimits(settings.max_image_pixels, settings.max_image_side)
 
     async def _load() -> None:
         try:
@@ -245,12 +247,12 @@ def create_app(backend: SegmenterBackend, settings: ServerSettings | None = None
             return entry, True, (time.perf_counter() - t0) * 1e3, 0.0
         assert req.image.b64 is not None
         try:
-            pixels = decode_image(decode_b64(req.image.b64), settings.max_image_pixels,
-                                  settings.max_image_side)
-        except ImageTooLarge as exc:
-            raise ApiError(413, "image_too_large", str(exc), width=exc.width, height=exc.height,
-                           limit_pixels=exc.limit_pixels, limit_side=exc.limit_side) from exc
-        except ImageInvalid as exc:
+            pixels = decode(decode_b64(req.image.b64), limits, what="image.b64")
+        except ImageError as exc:
+            if exc.code == "too_large":
+                raise ApiError(413, "image_too_large", str(exc), width=exc.width,
+                               height=exc.height, limit_pixels=limits.max_pixels,
+                               limit_side=limits.max_side) from exc
             raise ApiError(422, "invalid_image", str(exc)) from exc
         digest = image_digest(pixels)
         t1 = time.perf_counter()

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from rescue import images
 from rescue.datasets.base import DatasetError, SampleError
-from rescue.datasets.images import decode_image
 
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "val": ("val", "validation", "valid"),
@@ -115,7 +115,7 @@ def image_bytes(cell: Any, what: str, root: Path | None = None) -> bytes:
 
 
 def image_cell(cell: Any, what: str, root: Path | None = None) -> np.ndarray:
-    return decode_image(image_bytes(cell, what, root), what)
+    return images.decode(image_bytes(cell, what, root), what=what)
 
 
 def mask_cell(cell: Any, what: str) -> np.ndarray:
@@ -125,14 +125,7 @@ def mask_cell(cell: Any, what: str) -> np.ndarray:
     (PNG masks are often saved as 0/255) and every non-zero pixel is target.
     """
     if isinstance(cell, Mapping | bytes | bytearray | memoryview):
-        import cv2
-
-        data = image_bytes(cell, what)
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise SampleError(f"{what}: mask image cannot be decoded")
-        if arr.ndim == 3:
-            arr = arr[..., 0]
+        arr = images.decode_plane(image_bytes(cell, what), what=f"{what} mask")
     else:
         try:
             arr = np.asarray(cell)

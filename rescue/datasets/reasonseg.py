@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from rescue import masks
+from rescue import images, masks
 from rescue.datasets import parquet
 from rescue.datasets.base import DatasetError, SampleError, check_choice, guarded_load
-from rescue.datasets.images import read_image
 from rescue.datasets.polygons import AnnotationError, labelme_mask
 from rescue.sample import Sample
 
@@ -228,7 +227,7 @@ class ReasonSegDataset:
         if not _usable(texts[k]):
             raise SampleError(f"{json_path}: malformed annotation: text #{k} is "
                               f"{texts[k]!r:.80}, not a non-empty string")
-        image = read_image(self._split_dir / f"{stem}{IMAGE_SUFFIX}")
+        image = images.read(self._split_dir / f"{stem}{IMAGE_SUFFIX}")
         try:
             gt = labelme_mask(anno.get("shapes"), image.shape[0], image.shape[1])
         except AnnotationError as e:

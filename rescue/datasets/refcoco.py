@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from rescue import masks
+from rescue import images, masks
 from rescue.datasets import parquet
 from rescue.datasets.base import DatasetError, SampleError, check_choice, guarded_load
-from rescue.datasets.images import read_image
 from rescue.datasets.polygons import PARTS, AnnotationError, coco_mask, parts_overlap
 from rescue.sample import Sample
 
@@ -408,7 +407,7 @@ class RefCocoDataset:
         for n in cands:
             p = self.coco_dir / n
             if p.is_file():
-                return read_image(p)
+                return images.read(p)
         raise SampleError(f"{what}: image missing: tried "
                           f"{[str(self.coco_dir / n) for n in cands] or 'no file name'}")
 

@@ -12,6 +12,7 @@ prompt, verify each distinct mask, through the shared cache) and writes into the
     candidates.json  every candidate ranked by the selector, with its prompt and all its scores
     candidates.png   the best distinct candidate masks side by side, captioned
 Simulated models read a ground truth that a lone image does not have, so they are refused.
+The image is refused from its header when over `image_max_pixels` or `image_max_side`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import Any
 import cv2
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, ImageOps
+from PIL import Image
 
-from rescue import listwise, selection
+from rescue import images, listwise, selection
 from rescue.cache import Cache
+from rescue.images import DEFAULT_LIMITS, ImageLimits
 from rescue.models.roles import Models, check_endpoints
 from rescue.models.views import OverlayStyle, draw_overlay
 from rescue.pipeline import Pipeline
@@ -44,17 +46,6 @@ log = logging.getLogger("rescue.modes.infer")
 
 MAX_TILES = 8
 TILE = 256
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """RGB pixels as displayed (EXIF orientation applied, so the mask matches what one sees)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
 class _OneImage:
@@ -135,9 +126,12 @@ def _sheet(image: np.ndarray, ranked: Sequence[dict[str, Any]], masks: dict[int,
 async def infer(image_path: str | Path, query: str, planner: Planner, executor: Executor,
                 verifier: Verifier, max_n: int, out_dir: str | Path, *,
                 cache: Cache | None = None, selector: Selector = selection.VERIFIER,
-                seed: int = 0, check: bool = True) -> InferenceResult:
+                seed: int = 0, check: bool = True,
+                limits: ImageLimits = DEFAULT_LIMITS) -> InferenceResult:
     """Segment what `query` refers to in the image at `image_path`; write the outputs.
 
+    The image is read first (`rescue.images`: EXIF orientation applied, so the mask matches
+    what one sees; one larger than `limits` is refused from its header, before decoding).
     `check` runs each model's preflight first (clear errors before any work). The models are
     not closed here (the caller owns them).
     """
@@ -156,7 +150,7 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
                          f"{', '.join(usable)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image = load_image(image_path)
+    image = images.read(image_path, limits)
     sample = Sample(sample_id=Path(image_path).stem or "image", query=str(query).strip(),
                     image=image, gt=np.zeros(image.shape[:2], np.uint8), dataset="infer")
     if check:
@@ -198,6 +192,7 @@ def main(cfg: DictConfig) -> float | None:
     image = Path(to_absolute_path(str(cfg.image)))
     settings = EvaluationSettings.from_config(cfg, bounded=False)  # the primary and the seed
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
+    limits = ImageLimits(int(cfg.image_max_pixels), int(cfg.image_max_side))
 
     async def go() -> InferenceResult:
         # `infer` preflights, after checking the query and the models' kind
@@ -205,7 +200,7 @@ def main(cfg: DictConfig) -> float | None:
             return await infer(image, str(cfg.query), models.planner, models.executor,
                                models.verifier, int(cfg.max_n), cfg.paths.output_dir,
                                cache=cache, selector=settings.primary, seed=settings.seed,
-                               check=not bool(cfg.offline))
+                               check=not bool(cfg.offline), limits=limits)
 
     result = asyncio.run(go())
     log.info("query %r on %s: selected hypothesis %s; outputs in %s", result.sample.query,

@@ -1,19 +1,17 @@
 """The server's pure parts: prompt checks against a brute-force reference, the image LRU's
-single flight, image decoding limits."""
+single flight (image decoding is `rescue.images`: tests/test_images.py and
+test_sam_server_images.py)."""
 
 from __future__ import annotations
 
 import math
-import struct
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 
 from servers.image_cache import ImageCache
-from servers.images import ImageInvalid, ImageTooLarge, decode_image, encode_png
 from servers.prompts import PromptInvalid, validate_prompt
 from servers.protocol import PromptIn
 
@@ -118,72 +116,6 @@ def test_encode_error_reaches_waiters_and_is_not_cached() -> None:
         cache.get_or_encode("k", img, boom)
     item, cached = cache.get_or_encode("k", img, lambda im: "ok")
     assert item.state == "ok" and not cached
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose header claims width x height (CRC fixed): a decompression bomb."""
-    png = bytearray(encode_png(np.zeros((1, 1, 3), np.uint8)))
-    ihdr = 8 + 8  # signature, then length + type of IHDR
-    png[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(png[12:ihdr + 13])) & 0xFFFFFFFF
-    png[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
-    return bytes(png)
-
-
-def test_size_is_checked_before_decoding() -> None:
-    # over our limit, under Pillow's own bomb guard: we read the header and say its size
-    with pytest.raises(ImageTooLarge) as err:
-        decode_image(_png_claiming(6000, 5000), max_pixels=10**7, max_side=8192)
-    assert (err.value.width, err.value.height) == (6000, 5000)
-    # far over both (9e9 px): refused from the header, nothing allocated
-    with pytest.raises(ImageTooLarge, match="exceeds limit"):
-        decode_image(_png_claiming(100_000, 90_000), max_pixels=10**7, max_side=8192)
-
-
-def test_decode_converts_to_rgb_and_rejects_garbage() -> None:
-    from io import BytesIO
-
-    from PIL import Image
-
-    buf = BytesIO()
-    Image.new("RGBA", (7, 5), (10, 20, 30, 40)).save(buf, format="PNG")
-    arr = decode_image(buf.getvalue(), 10**6, 100)
-    assert arr.shape == (5, 7, 3) and arr.dtype == np.uint8 and tuple(arr[0, 0]) == (10, 20, 30)
-    with pytest.raises(ImageInvalid):
-        decode_image(b"GIF89a nonsense", 10**6, 100)
-    with pytest.raises(ImageInvalid):
-        decode_image(b"", 10**6, 100)
-
-
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\n"
-
-
-def test_formats_outside_the_allow_list_never_reach_their_decoder(monkeypatch) -> None:
-    # issue 14: an EPS upload reached Ghostscript; now Pillow is not even asked to identify it
-    from io import BytesIO
-
-    from PIL import EpsImagePlugin, Image
-
-    from servers.images import FORMATS
-
-    reached = []
-
-    def ghostscript(*args, **kw):
-        reached.append(args)
-        raise OSError("Ghostscript must not run")
-
-    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
-    with pytest.raises(ImageInvalid, match="not PNG, JPEG, WEBP, BMP, TIFF"):
-        decode_image(EPS, 10**6, 100)
-    assert reached == []
-    gif = BytesIO()
-    Image.new("RGB", (4, 3), (1, 2, 3)).save(gif, format="GIF")  # harmless, but not listed
-    with pytest.raises(ImageInvalid):
-        decode_image(gif.getvalue(), 10**6, 100)
-    for fmt in FORMATS:
-        buf = BytesIO()
-        Image.new("RGB", (4, 3), (200, 100, 50)).save(buf, format=fmt)
-        assert decode_image(buf.getvalue(), 10**6, 100).shape == (3, 4, 3), fmt
 
 
 @pytest.mark.parametrize("ref", [

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import math
 import re
@@ -40,7 +39,8 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
+
+from rescue.images import decode as decode_image
 
 REASONING_PLACEMENTS = ("reasoning", "reasoning_content", "both", "content", "content_open")
 """Where a thinking model's reasoning goes: vLLM >= 0.11 with a parser (`reasoning`), older vLLM
@@ -158,7 +158,7 @@ def _decode_data_url(url: str) -> np.ndarray | None:
         return None
     try:
         raw = base64.b64decode(url.split(",", 1)[1])
-        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        return decode_image(raw, what="image_url")
     except Exception:
         return None
 

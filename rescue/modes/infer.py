@@ -12,7 +12,8 @@ prompt, verify each distinct mask, through the shared cache) and writes into the
     candidates.json  every candidate ranked by the selector, with its prompt and all its scores
     candidates.png   the best distinct candidate masks side by side, captioned
 Simulated models read a ground truth that a lone image does not have, so they are refused.
-The image is refused from its header when over `image_max_pixels` or `image_max_side`.
+The run uses the shared cache (`paths.cache_dir`, `offline=true` as in a benchmark), and the
+image is refused from its header when over `image_max_pixels` or `image_max_side`.
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
 
     The image is read first (`rescue.images`: EXIF orientation applied, so the mask matches
     what one sees; one larger than `limits` is refused from its header, before decoding).
-    `check` runs each model's preflight first (clear errors before any work). The models are
-    not closed here (the caller owns them).
+    `cache` is the shared cache, offline or not; None: a private one in `out_dir`. `check`
+    runs each model's preflight first (clear errors before any work). The models are not
+    closed here (the caller owns them).
     """
     if not query or not str(query).strip():
         raise ValueError("inference needs a non-empty query")
@@ -155,8 +157,10 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
                     image=image, gt=np.zeros(image.shape[:2], np.uint8), dataset="infer")
     if check:
         await check_endpoints(Models(planner=planner, executor=executor, verifier=verifier))
+    # `is None`, not falsiness: an empty shared cache (len 0) is still the one to use
+    cache = Cache(out / "cache") if cache is None else cache
     # a listwise verifier is asked only the whole pool's set: the single answer's
-    pipe = Pipeline(planner, executor, verifier, cache or Cache(out / "cache"), max_n=max_n,
+    pipe = Pipeline(planner, executor, verifier, cache, max_n=max_n,
                     samples_in_flight=1, progress=False,
                     plan=listwise.Plan((max_n,), seed=seed, draws=2))
     (record,) = await pipe.run(_OneImage(sample), [sample.sample_id])

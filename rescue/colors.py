@@ -77,3 +77,15 @@ def distinct(count: int, taken: Iterable[Sequence[float]], *, max_lightness: flo
         out.append(pick)
         seen.append(tuple(map(float, pick)))
     return out
+
+
+def stands_out(preferred: RGB, away_from: Iterable[Sequence[float]], *, min_delta: float = 35.0,
+               palette: Sequence[RGB] = PALETTE[1:-1]) -> RGB:
+    """`preferred` where it is at least `min_delta` (CIELAB ΔE) from every `away_from` colour
+    (a legend keeps its usual colours), else the palette colour farthest from them."""
+    away = [tuple(float(v) for v in a) for a in away_from]
+    if not away:
+        return preferred
+    gap = np.linalg.norm(lab(away) - lab(preferred), axis=-1).min()
+    return preferred if gap >= min_delta else palette[farthest(palette, away)]
+

@@ -162,6 +162,10 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     assert mask.shape == sample.gt.shape
     assert iou(*iou_counts(mask, sample.gt)) == pytest.approx(best["iou"])
     assert (out / "overlay.png").is_file() and (out / "candidates.png").is_file()
+    # drawn for people: a tint and a haloed outline chosen from the image, not a fixed red
+    from rescue.models.views import draw_contrasting
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "overlay.png")),
+                                  draw_contrasting(sample.image, mask))
 
 
 def test_a_server_refusing_every_verification_stops_the_run_with_one_line(tmp_path, servers,

@@ -16,6 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from rescue import colors
+from rescue.colors import RGB
 from rescue.models.http import plain
 
 VIEWS = ("overlay", "crop", "image")
@@ -71,8 +73,11 @@ def _outline(shape: tuple[int, int], style: OverlayStyle) -> int:
     return max(2, round(0.004 * max(shape)))
 
 
-def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle) -> np.ndarray:
-    """The image with `mask` tinted and outlined; a copy, (H, W, 3) uint8."""
+def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle, *,
+                 halo: RGB | None = None) -> np.ndarray:
+    """The image with `mask` tinted and outlined; a copy, (H, W, 3) uint8. `halo`: the outline
+    is edged in this colour too (for people: `draw_contrasting`; what a verifier sees has none,
+    so its images, and the cache keys made of them, stay as configured)."""
     m = np.asarray(mask, dtype=bool)
     if m.shape != image.shape[:2]:
         raise ValueError(f"mask shape {m.shape} != image shape {image.shape[:2]}")
@@ -83,9 +88,46 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle) -> np
     if m.any():
         contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in style.color),
-                         _outline(m.shape, style))
+        width = _outline(m.shape, style)
+        if halo is not None:
+            cv2.drawContours(out, contours, -1, tuple(int(c) for c in halo), 2 * width + 2)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in style.color), width)
     return out
+
+
+def region_colors(image: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The mean colour under `mask` and in a ring around it (a few percent of the image's
+    longer side wide): what a tint and an outline must stand out from. Empty parts are left
+    out; an empty mask gives the whole image's mean."""
+    m = np.asarray(mask, dtype=bool)
+    px = np.asarray(image, dtype=float).reshape(-1, 3)
+    if not m.any():
+        return [px.mean(axis=0)]
+    r = max(3, round(0.03 * max(m.shape)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    ring = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
+    return [px[part.ravel()].mean(axis=0) for part in (m, ring) if part.any()]
+
+
+def contrasting_style(image: np.ndarray, mask: np.ndarray,
+                      style: OverlayStyle = OverlayStyle()) -> tuple[OverlayStyle, RGB]:
+    """`style` in the palette colour farthest (CIELAB) from the pixels under and around the
+    mask, and the halo for its outline: black or white, whichever the surroundings are
+    farther from. Red on a red car is invisible; this never picks it."""
+    around = region_colors(image, mask)
+    fills = colors.PALETTE[1:-1]  # tints of black or white are no colour
+    fill = fills[colors.farthest(fills, around)]
+    edges = (colors.PALETTE[0], colors.PALETTE[-1])
+    halo = edges[colors.farthest(edges, around[-1:])]
+    return replace(style, color=fill, color_name=colors.rgb_hex(fill)), halo
+
+
+def draw_contrasting(image: np.ndarray, mask: np.ndarray,
+                     style: OverlayStyle = OverlayStyle()) -> np.ndarray:
+    """`draw_overlay` for people (inference's overlay.png and candidates.png): the tint and
+    the outline's halo chosen from the image (`contrasting_style`)."""
+    chosen, halo = contrasting_style(image, mask, style)
+    return draw_overlay(image, mask, chosen, halo=halo)
 
 
 def crop_box(mask: np.ndarray, style: OverlayStyle) -> tuple[int, int, int, int] | None:

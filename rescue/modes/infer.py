@@ -8,7 +8,9 @@ with real models works, e.g. refcoco_multi_n; group overrides such as `verifier=
 it). It runs the same pipeline as a benchmark (plan max_n hypotheses, execute each distinct
 prompt, verify each distinct mask, through the shared cache) and writes into the run directory:
     mask.png         the selected mask (0/255), same size as the image
-    overlay.png      the image with the selected mask drawn on it
+    overlay.png      the image with the selected mask drawn on it, tinted in the palette colour
+                     farthest from the pixels under and around it, its outline edged in black
+                     or white (`views.draw_contrasting`: red is not drawn on a red car)
     candidates.json  every candidate ranked by the selector, with its prompt and all its scores
     candidates.png   the best distinct candidate masks side by side, captioned
 Simulated models read a ground truth that a lone image does not have, so they are refused.
@@ -35,7 +37,7 @@ from rescue import images, listwise, selection
 from rescue.cache import Cache
 from rescue.images import DEFAULT_LIMITS, ImageLimits
 from rescue.models.roles import Models, check_endpoints
-from rescue.models.views import OverlayStyle, draw_overlay
+from rescue.models.views import OverlayStyle, draw_contrasting
 from rescue.pipeline import Pipeline
 from rescue.protocols import Executor, Planner, Verifier
 from rescue.records import SampleRecord
@@ -97,7 +99,8 @@ def _ranked(record: SampleRecord, selector: Selector, seed: int) -> list[dict[st
 
 def _sheet(image: np.ndarray, ranked: Sequence[dict[str, Any]], masks: dict[int, np.ndarray],
            style: OverlayStyle) -> np.ndarray:
-    """The best distinct candidates drawn side by side, captioned with index and scores."""
+    """The best distinct candidates drawn side by side, captioned with index and scores; each
+    tile's colour chosen from its own mask's surroundings (`views.draw_contrasting`)."""
     tiles = []
     for row in ranked:
         if len(tiles) >= MAX_TILES:
@@ -107,7 +110,7 @@ def _sheet(image: np.ndarray, ranked: Sequence[dict[str, Any]], masks: dict[int,
         m = masks.get(row["index"])
         if m is None:
             continue
-        tile = draw_overlay(image, m, style)
+        tile = draw_contrasting(image, m, style)
         scale = TILE / max(tile.shape[:2])
         tile = cv2.resize(tile, (max(1, round(tile.shape[1] * scale)),
                                  max(1, round(tile.shape[0] * scale))))
@@ -173,7 +176,7 @@ async def infer(image_path: str | Path, query: str, planner: Planner, executor: 
     paths = {"mask": out / "mask.png", "overlay": out / "overlay.png",
              "candidates": out / "candidates.json", "sheet": out / "candidates.png"}
     Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"])
-    Image.fromarray(draw_overlay(image, mask, style)).save(paths["overlay"])
+    Image.fromarray(draw_contrasting(image, mask, style)).save(paths["overlay"])
     Image.fromarray(_sheet(image, ranked, masks, style)).save(paths["sheet"])
     calls = pipe.stats.to_json()
     paths["candidates"].write_text(json.dumps({

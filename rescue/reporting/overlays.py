@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rescue import colors
+from rescue.models.views import region_colors
 from rescue.records import CandidateRecord, SampleRecord
 from rescue.sample import IGNORE, Sample
 
@@ -31,7 +33,7 @@ BG = (246, 246, 246)
 INK = (25, 25, 25)
 MUTED = (110, 110, 110)
 GT_RGB = (0, 200, 80)
-PRED_RGB = (0, 225, 255)
+PRED_RGB = (0, 225, 255)  # each sheet's own where its masks' pixels are too alike (`sheet_colors`)
 BOX_RGB = (255, 215, 0)
 SELECTED_RGB = (255, 170, 0)
 SELECTED_BG = (255, 238, 200)
@@ -126,19 +128,34 @@ def _spotlight(small: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int]) -
     return img
 
 
-def _gt_tile(small: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def sheet_colors(small: np.ndarray, gt_small: np.ndarray, shown: Iterable[np.ndarray]
+                 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The ground truth's and the candidates' colours on one sheet: the usual green and cyan,
+    unless the pixels under the target (resp. the shown masks) are too close to them, then the
+    palette colour farthest from those pixels and the sheet's other colours."""
+    union = np.zeros(small.shape[:2], bool)
+    for m in shown:
+        union |= m
+    gt = colors.stands_out(GT_RGB, [*region_colors(small, gt_small)[:1], BOX_RGB])
+    pred = colors.stands_out(PRED_RGB, [*region_colors(small, union)[:1], gt, BOX_RGB])
+    return gt, pred
+
+
+def _gt_tile(small: np.ndarray, gt: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
     target = _scale_mask(gt == 1, small.shape[:2])
     ignore = _scale_mask(gt == IGNORE, small.shape[:2])
-    img = _spotlight(small, target, GT_RGB)
+    img = _spotlight(small, target, rgb)
     return _tint(img, ignore, (150, 150, 150), 0.7)
 
 
 def _candidate_tile(small: np.ndarray, gt_small: np.ndarray, mask: np.ndarray | None,
-                    c: CandidateRecord, scale: float) -> np.ndarray:
+                    c: CandidateRecord, scale: float,
+                    palette: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
     m = (_scale_mask(mask, small.shape[:2]) if mask is not None
          else np.zeros(small.shape[:2], bool))
-    img = _spotlight(small, m, PRED_RGB)
-    _contour(img, gt_small, GT_RGB, 1)  # the truth's outline, for reference
+    gt_rgb, pred_rgb = palette
+    img = _spotlight(small, m, pred_rgb)
+    _contour(img, gt_small, gt_rgb, 1)  # the truth's outline, for reference
     if c.box is not None and len(c.box) == 4 and all(np.isfinite(c.box)):
         x1, y1, x2, y2 = (round(v * scale) for v in c.box)
         cv2.rectangle(img, (x1, y1), (x2, y2), BOX_RGB, 1, lineType=cv2.LINE_AA)
@@ -172,19 +189,26 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
     th, tw = small.shape[:2]
     gt_small = _scale_mask(sample.gt == 1, (th, tw))
     shown = shown_candidates(record, selected, max_candidates)
+    drawable = {}
+    for s in shown:
+        mask = masks.get(s.candidate.index)
+        if mask is not None and np.shape(mask) != sample.gt.shape:
+            log.warning("%s #%d: mask shape %s != image %s; not drawn", record.sample_id,
+                        s.candidate.index, np.shape(mask), sample.gt.shape)
+            continue
+        drawable[s.candidate.index] = mask
+    palette = sheet_colors(small, gt_small, [_scale_mask(m, (th, tw))
+                                             for m in drawable.values() if m is not None])
+    gt_rgb, pred_rgb = palette
     tiles: list[tuple[np.ndarray, list[Caption], bool]] = [
         (small, [[("image", INK)], [(f"{sample.width} x {sample.height} px", MUTED)]], False),
-        (_gt_tile(small, sample.gt), [[("ground truth", GT_RGB)],
-                                      [(f"target area {record.target_area} px", MUTED)]], False),
+        (_gt_tile(small, sample.gt, gt_rgb), [[("ground truth", gt_rgb)], [
+            (f"target area {record.target_area} px", MUTED)]], False),
     ]
     for s in shown:
         c = s.candidate
-        mask = masks.get(c.index)
-        bad_shape = mask is not None and np.shape(mask) != sample.gt.shape
-        if bad_shape:
-            log.warning("%s #%d: mask shape %s != image %s; not drawn", record.sample_id,
-                        c.index, np.shape(mask), sample.gt.shape)
-            mask = None
+        mask = drawable.get(c.index)
+        bad_shape = c.index not in drawable
         line1 = [(f"#{c.index}  verifier {_fmt(c.verifier_score)}", INK),
                  (f"   exec {_fmt(c.executor_score)}", MUTED)]
         line2 = [(f"IoU {c.iou:.2f}", _iou_color(c.iou))]
@@ -195,8 +219,8 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
                           SIMULATED_RGB))
         elif c.area == 0:
             line2.append(("   empty mask", MUTED))
-        tiles.append((_candidate_tile(small, gt_small, mask, c, scale), [line1, line2],
-                      s.selected))
+        tiles.append((_candidate_tile(small, gt_small, mask, c, scale, palette),
+                      [line1, line2], s.selected))
 
     cols = min(COLUMNS, len(tiles))
     rows = -(-len(tiles) // cols)
@@ -235,8 +259,8 @@ def draw_candidates(sample: Sample, record: SampleRecord, masks: Mapping[int, np
         draw.text((PAD, y), line, fill=color, font=small_font)
         y += 17
     lx = PAD
-    for text, color in (("candidate mask", PRED_RGB), ("ground truth (outline on candidates)",
-                                                       GT_RGB), ("prompt box, points", BOX_RGB)):
+    for text, color in (("candidate mask", pred_rgb), ("ground truth (outline on candidates)",
+                                                       gt_rgb), ("prompt box, points", BOX_RGB)):
         draw.rectangle((lx, y + 2, lx + 12, y + 14), fill=color, outline=INK)
         draw.text((lx + 17, y), text, fill=INK, font=small_font)
         lx += draw.textlength(text, font=small_font) + 34

@@ -40,8 +40,10 @@ PLACE_KEYS = frozenset({
 })
 """Keys that say where or how fast, not what: jobs on different nodes may differ in them."""
 
-EVAL_KEYS = ("max_n", "n_grid", "seed", "selection", "report")
-"""Settings `main` takes from the shards so the merged report equals the unsharded one."""
+EVAL_KEYS = ("max_n", "n_grid", "seed", "selection")
+"""Settings `main` takes from the shards so the merged metrics equal the unsharded run's. Not
+`report`: what the merge draws is the merge command's (shards of a sweep often ran with
+`report.plot=false`; the merge is where the plots are wanted)."""
 
 
 class MergeError(UserError, ValueError):
@@ -147,8 +149,8 @@ def find_shards(sources: str | Path | Iterable[str | Path], exclude: Path | None
 def main(cfg: DictConfig) -> float | None:
     """`mode=merge records_from=<multirun dir | [run dirs]>`: merge, evaluate, report.
 
-    Evaluation uses the study's settings (max_n, n_grid, seed, selection, report) from the
-    shards, so the merged metrics are those the unsharded run reports.
+    Evaluation uses the study's settings (max_n, n_grid, seed, selection) from the shards, so
+    the merged metrics are those the unsharded run reports; `report.*` is this command's.
     """
     if not cfg.get("records_from"):
         raise MergeError("mode=merge needs records_from=<multirun dir> or a list of run dirs")

@@ -304,9 +304,12 @@ def _slug(text: str) -> str:
 
 def write_overlays(items: Iterable[OverlayItem], out_dir: Path | str,
                    max_candidates: int = 8) -> list[Path]:
-    """One PNG per item; a sheet that cannot be drawn is logged and skipped, never fatal."""
+    """One PNG per item; a sheet that cannot be drawn is logged and skipped, never fatal. No
+    item (`report.overlays=0`, `mode=evaluate`): no folder either."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    items = list(items)
+    if items:
+        out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for k, item in enumerate(items):
         path = out / f"{k:02d}_{_slug(item.record.sample_id)}.png"

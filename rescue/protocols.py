@@ -133,6 +133,15 @@ class Closable(Protocol):
 
 
 @runtime_checkable
+class Resolved(Protocol):
+    """A model whose identity (part of every cache key) comes from a server it may fail to
+    reach: `unresolved` says why it is not known, or is None."""
+
+    @property
+    def unresolved(self) -> str | None: ...
+
+
+@runtime_checkable
 class Counted(Protocol):
     """A model that counts its requests, retries and failures (written to stats.json)."""
 

@@ -74,14 +74,21 @@ def servers(samples, tmp_path_factory):
     vllm.stop()
 
 
-def _run(tmp_path, servers, name, *extra, experiment="http_synthetic"):
+def _launch(tmp_path, servers, name, *extra, experiment="http_synthetic", down=False,
+            cache="cache"):
     _, api, sam_url = servers
+    if down:  # every endpoint unreachable: nothing listens on port 1
+        api, sam_url = "http://127.0.0.1:1/v1", "http://127.0.0.1:1"
     env = {**os.environ, "PLANNER_API_BASE": api, "VERIFIER_API_BASE": api,
            "EXECUTOR_API_BASE": sam_url, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / name}",
-           f"paths.cache_dir={tmp_path / 'cache'}", f"experiment={experiment}", *MODELS[1:],
+           f"paths.cache_dir={tmp_path / cache}", f"experiment={experiment}", *MODELS[1:],
            *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run(tmp_path, servers, name, *extra, **kw):
+    proc = _launch(tmp_path, servers, name, *extra, **kw)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp_path / name
 
@@ -139,6 +146,16 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     assert json.loads((again / "stats.json").read_text())["calls"]["model_calls"] == 0
     assert len(standin.chat_requests()) == chat_before and _sam_requests(sam_url) == sam_mid
     assert (again / "records.jsonl").read_text() == (run_dir / "records.jsonl").read_text()
+    # offline needs no server: the SAM server's identity was recorded beside the cache
+    down = _run(tmp_path, servers, "down", *RUN, "offline=true", down=True)
+    assert (down / "records.jsonl").read_text() == (run_dir / "records.jsonl").read_text()
+    # ... and where none was recorded, the error names that cause, not a cache miss
+    (tmp_path / "bare").mkdir()
+    bare = _launch(tmp_path, servers, "bare", *RUN, "offline=true", down=True, cache="bare")
+    assert bare.returncode != 0
+    last = bare.stderr.strip().splitlines()[-1]  # the one line (HYDRA_FULL_ERROR adds a trace)
+    assert last.startswith("rescue: the identity of a model") and "has no entry" not in last
+    assert "executor_info.json records no identity" in last
 
     # single-image inference on one of the samples: it shares the cache with the run above
     # (same image pixels, query and models), so it costs no model call and must pick the

@@ -14,9 +14,11 @@ from rescue.datasets.synthetic import SyntheticDataset
 from rescue.hypothesis import Prompt
 from rescue.metrics import iou, iou_counts
 from rescue.models.http import EndpointError, UndecodableReply
+from rescue.models.roles import Models, PreflightError
 from rescue.models.sam_client import (
     DEFAULT_PROMPT_MODE,
     PROMPT_MODES,
+    RecordedInfo,
     SamClient,
     choose_instances,
     mode_parts,
@@ -247,6 +249,29 @@ def test_unreachable_identity_is_marked_and_the_client_refuses_to_segment(sample
     assert client.identity()["server"] == {"unresolved": True}
     with pytest.raises(EndpointError, match="unreachable"):
         run(client.segment(samples[0], [Prompt(box=(1, 1, 20, 20))]))
+
+
+def test_a_preflight_records_the_identity_an_offline_client_reads_back(sam, tmp_path):
+    url, down = sam(), f"http://127.0.0.1:{free_port()}"
+    live = _client(url, info_file=tmp_path / "info.json", prompt_mode="box")
+    assert run(live.preflight()) == []
+    ident = live.identity()
+    assert ident["server"]["backend"] == "classical"
+    # same URL, server gone; and another host, as a cluster's server moves (one identity seen)
+    for where in (url, down):
+        again = _client(where, info_file=tmp_path / "info.json", preflight_timeout_s=1,
+                        prompt_mode="box")
+        assert again.identity() == ident and again.unresolved is None
+    # two servers of different identities recorded: an unknown URL cannot pick one
+    recorded = RecordedInfo(tmp_path / "info.json")
+    recorded.put("http://other:1", {**live._info, "backend": "sam3"})
+    assert recorded.get(url)["backend"] == "classical" and recorded.get(down) is None
+    lost = _client(down, info_file=tmp_path / "info.json", preflight_timeout_s=1, prompt_mode="box",
+                   retry={"attempts": 1})
+    assert lost.identity()["server"] == {"unresolved": True}
+    assert "info.json records no identity" in lost.unresolved
+    with pytest.raises(PreflightError, match="identity of a model"):
+        Models(planner=object(), executor=lost, verifier=object()).require_identities()
 
 
 def test_pinned_identity_mismatch_fails_preflight(sam):

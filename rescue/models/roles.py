@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from rescue.errors import UserError
-from rescue.protocols import Closable, Counted, Executor, Planner, Preflighted, Verifier
+from rescue.protocols import (
+    Closable,
+    Counted,
+    Executor,
+    Planner,
+    Preflighted,
+    Resolved,
+    Verifier,
+)
 from rescue.sample import Sample
 
 
@@ -43,19 +51,32 @@ class Models:
         """Requests, retries and failures per HTTP endpoint, from the models that count them."""
         return {role: m.stats() for role, m in self.all().items() if isinstance(m, Counted)}
 
+    def require_identities(self) -> None:
+        """Without a preflight (offline): fail now, naming the cause, when a model's identity
+        is not known, instead of with a cache miss under a key that names no backend."""
+        problems = [f"{role}: {m.unresolved}" for role, m in self.all().items()
+                    if isinstance(m, Resolved) and m.unresolved is not None]
+        if problems:
+            raise PreflightError("the identity of a model, part of every cache key, is not "
+                                 "known, so no cached answer can be found: "
+                                 + " | ".join(problems))
+
     async def aclose(self) -> None:
         for m in self.all().values():
             if isinstance(m, Closable):
                 await m.aclose()
 
     @asynccontextmanager
-    async def ready(self, *, check: bool = True,
+    async def ready(self, *, check: bool = True, offline: bool = False,
                     sample: Sample | None = None) -> AsyncIterator[Models]:
-        """The models, preflighted first when `check` (`check_endpoints`), closed on exit
-        whatever happens (a failed preflight included)."""
+        """The models, preflighted first when `check` (`check_endpoints`), with every
+        identity known without a server when `offline` (`require_identities`), closed on exit
+        whatever happens (a failed check included)."""
         try:
             if check:
                 await check_endpoints(self, sample)
+            if offline:
+                self.require_identities()
             yield self
         finally:
             await self.aclose()

@@ -31,9 +31,13 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import json
+import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -56,6 +60,8 @@ from rescue.models.http import (
 )
 from rescue.protocols import Segmentation
 from rescue.sample import Sample
+
+log = logging.getLogger("rescue")
 
 INSTANCE_POLICIES = ("top1", "union_in_box", "union")
 PROMPT_MODES: dict[str, tuple[str, ...]] = {
@@ -183,6 +189,43 @@ def choose_instances(result: Mapping[str, Any], prompt: Prompt, policy: str,
                         box=masks.bbox(union), meta=meta)
 
 
+class RecordedInfo:
+    """The /v1/info each SAM server answered, by URL, in one JSON file beside the cache: what
+    lets an offline run name the backend of the cached masks with every server down."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, base_url: str) -> dict[str, Any] | None:
+        """The info recorded for `base_url`; else, when every recorded server had one identity
+        (a cluster's server moves between hosts, the backend stays), that one."""
+        recorded = {url: info for url, info in self._read().items() if is_info(info)}
+        if base_url in recorded:
+            return dict(recorded[base_url])
+        identities = {json.dumps(SamClient.server_identity(i), sort_keys=True, default=str): i
+                      for i in recorded.values()}
+        return dict(next(iter(identities.values()))) if len(identities) == 1 else None
+
+    def put(self, base_url: str, info: Mapping[str, Any]) -> None:
+        """Record `info` (atomically: a killed run leaves the previous file); a cache folder
+        this run may not write is only logged."""
+        data = {**self._read(), base_url: dict(info)}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot record the executor's identity in %s: %s", self.path, exc)
+
+
 class SamClient:
     """Executor over HTTP: the project's SAM server (any backend)."""
 
@@ -194,7 +237,7 @@ class SamClient:
                  prompt_mode: str = DEFAULT_PROMPT_MODE, max_instances: int = 16,
                  multimask: bool = False, info: Mapping[str, Any] | None = None,
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
-                 preflight_timeout_s: float = 10.0):
+                 preflight_timeout_s: float = 10.0, info_file: str | Path | None = None):
         if not base_url:
             raise ValueError("executor: base_url is empty")
         if instance_policy not in INSTANCE_POLICIES:
@@ -212,6 +255,7 @@ class SamClient:
         self.max_instances = int(max_instances)
         self.multimask = bool(multimask)
         self.pinned = dict(plain(info)) if info else None
+        self.recorded = RecordedInfo(Path(info_file)) if info_file else None
         self.preflight_timeout_s = float(preflight_timeout_s)
         self.endpoint = Endpoint("executor", self.base_url, max_concurrency=max_concurrency,
                                  retry=retry)
@@ -227,7 +271,7 @@ class SamClient:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @staticmethod
-    def _server_identity(info: Mapping[str, Any]) -> dict[str, Any]:
+    def server_identity(info: Mapping[str, Any]) -> dict[str, Any]:
         return {"protocol": info.get("protocol"), "backend": info.get("backend"),
                 "model": info.get("model"), "identity": info.get("identity")}
 
@@ -244,27 +288,41 @@ class SamClient:
         return dict(info)
 
     def identity(self) -> Mapping[str, Any]:
-        """The server's backend identity (GET /v1/info, or the pinned `info`) and this client's
-        mask policy; not the URL.
+        """The server's backend identity and this client's mask policy; not the URL.
 
-        When the server cannot be reached (a config check, an offline run without a pinned
-        `info`) the identity says so instead of raising, and this client then refuses to
-        segment: masks must never be cached under a key that does not name their backend.
+        The server's part is, first found: the pinned `info`; the /v1/info the preflight
+        read; the one `info_file` recorded for this URL when a run last preflighted it (so an
+        offline run needs no server); GET /v1/info now. When none is there (a config check,
+        an offline run of a server never seen) the identity says so instead of raising,
+        `unresolved` says why, and this client refuses to segment: masks must never be
+        cached under a key that does not name their backend.
         """
         if self.pinned is not None:
-            server = self._server_identity(self.pinned)
+            server = self.server_identity(self.pinned)
         else:
+            if self._info is None and self.recorded is not None:
+                self._info = self.recorded.get(self.base_url)
             if self._info is None:
                 try:
                     self._info = self._fetch_info_sync()
                 except EndpointError as exc:
                     self._unresolved = str(exc)
-            server = (self._server_identity(self._info) if self._info is not None
+            server = (self.server_identity(self._info) if self._info is not None
                       else {"unresolved": True})
         return {"kind": "sam_server", "server": server, "instance_policy": self.instance_policy,
                 "in_box_fraction": self.in_box_fraction if self.instance_policy ==
                 "union_in_box" else None, "prompt_mode": self.prompt_mode,
                 "max_instances": self.max_instances, "multimask": self.multimask}
+
+    @property
+    def unresolved(self) -> str | None:
+        """Why this client's identity is not known (see `identity`), or None."""
+        self.identity()
+        if self._unresolved is None:
+            return None
+        where = (f"; {self.recorded.path} records no identity for {self.base_url} (none, or "
+                 "several servers')" if self.recorded is not None else "")
+        return f"{self._unresolved}{where}"
 
     # -- transport ----------------------------------------------------------------------------
     def client(self) -> httpx.AsyncClient:
@@ -407,11 +465,13 @@ class SamClient:
         if not is_info(info):
             return [f"{self.base_url}/v1/info is not a SAM server's info: {str(info)[:200]}"]
         self._info = dict(info)
-        if self.pinned is not None and (self._server_identity(self.pinned) !=
-                                        self._server_identity(self._info)):
+        if self.recorded is not None:
+            self.recorded.put(self.base_url, self._info)
+        if self.pinned is not None and (self.server_identity(self.pinned) !=
+                                        self.server_identity(self._info)):
             return [f"SAM server {self.base_url} has identity "
-                    f"{self._server_identity(self._info)}, but executor.info pins "
-                    f"{self._server_identity(self.pinned)}"]
+                    f"{self.server_identity(self._info)}, but executor.info pins "
+                    f"{self.server_identity(self.pinned)}"]
         unsupported = mode_unsupported(self.prompt_mode, self._info.get("capabilities"))
         if unsupported is not None:
             return [f"SAM server {self.base_url} ({self._info.get('backend')}): {unsupported}"]

@@ -203,7 +203,8 @@ def main(cfg: DictConfig) -> float | None:
 
     async def go() -> InferenceResult:
         # `infer` preflights, after checking the query and the models' kind
-        async with Models.from_config(cfg).ready(check=False) as models:
+        async with Models.from_config(cfg).ready(check=False,
+                                                 offline=bool(cfg.offline)) as models:
             return await infer(image, str(cfg.query), models.planner, models.executor,
                                models.verifier, int(cfg.max_n), cfg.paths.output_dir,
                                cache=cache, selector=settings.primary, seed=settings.seed,

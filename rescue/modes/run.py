@@ -56,7 +56,7 @@ async def _generate(cfg: DictConfig, models: Models, dataset: Dataset, ids: list
                     ) -> tuple[list[SampleRecord], Pipeline, dict[str, Any]]:
     check = not cfg.offline
     probe = probe_sample(dataset, ids) if check and cfg.pipeline.get("probe", True) else None
-    async with models.ready(check=check, sample=probe):
+    async with models.ready(check=check, offline=bool(cfg.offline), sample=probe):
         pipe = Pipeline(models.planner, models.executor, models.verifier, cache,
                         max_n=int(cfg.max_n),
                         samples_in_flight=int(cfg.pipeline.samples_in_flight),

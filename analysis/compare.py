@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from analysis.runs import NoRunsError, Run, cli, find_runs, load_run, run_labels, study_table
+from analysis.runs import NoRunsError, Run, cli, load_runs, run_labels, study_table
 from rescue.reporting.plots import Bands, band, interval_text, n_axis, new_figure, save_png
 from rescue.reporting.tables import (
     ESTIMATOR_TITLES,
@@ -213,7 +213,7 @@ def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = 
     """Find the runs in `sources`, write study.csv, study.md and the plot into `out_dir`."""
     if metric not in METRIC_TITLES:
         raise ValueError(f"metric must be one of {sorted(METRIC_TITLES)}, got {metric!r}")
-    runs = [load_run(p) for p in find_runs(sources)]
+    runs = load_runs(sources)
     table = study_table(runs)
     if _block(table, estimator, subset).empty:
         raise ValueError(f"no metrics rows with estimator={estimator!r} and subset={subset!r}; "

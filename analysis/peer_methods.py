@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.runs import Run, cli, find_runs, load_run
+from analysis.runs import Run, cli, load_runs
 from rescue import aggregation, selection
 from rescue.reporting.plots import Bands, interval_text, plot_iou_vs_n
 from rescue.reporting.tables import SIMULATED_NOTE, cell, markdown_table
@@ -112,7 +112,7 @@ def peer_markdown(table: pd.DataFrame, simulated: bool, interval: str) -> str:
 
 
 def write(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
-    runs = [load_run(p) for p in find_runs(sources)]
+    runs = load_runs(sources)
     table = peer_table(runs)
     simulated = any(r.simulated for r in runs)
     settings = runs[0].evaluation_settings()  # the pointwise run's level

@@ -10,6 +10,8 @@ columns.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from rescue.records import SampleRecord
 from rescue.run_dir import MARKERS, NoRunsError, RunDir
 from rescue.run_dir import find_runs as find_runs  # the analysis tools' name for it
 from rescue.settings import EvaluationSettings
+
+log = logging.getLogger("analysis")
 
 IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "pipeline.", "report.", "records_from")
 """Overrides that say where or how a run is logged, never what it measures: not study axes."""
@@ -118,6 +122,48 @@ def load_run(run_dir: str | Path) -> Run:
     return run
 
 
+def user_path(text: str | Path, root: str | Path,
+              env: Mapping[str, str] | None = None) -> Path:
+    """A path the user typed, as they meant it: absolute as it is; relative against the
+    directory they ran the command from (`$PWD`: a notebook kernel inherits it while its own
+    working directory is the notebook's folder), else against the repo `root`; never against
+    the notebook's folder. Where neither holds it, the first candidate (the error names it)."""
+    p = Path(text).expanduser()
+    if p.is_absolute():
+        return p
+    pwd = (os.environ if env is None else env).get("PWD")
+    bases = [Path(pwd)] if pwd else []
+    bases.append(Path(root))
+    for base in bases:
+        if (base / p).exists():
+            return (base / p).resolve()
+    return bases[0] / p
+
+
+def has_results(run_dir: str | Path) -> bool:
+    """The run wrote metrics or records: a job that failed before any result (or is still
+    running) has neither, and is no part of a study."""
+    rd = RunDir(Path(run_dir))
+    return rd.metrics_file.is_file() or rd.records_file.is_file()
+
+
+def load_runs(sources: str | Path | Sequence[str | Path]) -> list[Run]:
+    """The runs of `sources` (`find_runs`: failed runs left out) that have results, read; the
+    run directories left empty are named in one warning. None with results: `NoRunsError`."""
+    found = find_runs(sources)
+    empty = [p for p in found if not has_results(p)]
+    if empty:
+        log.warning("skipping %d run director%s without results (failed early or still "
+                    "running): %s", len(empty), "y" if len(empty) == 1 else "ies",
+                    ", ".join(str(p) for p in empty))
+    runs = [load_run(p) for p in found if p not in empty]
+    if not runs:
+        raise NoRunsError("no run with results (metrics.csv or records.jsonl) in "
+                          + ", ".join(str(s) for s in ([sources] if isinstance(sources, str | Path)
+                                                       else sources)))
+    return runs
+
+
 def varying_keys(runs: Sequence[Run]) -> list[str]:
     """Override keys whose value differs between the runs, in first-seen order."""
     keys = dict.fromkeys(k for r in runs for k in r.override_values())
@@ -175,9 +221,11 @@ def study_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def newest_run(root: str | Path) -> Path:
-    """The run directory under `root` (searched recursively) whose metrics.csv is newest."""
+    """The run directory under `root` (searched recursively) whose metrics.csv is newest; a
+    failed run (`RunDir.failed`) is passed over."""
     root = Path(root)
     found = [RunDir(p.parent) for p in root.rglob("metrics.csv")] if root.is_dir() else []
+    found = [r for r in found if not r.failed()]
     if not found:
         raise NoRunsError(f"no run directory under {root}; run `python run.py` first")
     return max(found, key=lambda r: r.metrics_file.stat().st_mtime).path

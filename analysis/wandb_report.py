@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import NoRunsError, find_runs
+from analysis.runs import NoRunsError, find_runs, has_results
 from rescue.evaluation import STAGES
 from rescue.reporting.tables import BOUNDS, METRIC_TITLES, SELECTOR_ORDER, ordered
 from rescue.reporting.wandb_logger import (
@@ -171,8 +171,8 @@ def offline_study(directory: str | Path, project: str | None = None,
     """The study of a run or multirun directory, from its runs' offline W&B logs."""
     root = Path(directory)
     runs = []
-    for run_dir in find_runs([root]):
-        wandb_dir = offline_run_dir(run_dir)
+    for run_dir in find_runs([root]):  # failed runs left out; empty ones below
+        wandb_dir = offline_run_dir(run_dir) if has_results(run_dir) else None
         if wandb_dir is None:
             continue
         run = read_run(wandb_dir)

@@ -98,13 +98,36 @@ class RunDir:
         return str(self.config().get("mode", "run"))
 
     @property
+    def launch_dir(self) -> Path | None:
+        """Where the run was launched (Hydra's `hydra.runtime.cwd`): what the relative paths
+        of its command line meant. None where Hydra saved no hydra.yaml."""
+        hydra = _yaml(self.hydra_file) or {}
+        cwd = ((hydra.get("hydra") or {}).get("runtime") or {}).get("cwd")
+        return Path(str(cwd)) if cwd else None
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path of the run's config as the run meant it: a relative one against its launch
+        directory, not against wherever it is read back from."""
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        base = self.launch_dir
+        return base / p if base is not None else p
+
+    @property
     def records_source(self) -> Path:
-        """The run's records; a `mode=evaluate` run has none and reads its `records_from`'s."""
-        config = self.config()
-        source = config.get("records_from")
-        if not self.records_file.is_file() and config.get("mode") == "evaluate" and source:
-            return RunDir(Path(str(source))).records_file
-        return self.records_file
+        """The run's records; a `mode=evaluate` run has none and reads its `records_from`'s
+        (resolved against the evaluate run's launch directory; through a chain of evaluate
+        runs to the one that has them)."""
+        run, seen = self, set()
+        while not run.records_file.is_file() and run.path not in seen:
+            seen.add(run.path)
+            config = run.config()
+            source = config.get("records_from")
+            if config.get("mode") != "evaluate" or not source:
+                break
+            run = RunDir(run.resolve(str(source)))
+        return run.records_file
 
     @property
     def masks_source(self) -> Path:

@@ -11,10 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from named_settings import evaluate_named, settings_of
-from nbclient import NotebookClient
 
 from analysis import compare, rescore
-from analysis.runs import NoRunsError, find_runs, load_run, newest_run, run_labels, study_table
+from analysis.runs import (
+    NoRunsError,
+    find_runs,
+    load_run,
+    load_runs,
+    newest_run,
+    run_labels,
+    study_table,
+    user_path,
+)
 from rescue import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,20 +296,89 @@ def test_rescore_cli_writes_next_to_the_run(made):
     assert "1*verifier+0.5*consensus" in md and "SIMULATED" in md
 
 
-def test_notebook_executes_on_a_run(made, monkeypatch):
+def test_notebook_runs_as_its_first_cell_says(made, tmp_path):
+    """The command in the notebook's first cell, from the repo root, with RESCUE_RUN relative
+    (the kernel's own working directory is analysis/: a path resolved there is not found)."""
     path = ROOT / "analysis" / "multi_n.ipynb"
     json.loads(path.read_text())  # valid JSON as committed
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    monkeypatch.setenv("RESCUE_RUN", str(made["single"]))
-    NotebookClient(nb, kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": str(ROOT / "analysis")}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    (line,) = [t.strip() for t in nb.cells[0].source.splitlines() if "jupyter execute" in t]
+    rel = os.path.relpath(made["single"], ROOT)
+    assert not Path(rel).is_absolute() and not (ROOT / "analysis" / rel).exists()
+    executed = tmp_path / "executed"
+    line = line.replace("outputs/runs/demo/<time>", rel).replace(
+        "--output=multi_n_run", f"--output={executed}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RESCUE_RUN", "PWD")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = nbformat.read(executed.with_suffix(".ipynb"), as_version=4)
+    outputs = [o for c in done.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
     text = "".join(o.get("text", "") for o in outputs)
-    assert str(made["single"]) in text and "primary selector: verifier" in text
+    assert str(made["single"].resolve()) in text and "primary selector: verifier" in text
+
+
+def test_the_notebook_names_only_tooling_of_the_dev_extra():
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    text = (ROOT / "analysis" / "multi_n.ipynb").read_text()
+    assert "jupyter execute" in text and "nbclient" in dev and "ipykernel" in dev
+    for tool, package in (("jupyter lab", "jupyterlab"), ("jupyter notebook", "notebook"),
+                          ("jupyter nbconvert", "nbconvert")):
+        assert tool not in text or package in dev, tool
+
+
+def test_a_relative_records_from_resolves_against_the_evaluate_runs_launch_dir(
+        made, tmp_path, monkeypatch):
+    rel = os.path.relpath(made["single"], ROOT)
+    ev, ev2 = tmp_path / "ev", tmp_path / "ev2"
+    _run("mode=evaluate", f"records_from={rel}", f"hydra.run.dir={ev}")
+    # an evaluate run of that evaluate run: the chain leads to the records
+    _run("mode=evaluate", f"records_from={os.path.relpath(ev, ROOT)}", f"hydra.run.dir={ev2}")
+    monkeypatch.chdir(tmp_path)  # read back from elsewhere than the launch directory
+    want = (made["single"] / "records.jsonl").resolve()
+    for run_dir in (ev, ev2):
+        run = load_run(run_dir)
+        assert run.records_path.resolve() == want
+        assert len(run.records()) == 6 and run.simulated is True
+    assert (ev2 / "metrics.csv").read_text() == (ev / "metrics.csv").read_text()
+
+
+def test_analysis_skips_failed_and_empty_run_directories(made, tmp_path, caplog):
+    import shutil
+
+    study = tmp_path / "study"
+    for job in ("0", "1"):
+        shutil.copytree(made["sweep"] / job, study / job)
+    for job in ("2", "3"):  # Hydra's config only: failed early (3 says so) or still running
+        shutil.copytree(made["sweep"] / "0" / ".hydra", study / job / ".hydra")
+    (study / "3" / "FAILED").write_text("rescue: max_n must be an integer >= 1\n")
+    runs = load_runs([study])
+    assert [r.path for r in runs] == [(study / "0").resolve(), (study / "1").resolve()]
+    assert "skipping 1 run directory without results" in caplog.text
+    assert str((study / "2").resolve()) in caplog.text
+    md = compare.compare([study], tmp_path / "out")["md"].read_text()
+    assert "2 runs" in md.splitlines()[0] and "study/2" not in md and "study/3" not in md
+    with pytest.raises(NoRunsError, match="no run with results"):
+        load_runs([study / "2"])
+
+
+def test_user_path_prefers_the_callers_directory_then_the_repo_root(tmp_path):
+    (tmp_path / "here" / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "runs" / "b").mkdir(parents=True)
+    env = {"PWD": str(tmp_path / "here")}
+    assert user_path("runs/a", tmp_path / "root", env) == tmp_path / "here" / "runs" / "a"
+    assert user_path("runs/b", tmp_path / "root", env) == tmp_path / "root" / "runs" / "b"
+    assert user_path(tmp_path / "x", tmp_path / "root", env) == tmp_path / "x"
+    assert user_path("runs/none", tmp_path / "root", env) == tmp_path / "here" / "runs" / "none"
+    assert user_path("runs/b", tmp_path / "root", {}) == tmp_path / "root" / "runs" / "b"
 
 
 def test_newest_run(made):

@@ -15,6 +15,8 @@ hypothesis gets is `instance_policy`:
 An answer with no instance is an empty mask (score 0): the backend looked and found nothing,
 which is a result, not a failure. The instances are chosen with the hypothesis's own box in
 every prompt mode, sent or not: the planner's box is what localises the one referred object.
+A prompt whose text UTF-8 cannot carry (`rescue.text`) is not sent: it is `execute:bad_text`,
+a cached answer, and the image's other prompts still go.
 
 Which parts of a hypothesis reach the model is `prompt_mode` (`PROMPT_MODES`); each SAM3 backend
 routes a prompt by its parts (servers/README.md), so the mode decides SAM3's path:
@@ -45,7 +47,7 @@ import httpx
 import numpy as np
 import orjson
 
-from rescue import masks
+from rescue import masks, text
 from rescue.cost import Cost, with_cost
 from rescue.hypothesis import Prompt
 from rescue.models.http import (
@@ -410,9 +412,11 @@ class SamClient:
             return [Segmentation(rle=None, error=f"execute:mode_unsupported {unsupported}")
                     for _ in prompts]
         reduced = [reduce_prompt(p, self.prompt_parts) for p in prompts]
+        # a text UTF-8 cannot carry would fail the whole request: it fails its own prompt
+        bad = {r.key: why for r in reduced if (why := text.unencodable(r.text or ""))}
         unique: dict[str, Prompt] = {}
         for r in reduced:
-            if not r.empty:
+            if not r.empty and r.key not in bad:
                 unique.setdefault(r.key, r)
         todo = list(unique.values())
         limit = self.max_prompts
@@ -437,6 +441,8 @@ class SamClient:
                 out.append(Segmentation(rle=None, error=(
                     f"execute:empty_prompt nothing left of the prompt with prompt_mode="
                     f"{self.prompt_mode} (it sends {'+'.join(self.prompt_parts)})")))
+            elif r.key in bad:  # permanent: the same text fails the same way on every rerun
+                out.append(Segmentation(rle=None, error=f"execute:bad_text {bad[r.key]}"))
             else:  # instances chosen with the hypothesis's box, sent or not
                 seg = choose_instances(answers[r.key], r, self.instance_policy,
                                        sample.height, sample.width, self.in_box_fraction,

@@ -1,0 +1,149 @@
+"""Text that UTF-8 cannot carry fails only what carries it, permanently (issue 14, defect 7).
+
+A planner's JSON may spell a label "\\ud800" (Python's json decodes it to a lone surrogate);
+a dataset's JSON may do the same to a query. One such string used to fail every prompt of its
+image (all travel in one SAM request) as a transient error, retried on every rerun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from standin import ServerThread
+
+from rescue import text
+from rescue.cache import Cache
+from rescue.hypothesis import Hypothesis, Prompt
+from rescue.models.sam_client import SamClient
+from rescue.pipeline import Pipeline
+from rescue.protocols import Verdict
+from rescue.sample import Sample
+from servers.backends.base import BackendInfo, PromptResult, SegmentOptions, instance_from_mask
+from servers.sam_server import ServerSettings, create_app
+
+LONE = "\ud800"
+LABELS = ("cup", f"mug {LONE}", "plate", "bowl")
+BOXES = ((4, 4, 20, 20), (24, 4, 40, 20), (4, 24, 20, 40), (24, 24, 40, 40))
+
+
+def test_unencodable_names_the_lone_surrogate_and_replaced_is_encodable():
+    assert text.unencodable("a red cup") is None
+    why = text.unencodable(f"red {LONE} cup")
+    assert why is not None and "\\ud800" in why and "4" in why
+    assert why.isascii()
+    assert text.first_unencodable({"a": ["ok", {"b": f"x{LONE}"}]}) == text.unencodable(
+        f"x{LONE}")
+    assert text.first_unencodable([{"text": "fine"}, 3, None]) is None
+    fixed = text.replaced(f"a{LONE}b\udfffc")
+    assert len(fixed) == 5 and text.unencodable(fixed) is None
+    fixed.encode("utf-8")
+
+
+class TextBoxBackend:
+    """A SAM server backend that serves text+box prompts: the box is the mask."""
+
+    name = "textbox"
+
+    def load(self) -> None:
+        pass
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(backend=self.name, model="box", backend_version="0", device="cpu",
+                           capabilities={"text": True, "box": True, "points": False,
+                                         "multimask": False},
+                           identity={"backend": self.name})
+
+    def encode(self, image: np.ndarray) -> Any:
+        return image.shape[:2]
+
+    def segment(self, state: Any, prompts: Sequence[Prompt],
+                options: SegmentOptions) -> list[PromptResult]:
+        h, w = state
+        out = []
+        for p in prompts:
+            m = np.zeros((h, w), bool)
+            x1, y1, x2, y2 = (round(v) for v in p.box)
+            m[y1:y2, x1:x2] = True
+            out.append(PromptResult(instances=[instance_from_mask(m, 0.5)]))
+        return out
+
+
+class LabelPlanner:
+    """Hypothesis i: LABELS[i] in BOXES[i]; label 1 holds a lone surrogate."""
+
+    simulated = False
+
+    def identity(self):
+        return {"name": "label-planner"}
+
+    async def plan(self, sample, indices):
+        return [Hypothesis(index=i, prompt=Prompt(text=LABELS[i], box=BOXES[i]),
+                           label=LABELS[i]) for i in indices]
+
+
+class MeanVerifier:
+    simulated = False
+
+    def identity(self):
+        return {"name": "mean"}
+
+    async def verify(self, sample, mask):
+        return Verdict(score=float(mask.mean()), source="parsed")
+
+
+class OneImage:
+    name = "one"
+
+    def sample_ids(self):
+        return ["a"]
+
+    def load(self, sid):
+        gt = np.zeros((48, 48), np.uint8)
+        gt[4:20, 4:20] = 1
+        return Sample(sample_id=sid, query="the cup", image=np.full((48, 48, 3), 60, np.uint8),
+                      gt=gt, dataset=self.name)
+
+
+@pytest.fixture(scope="module")
+def sam_url():
+    srv = ServerThread(create_app(TextBoxBackend(), ServerSettings())).start()
+    yield srv.url
+    srv.stop()
+
+
+def _run(cache_dir, url):
+    client = SamClient(url, prompt_mode="text_box", retry={"attempts": 2, "base_delay_s": 0.01})
+    pipe = Pipeline(LabelPlanner(), client, MeanVerifier(), Cache(cache_dir), max_n=4,
+                    progress=False)
+
+    async def go():
+        try:
+            return await pipe.run(OneImage(), ["a"])
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go()), pipe, client
+
+
+def test_a_lone_surrogate_fails_only_its_prompt_permanently(tmp_path, sam_url):
+    (rec,), pipe, client = _run(tmp_path / "cache", sam_url)
+    by_index = {c.index: c for c in rec.candidates}
+    bad = by_index[1]
+    assert bad.failed_stage == "execute" and bad.error.startswith("execute:bad_text ")
+    assert bad.error.isascii() and "\\ud800" in bad.error
+    assert all(by_index[i].failed_stage is None for i in (0, 2, 3))
+    assert by_index[0].iou == pytest.approx(1.0)
+    assert client.endpoint.stats()["requests"] == 1  # the other three went through
+    assert pipe.stats.failures.get("execute", 0) == 0  # an answer, not a failed request
+    json.dumps(rec.to_json())  # the record is writable
+    # a rerun asks nothing: the failure is cached like any answer
+    (rec2,), pipe2, client2 = _run(tmp_path / "cache", sam_url)
+    assert client2.endpoint.stats()["requests"] == 0
+    assert pipe2.stats.requests.get("execute", 0) == 0
+    assert pipe2.stats.cached["execute"] == 4
+    assert rec2.to_json() == rec.to_json()

@@ -44,9 +44,9 @@ def _calls(run: Run) -> tuple[int, int, int]:
 
 def peer_table(runs: Sequence[Run], estimator: str = "best_of_n",
                subset: str = "all") -> pd.DataFrame:
-    """Every method's rows (the first run reporting it wins), with `run`, `verifier_calls`,
-    `verifier_tokens` (0 for a method that reads no verifier answer) and
-    `planner_executor_calls` columns."""
+    """Every method's rows (the first run reporting it wins), with `run`, `simulated` (as
+    every table has), `verifier_calls`, `verifier_tokens` (0 for a method that reads no
+    verifier answer) and `planner_executor_calls` columns."""
     seen: set[str] = set()
     parts = []
     for run in runs:
@@ -60,7 +60,8 @@ def peer_table(runs: Sequence[Run], estimator: str = "best_of_n",
         for name in new:  # a method that reads no verifier answer is charged none
             reads = any(d.name == name and d.needs_verifier for d in _methods([name]))
             parts.append(m[m.selector == name].assign(
-                run=run.path.name, verifier_calls=verifier if reads else 0,
+                run=run.path.name, simulated=run.simulated,
+                verifier_calls=verifier if reads else 0,
                 planner_executor_calls=others, verifier_tokens=tokens if reads else 0))
     return pd.concat(parts, ignore_index=True)
 

@@ -33,6 +33,7 @@ def test_the_study_puts_every_method_in_one_table_and_figure(tmp_path):
     assert (out / "peer_methods_iou_vs_n.png").stat().st_size > 0
     md = (out / "peer_methods.md").read_text()
     assert "SIMULATED" in md and all(f"| {m} |" in md for m in METHODS)
+    assert table.simulated.all()  # every table says simulated, on every row
     for variant, stage in (("accept", "verify"), ("pairwise", "compare"),
                            ("listwise", "choose")):
         req = json.loads((out / variant / "stats.json").read_text())["calls"]["requests"]

@@ -10,15 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
-from standin import ServerThread
+from standin import (
+    PlannerScript,
+    ServerThread,
+    StandIn,
+    Targets,
+    VerifierScript,
+    overlay_iou_judge,
+    serve,
+)
 
 from rescue import text
 from rescue.cache import Cache
+from rescue.datasets.synthetic import SyntheticDataset
 from rescue.hypothesis import Hypothesis, Prompt
+from rescue.models.openai_planner import OpenAIPlanner
+from rescue.models.openai_verifier import OpenAIVerifier
 from rescue.models.sam_client import SamClient
 from rescue.pipeline import Pipeline
 from rescue.protocols import Verdict
@@ -147,3 +159,103 @@ def test_a_lone_surrogate_fails_only_its_prompt_permanently(tmp_path, sam_url):
     assert pipe2.stats.requests.get("execute", 0) == 0
     assert pipe2.stats.cached["execute"] == 4
     assert rec2.to_json() == rec.to_json()
+
+
+# --- the chat clients: a query UTF-8 cannot carry fails its own request -----------------------
+
+PLAN_PROMPT = {"name": "t", "user": 'Find "{query}". JSON: [{"bbox_2d": [..], "label": ".."}]'}
+VERIFY_PROMPT = {"name": "t", "user": "{views}\nRequest: {query}\nyes or no?"}
+RETRY = {"attempts": 2, "base_delay_s": 0.01}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    ds = SyntheticDataset(num_samples=2, seed=3, height=96, width=128, difficulty="easy")
+    good, other = (ds.load(i) for i in ds.sample_ids())
+    return good, replace(other, query=f"the {LONE} cup")
+
+
+@pytest.fixture
+def chat(synthetic):
+    """(stand-in, url of /v1) scripted for the synthetic samples."""
+    targets = Targets(synthetic)
+    si = StandIn({"planner": PlannerScript(targets, p_broken=0.0),
+                  "verifier": VerifierScript(overlay_iou_judge(targets))})
+    srv = serve(si)
+    yield si, srv.url + "/v1"
+    srv.stop()
+
+
+def test_the_planner_answers_plan_bad_text_without_a_request(chat, synthetic):
+    si, url = chat
+    good, bad = synthetic
+    planner = OpenAIPlanner("planner", url, PLAN_PROMPT, retry=RETRY)
+    hyps = asyncio.run(planner.plan(bad, [0, 1, 2]))
+    assert [h.index for h in hyps] == [0, 1, 2]
+    assert all(not h.valid and h.error.startswith("plan:bad_text ") and h.error.isascii()
+               for h in hyps)
+    assert si.chat_requests() == []
+    assert all(h.valid for h in asyncio.run(planner.plan(good, [0, 1])))
+    # the preflight probes with the query repaired instead of failing the run
+    assert asyncio.run(planner.preflight(bad)) == []
+    probe = si.chat_requests()[-1]
+    assert probe["max_tokens"] == 1 and "\ufffd" in probe["messages"][-1]["content"][-1]["text"]
+
+
+def test_the_verifier_answers_verify_bad_text_without_a_request(chat, synthetic):
+    si, url = chat
+    good, bad = synthetic
+    verifier = OpenAIVerifier("verifier", url, VERIFY_PROMPT, retry=RETRY,
+                              overlay={"views": ["overlay"]}, image={"format": "png"})
+    v = asyncio.run(verifier.verify(bad, bad.target))
+    assert v.score is None and v.error.startswith("verify:bad_text ") and v.error.isascii()
+    assert si.chat_requests() == []
+    assert asyncio.run(verifier.verify(good, good.target)).ok
+    assert asyncio.run(verifier.preflight(bad)) == []
+
+
+class TwoSamples:
+    name = "two"
+
+    def __init__(self, samples):
+        self.samples = {s.sample_id: s for s in samples}
+
+    def sample_ids(self):
+        return sorted(self.samples)
+
+    def load(self, sid):
+        return self.samples[sid]
+
+
+def test_a_bad_query_fails_its_sample_permanently_and_the_other_goes_on(tmp_path, chat,
+                                                                       synthetic, sam_url):
+    si, url = chat
+    ds = TwoSamples(synthetic)
+
+    def once():
+        planner = OpenAIPlanner("planner", url, PLAN_PROMPT, retry=RETRY)
+        verifier = OpenAIVerifier("verifier", url, VERIFY_PROMPT, retry=RETRY,
+                                  overlay={"views": ["overlay"]}, image={"format": "png"})
+        executor = SamClient(sam_url, prompt_mode="box", retry=RETRY)
+        pipe = Pipeline(planner, executor, verifier, Cache(tmp_path / "cache"), max_n=3,
+                        progress=False)
+
+        async def go():
+            try:
+                return await pipe.run(ds, ds.sample_ids())
+            finally:
+                for m in (planner, executor, verifier):
+                    await m.aclose()
+
+        return {r.sample_id: r for r in asyncio.run(go())}, pipe
+
+    recs, pipe = once()
+    good, bad = synthetic
+    assert all(c.error.startswith("plan:bad_text ") for c in recs[bad.sample_id].candidates)
+    assert any(c.failed_stage is None for c in recs[good.sample_id].candidates)
+    assert pipe.stats.failures.get("plan", 0) == 0  # answers, not failed requests
+    asked = len(si.chat_requests())
+    recs2, pipe2 = once()
+    assert len(si.chat_requests()) == asked  # the rerun asks nothing
+    assert pipe2.stats.model_calls == 0
+    assert {k: r.to_json() for k, r in recs2.items()} == {k: r.to_json() for k, r in recs.items()}

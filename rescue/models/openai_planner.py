@@ -38,6 +38,7 @@ from rescue.models.grounding import (
 from rescue.models.http import EndpointError, RetryPolicy, plain
 from rescue.models.workers import WorkerPool
 from rescue.sample import Sample
+from rescue.text import first_unencodable, replaced
 
 GROUNDING_SCHEMA: dict[str, Any] = grounding_schema("relative_1000")
 """The schema a relative_1000 planner sends with `structured_output: true` (response_format
@@ -129,7 +130,8 @@ class OpenAIPlanner:
         """One Hypothesis per index in `indices`, in order (seed of index i: base_seed + i).
 
         Raises a `TransportError` (with the hypotheses that did arrive in `.partial`) when a
-        request still fails after its retries.
+        request still fails after its retries. A request UTF-8 cannot carry (a lone surrogate
+        in the query, `rescue.text`) is not sent: every index is `plan:bad_text`, an answer.
         """
         if not indices:
             return []
@@ -137,6 +139,9 @@ class OpenAIPlanner:
         frame = frame_for(sample.width, sample.height, self.coords, self.resize,
                           self.image.sent_size(sample.width, sample.height))
         messages = self.messages(sample, url)
+        why = first_unencodable(messages)
+        if why is not None:  # permanent: the same query fails the same way on every rerun
+            return [Hypothesis.invalid(int(i), "", f"plan:bad_text {why}") for i in indices]
         runs = contiguous_runs(indices, self.max_per_request)
         outs = await asyncio.gather(*(self._request(messages, start, count, frame)
                                       for start, count in runs), return_exceptions=True)
@@ -232,7 +237,9 @@ class OpenAIPlanner:
         if sample is None:
             return await self.chat.preflight()
         url = await self.pool.run(self.image.data_url, sample.image)
-        return await self.chat.preflight(self.payload(self.messages(sample, url), 0,
+        # a query UTF-8 cannot carry fails its own sample; the probe sends it repaired
+        probed = replace(sample, query=replaced(sample.query))
+        return await self.chat.preflight(self.payload(self.messages(probed, url), 0,
                                                       self.max_per_request))
 
     async def aclose(self) -> None:

@@ -33,6 +33,7 @@ from rescue.models.views import (
 from rescue.models.workers import Memo, WorkerPool
 from rescue.protocols import Verdict
 from rescue.sample import Sample
+from rescue.text import first_unencodable, replaced
 
 SCALES = ("yes_no", "rating", "choice")
 CALL_SHAPES = ("pointwise", "pairwise", "listwise")
@@ -226,7 +227,11 @@ class OpenAIVerifier:
     async def ask(self, what: str, messages: list[dict[str, Any]],
                   options: int = 2) -> tuple[Verdict, list[ChatReply]]:
         """One judgement: the Verdict (its cost in meta) and the replies it took (one, or two
-        with `logprobs_at: answer`); raises EndpointError only for transport failures."""
+        with `logprobs_at: answer`; none for messages UTF-8 cannot carry, `verify:bad_text`);
+        raises EndpointError only for transport failures."""
+        why = first_unencodable(messages)
+        if why is not None:  # not sent, and permanent: the same text fails on every rerun
+            return Verdict(score=None, source="", error=f"verify:bad_text {why}"), []
         t0 = time.perf_counter()
         resp = await self.chat.create(what, **self.payload(messages))
         replies = [resp]
@@ -373,6 +378,8 @@ class OpenAIVerifier:
         max_tokens=1."""
         if sample is None:
             return await self.chat.preflight()
+        # a query UTF-8 cannot carry fails its own sample; the probe sends it repaired
+        sample = replace(sample, query=replaced(sample.query))
         h, w = sample.image.shape[:2]
         mask = np.zeros((h, w), dtype=bool)
         mask[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True

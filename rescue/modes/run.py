@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,18 @@ def overlay_items(cfg: DictConfig, dataset: Dataset, pipe: Pipeline,
     return items
 
 
+def subset_description(subset: Mapping[str, Any]) -> str:
+    """What part of the split a run evaluates, as the overrides that say so: a run that
+    evaluates 10% says it at the start, not only in its config."""
+    parts = [f"subset.fraction={subset.get('fraction')}" if subset.get("fraction") is not None
+             else "the whole split"]
+    if subset.get("limit") is not None:
+        parts.append(f"subset.limit={subset.get('limit')}")
+    if int(subset.get("num_shards") or 1) > 1:
+        parts.append(f"shard {subset.get('shard')} of {subset.get('num_shards')}")
+    return ", ".join(parts)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (or read back from the cache) every candidate, then evaluate and report."""
     out_dir = Path(cfg.paths.output_dir)
@@ -93,10 +105,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.resolved_config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     models = Models.from_config(cfg)  # a bad model config fails before the data is scanned
     dataset: Dataset = instantiate(cfg.dataset)
-    ids = select_ids(dataset.sample_ids(), fraction=cfg.subset.fraction, limit=cfg.subset.limit,
+    every = dataset.sample_ids()
+    ids = select_ids(every, fraction=cfg.subset.fraction, limit=cfg.subset.limit,
                      shard=int(cfg.subset.shard), num_shards=int(cfg.subset.num_shards),
                      seed=int(cfg.subset.seed))
-    log.info("dataset %s: %d samples selected (max_n=%d)", dataset.name, len(ids), cfg.max_n)
+    log.info("dataset %s: %d of %d samples selected (%s; max_n=%d)", dataset.name, len(ids),
+             len(every), subset_description(cfg.subset), cfg.max_n)
     cache = Cache(cfg.paths.cache_dir, offline=bool(cfg.offline))
     t0 = time.perf_counter()
     recs, pipe, endpoints = asyncio.run(_generate(cfg, models, dataset, ids, out_dir, cache,

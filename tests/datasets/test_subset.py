@@ -70,3 +70,12 @@ def test_bad_arguments(kw: dict) -> None:
 def test_duplicate_ids_rejected() -> None:
     with pytest.raises(ValueError, match="unique"):
         select_ids(["a", "b", "a"])
+
+
+def test_a_run_says_which_part_of_the_split_it_evaluates():
+    from rescue.modes.run import subset_description
+
+    assert subset_description({"fraction": None, "limit": None, "num_shards": 1}) == \
+        "the whole split"
+    assert subset_description({"fraction": 0.1, "limit": 20, "shard": 1, "num_shards": 4}) == \
+        "subset.fraction=0.1, subset.limit=20, shard 1 of 4"

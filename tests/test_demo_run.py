@@ -119,3 +119,21 @@ def test_a_cached_rerun_with_new_cost_rates_recosts_every_row_with_no_model_call
     # the stats of the study's calls are the same: what the cache holds was not spent again
     assert _stats(again)["calls"]["cost"] == _stats(first)["calls"]["cost"]
     assert _stats(again)["calls"]["cost_spent"] == {}
+
+
+def test_a_logged_run_is_calm_without_a_tty(tmp_path):
+    """As under SLURM or `> log`: progress on (the default), W&B offline and not silenced.
+    The console stays a researcher's: periodic progress lines, not redraws; no HTTP lines; no
+    W&B summary table of attribute/... keys; the final block names where the outputs are."""
+    env = {k: v for k, v in _env(tmp_path).items() if k != "WANDB_SILENT"}
+    cmd = [c for c in _cmd(tmp_path, "logged", "cache") if c != "pipeline.progress=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout + proc.stderr
+    lines = out.splitlines()
+    assert len(lines) < 80, out
+    assert "\r" not in out and "\x1b[" not in out  # no redraw escapes in a log file
+    assert not [ln for ln in lines if "HTTP Request" in ln]
+    assert not [ln for ln in lines if ln.startswith("wandb:")]  # its banner, tips, summary
+    assert [ln for ln in lines if "wandb sync" in ln]  # our line: where the run is, how to sync
+    assert str(tmp_path / "logged") in out

@@ -267,8 +267,10 @@ class WandbLogger:
         # where the run sits in its study: a mapping, or "hydra" (read off the job at start)
         self.study = study if isinstance(study, str) else dict(study or {})
         # console capture off: Hydra already logs to the run dir and tqdm bars stay intact;
-        # quiet: no history sparklines and summary table at finish (the run's files have them)
-        self.settings = {"console": "off", "quiet": True, **(settings or {})}
+        # quiet and silent: no history sparklines and summary table at finish (the run's files
+        # have them), no banner or integration tips at start; this logger's own two lines say
+        # where the run is and how to sync it
+        self.settings = {"console": "off", "quiet": True, "silent": True, **(settings or {})}
         self.flush_timeout_s = flush_timeout_s
         self.timings: dict[str, float] = {}
         self.errors: list[str] = []
@@ -296,6 +298,9 @@ class WandbLogger:
             job_type=self.job_type, name=name, tags=all_tags,
             config={**config, "study": context.to_config()},
             settings=wandb.Settings(**self.settings))
+        # W&B prints a Weave advertisement at init when the openai package is imported (the
+        # chat clients use it), whatever `silent` says; a user who wants Weave sets it to false
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         try:
             self._run = wandb.init(reinit="create_new", **kwargs)
         except (TypeError, ValueError):  # wandb older than 0.19.10 knows only reinit=True

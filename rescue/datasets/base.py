@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from rescue.errors import UserError
 from rescue.sample import Sample
+from rescue.text import unencodable
 
 
 class DatasetError(UserError):
@@ -47,10 +48,16 @@ class Dataset(Protocol):
 
 def guarded_load(name: str, sample_id: str, load: Callable[[str], Sample]) -> Sample:
     """`load(sample_id)`, with any unforeseen defect of one sample turned into `SampleError`,
-    so that sample is recorded as failed and the run goes on."""
+    so that sample is recorded as failed and the run goes on. A query UTF-8 cannot carry (a
+    JSON "\\ud800" escape in an annotation, `rescue.text`) is one: no model could be asked."""
     try:
-        return load(sample_id)
+        sample = load(sample_id)
     except SampleError:
         raise
     except Exception as e:
         raise SampleError(f"{name}/{sample_id}: {type(e).__name__}: {e}") from e
+    why = unencodable(sample.query)
+    if why is not None:
+        raise SampleError(f"query:bad_text {name}/{sample_id}: the query has a {why}",
+                          tags=sample.tags)
+    return sample

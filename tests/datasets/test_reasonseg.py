@@ -349,3 +349,15 @@ def test_tag_rows_count_every_sample_with_the_tag_failures_included(lisa_root: P
         rows = table[table.subset == subset]
         assert len(rows) and (rows.num_samples == n).all(), subset
     assert (table[table.subset == "short"].num_failed_samples == 2).all()
+
+
+def test_a_query_utf8_cannot_carry_is_a_sample_error(lisa_root: Path) -> None:
+    """A JSON "\\ud800" escape decodes to a lone surrogate: the sample fails with a reason,
+    keeping its tags, instead of failing every model request made for it."""
+    val = lisa_root / "val"
+    write_json(val / "a.json", anno(["the \ud800 cup", "the cup"], True, []))
+    ds = ReasonSegDataset(lisa_root, split="val", queries="all")
+    with pytest.raises(SampleError, match=r"^query:bad_text reasonseg_val/a#0: .*\\ud800") as e:
+        ds.load("a#0")
+    assert e.value.tags == ("long",) and str(e.value).isascii()
+    assert ds.load("a#1").query == "the cup"  # the annotation's other text is fine

@@ -6,9 +6,13 @@ import asyncio
 import threading
 
 import numpy as np
+import orjson
 
+from rescue.models import openai_planner, replies
+from rescue.models.openai_planner import OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
 from rescue.models.workers import Memo, WorkerPool, cores
+from rescue.records import reason_code
 from rescue.sample import Sample
 
 
@@ -45,7 +49,7 @@ def test_views_are_drawn_in_the_pool_once_per_image_and_mask():
 
     loop_thread, out, other_image = asyncio.run(go())
     assert len(drawn) == 3 and loop_thread not in drawn
-    assert all(name.startswith("verifier-views") for name in drawn)
+    assert all(name.startswith("verifier-work") for name in drawn)
     assert out[0] == out[2] == out[4] and out[1] == out[3] and out[0] != out[1]
     assert len(out[0]) == 2 and other_image != out[0]
     assert out[0] == draw(_sample().image, a)  # what the pool drew is what render draws
@@ -61,3 +65,87 @@ def test_the_memo_keeps_the_most_recent_and_the_pool_the_cores():
     assert (memo.hits, memo.misses) == (3, 1)
     assert WorkerPool("p").workers == cores() >= 1
     assert WorkerPool("p", 3).workers == 3
+
+
+# --- untrusted answers are parsed in the pool (issue 14, defect 6) ----------------------------
+
+HOSTILE = 400_000
+"""Characters of a hostile answer: a few hundred ms of parsing each, however bounded."""
+
+
+def _reply(texts):
+    body = {"choices": [{"index": k, "message": {"content": t}, "finish_reason": "stop"}
+                        for k, t in enumerate(texts)],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
+    return replies.decode(orjson.dumps(body), n=len(texts))
+
+
+def _while_ticking(client, call, spied):
+    """Run `call()` beside a coroutine that ticks on the event loop; `spied` is the list the
+    parse spy appends (thread, ticks when it began, ticks when it ended) to. Returns the
+    loop's thread name and the call's result."""
+    ticks = [0]
+
+    async def go():
+        stop = asyncio.Event()
+
+        async def ticker():
+            while not stop.is_set():
+                ticks[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            return threading.current_thread().name, await call()
+        finally:
+            stop.set()
+            await task
+            client.pool.close()
+
+    return ticks, go
+
+
+def _spy(real, ticks, seen):
+    def spy(*args, **kwargs):
+        before = ticks[0]
+        out = real(*args, **kwargs)
+        seen.append((threading.current_thread().name, before, ticks[0]))
+        return out
+    return spy
+
+
+def test_a_hostile_planner_answer_is_parsed_off_the_event_loop(monkeypatch):
+    """400 KB of '[' per choice: while each is parsed, another coroutine keeps running."""
+    planner = OpenAIPlanner("m", "http://127.0.0.1:9/v1", "{query}")
+
+    async def create(what, **kwargs):
+        return _reply(["[" * HOSTILE] * 2)
+
+    planner.chat.create = create
+    seen: list[tuple[str, int, int]] = []
+    ticks, go = _while_ticking(planner, lambda: planner.plan(_sample(), [0, 1]), seen)
+    monkeypatch.setattr(openai_planner, "parse_grounding",
+                        _spy(openai_planner.parse_grounding, ticks, seen))
+    loop_thread, hyps = asyncio.run(go())
+    assert [reason_code(h.error) for h in hyps] == ["parse:too_long"] * 2
+    assert [name.startswith("planner-work") for name, _, _ in seen] == [True, True]
+    assert all(end > begin for _, begin, end in seen)  # the loop ticked during each parse
+    assert loop_thread not in {name for name, _, _ in seen}
+
+
+def test_a_hostile_verifier_answer_is_parsed_off_the_event_loop():
+    verifier = OpenAIVerifier("m", "http://127.0.0.1:9/v1", "{views} {query}?",
+                              logprobs=False)
+
+    async def create(what, **kwargs):
+        return _reply(["Yes. No. " * (HOSTILE // 9)])
+
+    verifier.chat.create = create
+    seen: list[tuple[str, int, int]] = []
+    ticks, go = _while_ticking(verifier, lambda: verifier.verify(_sample(), _mask(4)), seen)
+    verifier._read = _spy(verifier._read, ticks, seen)
+    loop_thread, verdict = asyncio.run(go())
+    assert verdict.score is None and reason_code(verdict.error) == "verify:unparseable"
+    ((name, begin, end),) = seen
+    assert name.startswith("verifier-work") and name != loop_thread
+    assert end > begin

@@ -95,7 +95,7 @@ class OpenAIPlanner:
         self.chat = ChatEndpoint("planner", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
-        self.pool = WorkerPool("planner-images", workers)
+        self.pool = WorkerPool("planner-work", workers)
         if coords == "absolute" and self.resize is not None:
             frame_for(64, 64, coords, self.resize)  # fail on a bad rule now, not per sample
 
@@ -180,15 +180,8 @@ class OpenAIPlanner:
         resp = await self.chat.create(f"plan n={count} seed={seed}",
                                       **self.payload(messages, start, count))
         latency = time.perf_counter() - t0
-        hyps: dict[int, Hypothesis] = {}
-        choices: dict[int, Any] = {}
-        for choice in resp.choices or []:
-            k = int(choice.index)
-            if not 0 <= k < count or start + k in hyps:
-                continue
-            h = self.read(start + k, choice, frame)
-            h.meta["seed"] = self.base_seed + start + k
-            hyps[start + k], choices[start + k] = h, choice
+        hyps, choices = await self.pool.run(self.read_choices, resp.choices or (), start,
+                                            count, frame)
         got = sorted(hyps)  # the request's cost: prompt once, each child its completion
         for i, c in zip(got, cost.request_costs(
                 cost.Usage.of(resp), [cost.choice_tokens(choices[i]) for i in got],
@@ -200,6 +193,23 @@ class OpenAIPlanner:
                                 f"{len(hyps)} valid choices; indices {missing} missing",
                                 partial=[hyps[i] for i in sorted(hyps)])
         return [hyps[start + k] for k in range(count)]
+
+    def read_choices(self, replied: Sequence[Any], start: int, count: int, frame: Frame
+                     ) -> tuple[dict[int, Hypothesis], dict[int, Any]]:
+        """The hypotheses of one request's choices (child k is index start + k; one outside
+        0..count-1 or repeated is dropped) and the choice each came from. Pure CPU work on
+        untrusted text, bounded (`grounding.MAX_PARSE_CHARS`) but near a second for a hostile
+        answer: `_request` runs it in `self.pool`, so no other sample waits on the event loop."""
+        hyps: dict[int, Hypothesis] = {}
+        choices: dict[int, Any] = {}
+        for choice in replied:
+            k = int(choice.index)
+            if not 0 <= k < count or start + k in hyps:
+                continue
+            h = self.read(start + k, choice, frame)
+            h.meta["seed"] = self.base_seed + start + k
+            hyps[start + k], choices[start + k] = h, choice
+        return hyps, choices
 
     def read(self, index: int, choice: Any, frame: Frame) -> Hypothesis:
         """Hypothesis `index` from one response choice, wherever the server put the answer.

@@ -132,7 +132,7 @@ class OpenAIVerifier:
         self.chat = ChatEndpoint("verifier", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
-        self.pool = WorkerPool("verifier-views", workers)
+        self.pool = WorkerPool("verifier-work", workers)
         self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
 
     @property
@@ -237,8 +237,8 @@ class OpenAIVerifier:
         replies = [resp]
         if not resp.choices:
             v = Verdict(score=None, source="", error="verify:no_choice server returned none")
-        else:
-            v = self.read(resp.choices[0], options)
+        else:  # untrusted text, parsed in the pool: a hostile answer must not stall the loop
+            v = await self.pool.run(self.read, resp.choices[0], options)
             if self.logprobs_at == "answer" and v.source == "parsed":
                 v = await self._continue(what, messages, resp.choices[0], v, options, replies)
         usage = cost.Usage.of({"usage": summed_usage(replies)})
@@ -250,11 +250,9 @@ class OpenAIVerifier:
                         replies: list[ChatReply]) -> Verdict:
         """`parsed` scored from the logprobs of one token continuing its reply just before the
         answer; `parsed` itself (meta `continuation` says why) when that cannot be read."""
-        reply = answers.reply_of(choice.message)
-        at = answer_offset(reply.answer, self.scale)
-        if at is None:
+        prefix = await self.pool.run(self.answer_prefix, choice)
+        if prefix is None:
             return replace(parsed, meta={**parsed.meta, "continuation": "no answer position"})
-        prefix = continuation_prefix(reply, at)
         resp = await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
         replies.append(resp)
         tokens = _token_logprobs(resp.choices[0]) if resp.choices else []
@@ -263,6 +261,13 @@ class OpenAIVerifier:
         if score is None:
             return replace(parsed, meta={**meta, "continuation": "no usable logprobs"})
         return replace(parsed, score=score, source="logprobs", meta=meta)
+
+    def answer_prefix(self, choice: Any) -> str | None:
+        """The reply up to its verdict (`continuation_prefix`), None when it has no answer
+        position; a scan of untrusted text, run in the pool."""
+        reply = answers.reply_of(choice.message)
+        at = answer_offset(reply.answer, self.scale)
+        return None if at is None else continuation_prefix(reply, at)
 
     def continuation(self, messages: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
         """The one-token request after the reply's `prefix` (reasoning + answer up to its

@@ -1,10 +1,12 @@
-"""A client's CPU work (drawing views, encoding images) off the event loop, in a thread pool
-sized to the cores.
+"""A client's CPU work (drawing views, encoding images, parsing answers) off the event loop,
+in a thread pool sized to the cores.
 
 The event loop only moves bytes: a view drawn or a JPEG encoded on it would stall every other
 request in flight. PIL's encoders and OpenCV's drawing release the GIL, so threads run them in
-parallel; more threads than cores would only queue. Each client owns its pool (no global
-state) and closes it with the client.
+parallel; more threads than cores would only queue. Parsing a model's answer is pure Python and
+holds the GIL, but in a thread it yields to the loop at every switch interval, so a hostile
+answer (up to a second of parsing) delays the other requests by milliseconds, not by the whole
+parse. Each client owns its pool (no global state) and closes it with the client.
 """
 
 from __future__ import annotations

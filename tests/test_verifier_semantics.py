@@ -138,3 +138,36 @@ def test_an_ambiguous_answer_is_unparseable_even_with_logprobs():
     assert v.score is None and not v.ok
     assert v.error.startswith("verify:unparseable")
     assert "Yes. No. Yes." in v.answer
+
+
+# --- numbers: a rating or a candidate's number given twice, differently, is no answer -------
+
+@pytest.mark.parametrize(("answer", "rating", "choice"), [
+    ("\\boxed{1} \\boxed{2}", None, None),             # read as 0.1 and candidate 2 before
+    ("Rating: 3. Rating: 9.", None, None),             # read as 0.3 before
+    ("Answer: 1. Final answer: 2", None, None),
+    ("Candidate 1 covers more. Answer: 2", 0.2, 2),    # the label decides, not the first digit
+    ("I see 3 problems, so rating: 8/10", 0.8, None),  # read as 0.3 before
+    ("Answer: 2. Yes, answer: 2.", 0.2, 2),            # repeated, not conflicting
+    ("7/10", 0.7, None),
+    ("so 2", 0.2, 2),
+])
+def test_labelled_numbers_decide_and_disagreeing_ones_are_ambiguous(answer, rating, choice):
+    assert answers.parse_rating(answer, 10) == (pytest.approx(rating) if rating else None)
+    assert answers.parse_choice(answer, 2) == choice
+    assert answers.final_number(answer).ambiguous == (rating is None and choice is None)
+
+
+def test_an_ambiguous_rating_is_unparseable_even_with_logprobs():
+    toks = _seq("ok", "</think>", "\n\n", "\\boxed{", _tok("3", 0.9, [("9", math.log(0.1))]),
+                "}", " ", "\\boxed{", _tok("9", 0.9, [("3", math.log(0.1))]), "}", EOS)
+    v = _verifier(scale="rating", rating_max=10).read(_choice(toks))
+    assert v.score is None and v.error.startswith("verify:unparseable")
+
+
+def test_the_logprobs_of_the_labelled_digit_are_read_not_the_first_digit():
+    toks = _seq("ok", "</think>", "\n\n", "Candidate", " ", _tok("1", 0.99), " is", " worse.",
+                " Answer", ":", " ", _tok("2", 0.7, [("1", math.log(0.3))]), EOS)
+    v = _verifier(scale="choice", call_shape="pairwise").read(_choice(toks))
+    assert v.source == "logprobs" and v.score == pytest.approx(0.3)
+    assert v.meta["answer_token"] == 11

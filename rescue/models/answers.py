@@ -309,9 +309,52 @@ def parse_yes_no(answer: str) -> float | None:
     return 1.0 if answer[k:k + 3].lower() == "yes" else 0.0
 
 
+_LABELLED_NUMBER = re.compile(r"(?:\\boxed\{|\b(?:answer|verdict|rating)\s*(?:is)?\s*[:=]?"
+                              r"\s*[*_`\"']*)\s*(\d+(?:\.\d+)?)", re.I)
+_DIGIT = re.compile(r"\d")
+
+
+def _labelled_number(answer: str) -> tuple[re.Match[str] | None, bool]:
+    """The last labelled number ("Answer: 2", "Rating: 7/10", "\\boxed{1}"), and whether the
+    labelled numbers disagree ("\\boxed{1} \\boxed{2}": then there is none)."""
+    labelled = list(_LABELLED_NUMBER.finditer(answer))
+    if len({float(m.group(1)) for m in labelled}) > 1:
+        return None, True
+    return (labelled[-1] if labelled else None), False
+
+
+def final_number(answer: str) -> FinalVerdict:
+    """Where the number an answer gives (a rating, a candidate's number) starts: its labelled
+    number when it has one, ambiguous when the labels disagree; else its first digit."""
+    label, ambiguous = _labelled_number(answer)
+    if ambiguous:
+        return FinalVerdict(None, ambiguous=True)
+    if label is not None:
+        return FinalVerdict(label.start(1))
+    digit = _DIGIT.search(answer)
+    return FinalVerdict(digit.start() if digit else None)
+
+
+def number_token(tokens: Sequence[str], start: int) -> int | None:
+    """Index of the token holding the first digit of the number the answer from character
+    `start` gives (`final_number`), else the first digit token after it; None when there is
+    none or the labels disagree."""
+    at = final_number("".join(tokens)[start:]).offset
+    if at is None:
+        return None
+    i = token_at(tokens, start + at)
+    if i is not None and is_digit_token(norm_token(tokens[i])):
+        return i
+    return answer_index(tokens, start + at, is_digit_token)
+
+
 def parse_rating(answer: str, max_rating: int) -> float | None:
-    """"7/10", "7 out of 10", "Rating: 7" -> 0.7 (for max_rating 10)."""
-    m = _RATING.search(answer)
+    """"7/10", "7 out of 10", "Rating: 7" -> 0.7 (for max_rating 10): the labelled rating when
+    there is one (None when labels disagree), else the first number."""
+    label, ambiguous = _labelled_number(answer)
+    if ambiguous:
+        return None
+    m = _RATING.search(answer) if label is None else _RATING.match(answer, label.start(1))
     if m is None:
         return None
     value = float(m.group(1))
@@ -338,6 +381,13 @@ _OPTION = re.compile(r"(?<![\d.])(\d+)(?![\d.])")
 
 
 def parse_choice(answer: str, k: int) -> int | None:
-    """The option (1..k) the answer names: its last standalone number in range, else None."""
+    """The option (1..k) the answer names: its labelled number ("Answer: 2", "\\boxed{1}"; None
+    when labels disagree or name no option), else its last standalone number in range."""
+    label, ambiguous = _labelled_number(answer)
+    if ambiguous:
+        return None
+    if label is not None:
+        value = label.group(1)
+        return int(value) if value.isdecimal() and 1 <= int(value) <= k else None
     found = [int(m) for m in _OPTION.findall(answer) if 1 <= int(m) <= k]
     return found[-1] if found else None

@@ -9,7 +9,6 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -46,11 +45,11 @@ construction and the reply carries no logprobs for the reasoning."""
 
 
 def answer_offset(answer: str, scale: str) -> int | None:
-    """Where the answer's verdict starts in its text: the final yes/no, else the first digit."""
+    """Where the answer's verdict starts in its text: the final yes/no, else the number it
+    gives (labelled, else its first digit); None when there is none or it is ambiguous."""
     if scale == "yes_no":
         return answers.verdict_offset(answer)
-    digit = re.search(r"\d", answer)
-    return digit.start() if digit else None
+    return answers.final_number(answer).offset
 
 
 def continuation_prefix(reply: answers.Reply, at: int) -> str:
@@ -347,7 +346,7 @@ class OpenAIVerifier:
         texts = getattr(tokens, "texts", None) or [t.token for t in tokens]
         start = answers.reasoning_end(texts, reply)
         if self.scale in ("choice", "rating"):
-            i = answers.answer_index(texts, start, answers.is_digit_token)
+            i = answers.number_token(texts, start)
         else:
             k = answers.verdict_offset("".join(texts)[start:])
             i = None if k is None else answers.token_at(texts, start + k)

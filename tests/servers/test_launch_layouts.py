@@ -71,6 +71,28 @@ GOLDEN = {
              "127.0.0.1", "--port", "8001", "--image-cache-size", "8", "--max-in-flight", "2",
              "--max-queued", "16"]),
     },
+    "cpu_qwen3vl_2b": {
+        "executor": (
+            {},
+            ["python", "-m", "servers.sam_server", "--backend", "classical", "--host",
+             "127.0.0.1", "--port", "8001", "--image-cache-size", "8", "--max-in-flight", "2",
+             "--max-queued", "16"]),
+        "planner": (
+            {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
+            ["vllm", "serve", "Qwen/Qwen3-VL-2B-Instruct", "--host", "127.0.0.1", "--port",
+             "8002", "--served-model-name", "Qwen3-VL-2B-Instruct", "--dtype", "bfloat16",
+             "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "8",
+             "--limit-mm-per-prompt",
+             '{"image": 1, "video": 0}', "--generation-config", "vllm", "--max-logprobs", "20"]),
+        "verifier": (
+            {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
+            ["vllm", "serve", "Qwen/Qwen3-VL-2B-Thinking", "--host", "127.0.0.1", "--port",
+             "8000", "--served-model-name", "Qwen3-VL-2B-Thinking", "--dtype", "bfloat16",
+             "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "8",
+             "--limit-mm-per-prompt",
+             '{"image": 2, "video": 0}', "--reasoning-parser", "deepseek_r1",
+             "--generation-config", "vllm", "--max-logprobs", "20"]),
+    },
 }
 
 
@@ -316,6 +338,10 @@ def test_download_plan_and_dry_run(capsys) -> None:
         ("executor", "facebook/sam3"), ("verifier", "Qwen/Qwen3-VL-32B-Thinking"),
         ("planner", "Qwen/Qwen3-VL-8B-Instruct")]
     assert plan[0].allow_patterns == ("sam3.pt", "config.json")
+    cpu = download_models.planned_downloads(resolve_specs(LaunchArgs(layout="cpu_qwen3vl_2b")))
+    assert [(d.service, d.repo_id, d.allow_patterns) for d in cpu] == [
+        ("planner", "Qwen/Qwen3-VL-2B-Instruct", None),
+        ("verifier", "Qwen/Qwen3-VL-2B-Thinking", None)]  # GrabCut needs no weights
     assert download_models.main(["layout=cpu"]) == 0
     assert "nothing to download" in capsys.readouterr().out
 
@@ -339,9 +365,13 @@ def test_download_without_huggingface_hub(monkeypatch) -> None:
         download_models.download([download_models.Download("planner", "Qwen/x")])
 
 
-@pytest.mark.parametrize("layout", ["h100_1", "mi325x_4"])
-def test_the_verifier_server_has_room_for_the_verifier_config(layout: str) -> None:
-    """The verifier asks for max_tokens from its model card (40960); a server whose
+@pytest.mark.parametrize(("layout", "verifier", "room"), [
+    ("h100_1", "qwen3vl_32b_thinking", 4096), ("mi325x_4", "qwen3vl_32b_thinking", 4096),
+    # the CPU configs send images of at most 1024 px: ~1k visual tokens each
+    ("cpu_qwen3vl_2b", "qwen3vl_2b_thinking", 2048)])
+def test_the_verifier_server_has_room_for_the_verifier_config(layout: str, verifier: str,
+                                                              room: int) -> None:
+    """The verifier asks for max_tokens (the 32B's from its model card, 40960); a server whose
     --max-model-len leaves no room for the prompt on top refuses every verification."""
     from hydra import compose, initialize_config_dir
 
@@ -350,5 +380,33 @@ def test_the_verifier_server_has_room_for_the_verifier_config(layout: str) -> No
     (spec,) = [s for s in resolve_specs(LaunchArgs(layout=layout)) if s.name == "verifier"]
     max_model_len = int(spec.argv[spec.argv.index("--max-model-len") + 1])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["verifier=qwen3vl_32b_thinking"])
-    assert max_model_len >= cfg.verifier.sampling.max_tokens + 4096  # 2 views + the question
+        cfg = compose(config_name="config", overrides=[f"verifier={verifier}"])
+    assert max_model_len >= cfg.verifier.sampling.max_tokens + room  # 2 views + the question
+
+
+def test_the_cpu_experiment_talks_to_the_cpu_layout() -> None:
+    """`experiment=infer_cpu` reaches what `layout=cpu_qwen3vl_2b action=start` serves: the
+    served names, the ports (a port override given to both commands moves both), a prompt mode
+    the classical backend serves, images small enough for the servers' --max-model-len."""
+    from hydra import compose, initialize_config_dir
+
+    from servers.launch import CONF_DIR
+
+    moved = "layout.services.verifier.port=9100"
+    specs = {s.name: s for s in resolve_specs(LaunchArgs(layout="cpu_qwen3vl_2b",
+                                                         overrides=(moved,)))}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=infer_cpu", moved])
+    assert cfg.mode == "infer" and cfg.executor.prompt_mode in ("box", "box_points")
+    assert specs["executor"].backend == "classical"
+    for role in ("planner", "verifier"):
+        model = cfg[role]
+        assert model.model == specs[role].served_model_name, role
+        assert model.base_url == specs[role].base_url + "/v1", role
+        assert model.image.max_side <= 1024, role
+    assert cfg.verifier.base_url == "http://127.0.0.1:9100/v1"
+    assert cfg.executor.base_url == specs["executor"].base_url
+    views = len(cfg.verifier.overlay.views)
+    (limit,) = [json.loads(s.argv[s.argv.index("--limit-mm-per-prompt") + 1])["image"]
+                for s in specs.values() if s.name == "verifier"]
+    assert views <= limit

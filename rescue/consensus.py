@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
@@ -132,24 +133,42 @@ def estimate_best_of_n(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndar
     evaluation passes I, U and IoU; the last row sets the draw count). The first `pilot`
     draws are those of `best_of_n_within` with the same generator, so a sample whose pilot
     suffices gets the same weights as before."""
-    m, k = len(ok), values.shape[0]
+    return estimate_over_subsets(lambda subsets: pick_weights(ious, ok, subsets), len(ok), n,
+                                 values, pilot=pilot, target_var=target_var,
+                                 max_draws=max_draws, rng=rng)
+
+
+Outcomes = Callable[[np.ndarray], np.ndarray]
+"""(D, N) subsets (pool positions, in no particular order) -> (D, W): what each subset gives,
+e.g. the pick's weights over the M candidates (W = M), to be averaged over subsets."""
+
+
+def estimate_over_subsets(outcomes: Outcomes, m: int, n: int, values: np.ndarray, *,
+                          pilot: int, target_var: float, max_draws: int,
+                          rng: np.random.Generator, key: int = -1) -> SubsetEstimate:
+    """The mean of `outcomes` over uniformly random N-subsets of M, and the Monte-Carlo
+    covariance of `mean @ values.T` (`values`: (K, W)): every subset where there are at most
+    `pilot` (or as many as the draws would need), else `pilot` seeded draws and more until the
+    variance of row `key` of `values` is at most `target_var`, at most `max_draws` (module
+    doc). Consensus is one user; `rescue.policies` another."""
+    k = values.shape[0]
     total = comb(m, n) if n < m else 1
     if total <= pilot:
-        w = best_of_n_within(ious, ok, n, draws=pilot, rng=rng)
+        w = outcomes(subsets_of(m, n, pilot, rng)).mean(axis=0)
         return SubsetEstimate(w, 0, np.zeros((k, k)))
-    rows = pick_weights(ious, ok, subsets_of(m, n, pilot, rng))
-    x = rows @ values.T  # (pilot, K): each draw's pick's values
+    rows = outcomes(subsets_of(m, n, pilot, rng))
+    x = rows @ values.T  # (pilot, K): each draw's values
     need = pilot
-    var = float(x[:, -1].var(ddof=1))
+    var = float(x[:, key].var(ddof=1))
     if target_var > 0 and var > 0:
         need = min(max_draws, max(pilot, math.ceil(var / target_var)))
     if need > pilot and total <= need:  # as many draws as subsets: enumerate instead
-        w = best_of_n_within(ious, ok, n, draws=total, rng=rng)
+        w = outcomes(subsets_of(m, n, total, rng)).mean(axis=0)
         return SubsetEstimate(w, 0, np.zeros((k, k)))
     w_sum, x_sum, xx_sum, done = rows.sum(axis=0), x.sum(axis=0), x.T @ x, pilot
     while done < need:
         batch = min(BATCH, need - done)
-        rows = pick_weights(ious, ok, np.argsort(rng.random((batch, m)), axis=1)[:, :n])
+        rows = outcomes(np.argsort(rng.random((batch, m)), axis=1)[:, :n])
         x = rows @ values.T
         w_sum, x_sum, xx_sum, done = (w_sum + rows.sum(axis=0), x_sum + x.sum(axis=0),
                                       xx_sum + x.T @ x, done + batch)

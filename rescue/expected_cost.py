@@ -58,26 +58,40 @@ def represented(m: int, n: int, sizes: Sequence[int] | np.ndarray, firsts: Seque
 
 @dataclass(frozen=True)
 class Groups:
-    """Groups of candidates sharing one call: their sizes, first members (pool positions) and
-    the cost of their call."""
+    """Groups of candidates sharing one call: their sizes, first members (pool positions), the
+    cost of their call and each group's members (pool positions, increasing)."""
 
     sizes: np.ndarray
     firsts: np.ndarray
     costs: tuple[Cost, ...]
+    members: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def of(cls, members: dict[str, list[int]], costs: dict[str, Cost]) -> Groups:
         keys = list(members)
         return cls(np.array([len(members[k]) for k in keys], dtype=int),
                    np.array([min(members[k]) for k in keys], dtype=int),
-                   tuple(costs.get(k, Cost()) for k in keys))
+                   tuple(costs.get(k, Cost()) for k in keys),
+                   tuple(tuple(sorted(members[k])) for k in keys))
+
+    def of_candidates(self, m: int) -> np.ndarray:
+        """(M,) the group of each pool position (-1: in none)."""
+        out = np.full(m, -1, dtype=int)
+        for g, pos in enumerate(self.members):
+            out[list(pos)] = g
+        return out
 
     def expected(self, m: int, n: int, estimator: str) -> tuple[float, Cost]:
         """(expected number of groups represented, the `Cost` fields' expected sums)."""
         if not len(self.sizes):
             return 0.0, Cost()
-        p = represented(m, n, self.sizes, self.firsts, estimator)
-        return float(p.sum()), _weighted(self.costs, p)
+        return self.weighted(represented(m, n, self.sizes, self.firsts, estimator))
+
+    def weighted(self, p: np.ndarray) -> tuple[float, Cost]:
+        """(expected groups, expected `Cost`) when group g is called with probability p[g]."""
+        if not len(self.sizes):
+            return 0.0, Cost()
+        return float(np.sum(p)), _weighted(self.costs, p)
 
 
 def _weighted(costs: Sequence[Cost], w: np.ndarray) -> Cost:
@@ -134,9 +148,12 @@ class PoolCost:
 
 
 def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
+             verified: np.ndarray | None = None,
              rates: CostRates | None = None) -> dict[str, float]:
     """Every `QUANTITIES` at N for one sample (N clamped to the pool, as the evaluation does).
-    `verifies`: the selector reads the verifier (else the verify stage costs nothing)."""
+    `verifies`: the selector reads the verifier (else the verify stage costs nothing).
+    `verified`: P(each of `pool.verify`'s groups is sent to the verifier) where a policy sends
+    fewer than every mask drawn (`rescue.policies`); None: every mask drawn is verified."""
     if not pool.recorded or pool.m == 0:
         return dict.fromkeys(QUANTITIES, math.nan)
     nn = min(n, pool.m)
@@ -149,7 +166,8 @@ def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
         wi * c.completion_tokens for wi, c in zip(w, pool.plan_each, strict=True)))
     prompts, _ = pool.execute.expected(pool.m, nn, estimator)
     encodes, _ = pool.image.expected(pool.m, nn, estimator)  # one image, encoded if any prompt
-    masks, ver = pool.verify.expected(pool.m, nn, estimator)
+    masks, ver = (pool.verify.expected(pool.m, nn, estimator) if verified is None
+                  else pool.verify.weighted(verified))
     if not verifies:
         masks, ver = 0.0, Cost()
     out = {"plan_tokens": plan, "execute_prompts": prompts, "execute_encodes": encodes,

@@ -19,6 +19,10 @@ Accounting, stated once here and in the outputs:
   `exact` False and the Monte-Carlo standard errors `giou_mc_se` and `ciou_mc_se` (cIoU's by the
   delta method); its bootstrap interval is widened by them (half-widths added in quadrature with
   z × SE), so the interval covers both the sampling of samples and of subsets.
+- A verification policy (`rescue.policies`: prefilter, early_exit) is Monte-Carlo in the same
+  way where it draws subsets; its verify cost then is too (from the same draws), and the
+  intervals of verify_masks, verify_tokens, total_tokens and gpu_s are widened by that error
+  in the same way (the quality SE columns are the only SE columns).
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
-from rescue import aggregation, expected_cost
+from rescue import aggregation, expected_cost, policies
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.expected_cost import QUANTITIES
 from rescue.records import SampleRecord, reason_code
@@ -86,6 +90,8 @@ class _PerSample:
     pool_size: np.ndarray  # (S,) int
     mc: np.ndarray  # (K, S) bool: a Monte-Carlo estimate
     mc_cov: np.ndarray  # (K, S, 3, 3): its covariance of the expected (I, U, IoU); 0 if exact
+    # (row of keys, sample) -> a verification policy's estimate: what it verifies, its error
+    spent: dict[tuple[int, int], policies.PolicyEstimate] = field(default_factory=dict)
 
 
 def _check_records(records: Sequence[SampleRecord]) -> None:
@@ -170,6 +176,7 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
     mc = np.zeros((len(keys), s_count), dtype=bool)
     mc_cov = np.zeros((len(keys), s_count, 3, 3))
     draws = settings.draws(s_count)
+    spent: dict[tuple[int, int], policies.PolicyEstimate] = {}
     for pools in _pools(records, selectors, seed):
         m = pools.inter.shape[1]
         for s in selectors:
@@ -179,6 +186,10 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
             # a record lacks what that needs (that sample keeps the pool-level weights)
             within = ([s.within(records[row], seed, draws)
                        for row in pools.rows] if s.within is not None else [])
+            # a verification policy: its pick and what it verifies, per sample (None: the
+            # record lacks what it reads; scored as the plain verifier)
+            policy = ([s.policy(records[row], seed, draws)
+                       for row in pools.rows] if s.policy is not None else [])
             for n in n_grid:
                 nn = min(n, m)
                 for e in estimators:
@@ -196,19 +207,31 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
                         w[b] = est.weights
                         mc[k, pools.rows[b]] = not est.exact
                         mc_cov[k, pools.rows[b]] = est.cov
+                    for b, pol in enumerate(policy):
+                        if pol is None:
+                            continue
+                        got = pol.estimate(nn, e, np.stack(
+                            [pools.inter[b], pools.union[b], pools.iou[b]]))
+                        w[b] = got.weights
+                        mc[k, pools.rows[b]] = not got.exact
+                        mc_cov[k, pools.rows[b]] = got.cov[:3, :3]
+                        spent[(k, int(pools.rows[b]))] = got
                     inter[k, pools.rows] = np.einsum("bm,bm->b", w, pools.inter)
                     union[k, pools.rows] = np.einsum("bm,bm->b", w, pools.union)
                     iou[k, pools.rows] = np.einsum("bm,bm->b", w, pools.iou)
                     short[k, pools.rows] = n > m
-    ps = _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov)
+    ps = _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov, spent)
     _aggregate(records, n_grid, settings, truths, ps, pos)
     return ps
 
 
 def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
-           settings: EvaluationSettings, keys: Sequence[tuple[str, str, int]]) -> np.ndarray:
+           settings: EvaluationSettings, keys: Sequence[tuple[str, str, int]],
+           spent: Mapping[tuple[int, int], policies.PolicyEstimate] | None = None,
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(K, S, Q) expected cost per row and sample (`rescue.expected_cost`): the same for every
-    selector but for how it spends the verifier."""
+    selector but for how it spends the verifier; a policy's verify stage from what it verifies
+    (`spent`). And (K, S, Q) the Monte-Carlo variance of each (0 where exact)."""
     # aggregators read pointwise verifier scores where they need the verifier at all
     calls = {d.name: getattr(d, "verifier_calls", "per_mask") if d.needs_verifier else "none"
              for d in (*settings.selectors, *settings.aggregators)}
@@ -218,7 +241,24 @@ def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
     out = np.empty((len(keys), len(records), len(QUANTITIES)))
     for k, ((e, _, n), mode) in enumerate(zip(keys, modes, strict=True)):
         out[k] = table[(mode, e, n)]
-    return out
+    var = np.zeros_like(out)
+    pools: dict[int, expected_cost.PoolCost] = {}
+    rates = settings.cost
+    v = rates.verifier
+    # gpu_s is linear in the verified masks and tokens: its variance from their covariance
+    gpu = np.array([v.gpu_s_per_call or 0.0, v.gpu_s_per_token or 0.0])
+    col = {q: QUANTITIES.index(q) for q in QUANTITIES}
+    for (k, row), est in (spent or {}).items():
+        e, _, n = keys[k]
+        pool = pools.setdefault(row, expected_cost.PoolCost.of(records[row]))
+        got = expected_cost.expected(pool, n, e, verified=est.verified, rates=rates)
+        out[k, row] = [got[q] for q in QUANTITIES]
+        if not est.exact:
+            cov = est.cov[3:, 3:]  # (verified masks, verify tokens)
+            var[k, row, col["verify_masks"]] = cov[0, 0]
+            var[k, row, col["verify_tokens"]] = var[k, row, col["total_tokens"]] = cov[1, 1]
+            var[k, row, col["gpu_s"]] = gpu @ cov @ gpu
+    return out, var
 
 
 def _mc_se(ps: _PerSample, idx: np.ndarray, ciou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +334,7 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
     ci, bootstrap = settings.ci, settings.bootstrap
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
     z = NormalDist().inv_cdf(q[1])
-    cost = _costs(records, grid, settings, ps.keys)
+    cost, cost_var = _costs(records, grid, settings, ps.keys, ps.spent)
     rows, cost_rows = [], []
     for name, idx in subsets(records, by_tag).items():
         size = len(idx)
@@ -312,6 +352,10 @@ def evaluate(records: Sequence[SampleRecord], settings: EvaluationSettings,
         else:
             g_lo = g_hi = c_lo = c_hi = np.full(len(ps.keys), np.nan)
             s_lo = s_hi = np.full(spent_mean.shape, np.nan)
+        # a policy's Monte-Carlo verify cost: its intervals widened as the quality ones are
+        s_se = np.sqrt(cost_var[:, idx].sum(axis=1)) / max(size, 1)
+        s_lo, s_hi = (np.where(s_se > 0, wide, edge) for wide, edge in
+                      zip(_widen(spent_mean, s_lo, s_hi, s_se, z), (s_lo, s_hi), strict=True))
         exact = ~ps.mc[:, idx].any(axis=1)
         g_se, c_se = _mc_se(ps, idx, ciou)
         g_lo, g_hi = _widen(giou, g_lo, g_hi, g_se, z)

@@ -12,8 +12,10 @@ Most selectors score a candidate alone, so one score per candidate of the whole 
 single answer (`Selector.select`) and every N. A selector whose scores depend on which
 candidates are drawn (`consensus`: agreement with the others drawn) also says how it weighs the
 candidates within subsets (`within`); `rescue.evaluation` uses that, so that consensus@N sees
-only N candidates. `SELECTORS` is built from the definitions below: a new selector is one more
-definition there.
+only N candidates. A verification policy (`prefilter`, `early_exit`, `until_confident`:
+`rescue.policies`) is a verifier selector that sends fewer masks to the verifier (`policy`);
+the evaluation reads its pick and its verify cost from it. `SELECTORS` is built from the
+definitions below: a new selector is one more definition there.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rescue import arena, listwise
+from rescue import arena, listwise, policies
 from rescue.consensus import Draws, SubsetConsensus, SubsetEstimate
 from rescue.errors import ConfigError
 from rescue.records import CandidateRecord, SampleRecord
@@ -81,6 +83,9 @@ class Selector:
     `verifier_calls`: how a selector that needs the verifier spends it, for its cost columns:
     "per_mask" (one verify call per distinct mask drawn) or "unmodelled" (pairwise, listwise:
     `rescue.expected_cost` leaves their verifier cost NaN rather than a wrong number).
+    `policy`: a verification policy (`rescue.policies`): which masks of the N drawn it verifies
+    and its pick among them, per record; the evaluation reads both quality and verify cost
+    from it (a record it cannot read is scored by `score`, at the plain verifier's cost).
     """
 
     name: str
@@ -92,6 +97,7 @@ class Selector:
     of_record: Callable[[SampleRecord], np.ndarray] | None = None
     needs_verifier: bool = False
     verifier_calls: str = "per_mask"
+    policy: policies.Policy | None = None
 
     def scores(self, candidates: Sequence[CandidateRecord], *, key: str = "",
                seed: int = 0) -> np.ndarray:
@@ -226,10 +232,30 @@ LISTWISE = Selector("listwise", _from_record, within=listwise.ListwiseWeights.of
 """Set-of-Marks: the mask a listwise verifier names among the top-k of the masks drawn, from
 the record's cached choices (`rescue.listwise`); a run whose verifier is listwise has them."""
 
+def policy_selectors(params: policies.PolicyParams) -> tuple[Selector, ...]:
+    """The verification policies with `params` (`selection.policy`), as verifier selectors:
+    `prefilter` (verify the top k by consensus within the N drawn), `early_exit` (verify in
+    index order until k agree at IoU >= tau), `until_confident` (until a score exceeds p)."""
+    out = []
+    for rule in params.rules():
+        policy = policies.Policy(rule, _verifier)
+        out.append(Selector(rule.name, _verifier, color=_POLICY_COLORS[rule.name],
+                            of_record=policy.answer_scores, needs_verifier=True,
+                            policy=policy))
+    return tuple(out)
+
+
+_POLICY_COLORS = {"prefilter": "#000080", "early_exit": "#f032e6", "until_confident": "#000000"}
+"""The palette colours farthest (CIELAB) from every other definition's (`colors.distinct`)."""
+
+
+POLICIES = policy_selectors(policies.PolicyParams())
+"""The policies with their default parameters; opt-in (`selection.selectors`)."""
+
 DEFAULTS = (VERIFIER, EXECUTOR, CONSENSUS, FIRST, RANDOM, ORACLE)
 """What a run evaluates unless `selection.selectors` says otherwise."""
 
-SELECTORS = registry(*DEFAULTS, ARENA, LISTWISE)
+SELECTORS = registry(*DEFAULTS, ARENA, LISTWISE, *POLICIES)
 
 
 def get(name: str) -> Selector:
@@ -241,6 +267,9 @@ def get(name: str) -> Selector:
         ) from None
 
 
-def named(names: Sequence[str]) -> tuple[Selector, ...]:
-    """The definitions of `names`, in their order."""
-    return tuple(get(str(n)) for n in names)
+def named(names: Sequence[str],
+          policy: policies.PolicyParams | None = None) -> tuple[Selector, ...]:
+    """The definitions of `names`, in their order; the policies with `policy`'s parameters
+    (None: their defaults)."""
+    built = {s.name: s for s in policy_selectors(policy)} if policy is not None else {}
+    return tuple(built.get(str(n)) or get(str(n)) for n in names)

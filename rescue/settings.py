@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rescue import aggregation, selection
+from rescue import aggregation, policies, selection
 from rescue.aggregation import Aggregator
 from rescue.consensus import Draws
 from rescue.cost import CostRates
@@ -36,7 +36,8 @@ class EvaluationSettings:
     level `ci`, the `seed` of resamples and draws; consensus within subsets (`rescue.consensus`)
     enumerates where there are at most `consensus_draws` subsets, else draws that many first
     and more until the gIoU over all samples has a Monte-Carlo standard error of at most
-    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample.
+    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample;
+    the verification policies that draw subsets (`rescue.policies`) use the same draws.
     `aggregators` (`rescue.aggregation`, none by default) output masks of their own; they need
     the run's stored truth and masks. `cost`: the user's conversion of each model's work to
     GPU-seconds (config `cost.*`), read by the cost columns only, so a cached rerun re-costs a
@@ -117,9 +118,12 @@ class EvaluationSettings:
         sel = cfg.get("selection") or {}
         kw: dict[str, Any] = {}
         if sel.get("selectors") is not None:
-            kw["selectors"] = selection.named(list(sel["selectors"]))
+            kw["selectors"] = selection.named(
+                list(sel["selectors"]), policies.PolicyParams.from_config(sel.get("policy")))
         if sel.get("primary") is not None:
-            kw["primary"] = selection.get(str(sel["primary"]))
+            name = str(sel["primary"])  # a policy as evaluated, with its parameters
+            kw["primary"] = next((s for s in kw.get("selectors", ()) if s.name == name),
+                                 None) or selection.get(name)
         if sel.get("aggregators"):
             kw["aggregators"] = aggregation.named(
                 [str(a) for a in sel["aggregators"]],

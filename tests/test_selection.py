@@ -19,9 +19,10 @@ def _pool() -> list[CandidateRecord]:
     ]
 
 
-def test_registry_holds_the_six_default_selectors_and_the_arena():
+def test_registry_holds_the_six_default_selectors_the_arena_and_the_policies():
     assert list(selection.SELECTORS) == ["verifier", "executor", "consensus", "first", "random",
-                                         "oracle", "arena", "listwise"]
+                                         "oracle", "arena", "listwise", "prefilter",
+                                         "early_exit", "until_confident"]
     assert [s.name for s in selection.DEFAULTS] == list(selection.SELECTORS)[:6]
 
 

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,46 +36,61 @@ TIMINGS = ("latency_s", "server_s")
 """Measurements of one run, not answers (rescue.cost), wherever they are in a record."""
 
 
-@pytest.fixture(scope="module")
-def servers(samples, tmp_path_factory):
-    """The stand-in and a SAM server (classical, in its own process). The SAM server keeps no
-    image embeddings (--image-cache-size 0): whether a call encodes then depends on nothing a
-    fault did (a garbled 200 was computed, so its retry would find the image cached), and the
-    cost columns compare exactly."""
+@contextmanager
+def serving(samples, log_dir: Path):
+    """The stand-in (a thread here) and a SAM server (classical, in its own process), yielding
+    their URLs (vLLM's without /v1). The SAM server keeps no image embeddings
+    (--image-cache-size 0): whether a call encodes then depends on nothing a fault did (a
+    garbled 200 was computed, so its retry would find the image cached), and the cost columns
+    compare exactly. benchmarks/bench_fault_sweep.py serves with it too."""
     targets = Targets(samples)
     standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.3),
                        VERIFIER: VerifierScript(iou_judge(targets))})
     vllm = ServerThread(standin.app()).start()
     port = free_port()
-    log = tmp_path_factory.mktemp("sam") / "sam.log"
+    log = log_dir / "sam.log"
     with open(log, "wb") as out:
         sam = subprocess.Popen([sys.executable, "-m", "servers.sam_server", "--backend",
                                 "classical", "--port", str(port), "--log-level", "warning",
                                 "--image-cache-size", "0"],
                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    sam_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(sam_url + "/health", timeout=2).json().get("ready"):
-                break
-        except httpx.HTTPError:
-            pass
-        assert sam.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    yield vllm.url, sam_url
-    sam.terminate()
-    sam.wait(10)
-    vllm.stop()
+    try:
+        sam_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(sam_url + "/health", timeout=2).json().get("ready"):
+                    break
+            except httpx.HTTPError:
+                pass
+            if sam.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SAM server did not start: {log.read_text()}")
+            time.sleep(0.05)
+        yield vllm.url, sam_url
+    finally:
+        sam.terminate()
+        sam.wait(10)
+        vllm.stop()
 
 
-def _run(run_dir, vllm_url, sam_url, cache_dir):
+@pytest.fixture(scope="module")
+def servers(samples, tmp_path_factory):
+    with serving(samples, tmp_path_factory.mktemp("sam")) as urls:
+        yield urls
+
+
+def launch(run_dir, vllm_url, sam_url, cache_dir):
+    """`python run.py` of this test's workload against these servers (or their proxies)."""
     env = {**os.environ, "PLANNER_API_BASE": vllm_url + "/v1",
            "VERIFIER_API_BASE": vllm_url + "/v1", "EXECUTOR_API_BASE": sam_url,
            "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}",
            *MODELS, *RUN, *CLIENTS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_ok(run_dir, vllm_url, sam_url, cache_dir):
+    proc = launch(run_dir, vllm_url, sam_url, cache_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -87,20 +104,21 @@ def _answers(value):
     return value
 
 
-def _records(run_dir):
+def records(run_dir):
+    """The run's records without their timings: what a faulty run must equal."""
     return [_answers(json.loads(line))
             for line in (run_dir / "records.jsonl").read_text().splitlines()]
 
 
 def test_a_run_under_30_percent_faults_equals_a_clean_run_in_one_pass(tmp_path, servers):
     vllm_url, sam_url = servers
-    clean = _run(tmp_path / "clean", vllm_url, sam_url, tmp_path / "cache-clean")
+    clean = run_ok(tmp_path / "clean", vllm_url, sam_url, tmp_path / "cache-clean")
     plan = FaultPlan.even(0.3, seed=0, hang_s=2 * TIMEOUT_S)
     # besides the 30% drawn, every kind once at each proxy, on its first requests (a workload
     # this small might not draw them all)
     with FaultProxy(vllm_url, plan, KINDS) as chat, FaultProxy(sam_url, plan, KINDS) as sam:
-        faulty = _run(tmp_path / "faulty", chat.url, sam.url, tmp_path / "cache-faulty")
-    assert _records(faulty) == _records(clean)
+        faulty = run_ok(tmp_path / "faulty", chat.url, sam.url, tmp_path / "cache-faulty")
+    assert records(faulty) == records(clean)
     assert (faulty / "metrics.csv").read_text() == (clean / "metrics.csv").read_text()
     # the faults happened, every kind at each server, on GETs (preflight) and POSTs (work) ...
     for proxy in (chat, sam):
@@ -113,4 +131,4 @@ def test_a_run_under_30_percent_faults_equals_a_clean_run_in_one_pass(tmp_path, 
                  if m == "POST")
     assert 0 < sum(e["retries"] for e in endpoints.values()) <= posted  # probes: uncounted
     assert not any((c["error"] or "").startswith("request:")
-                   for r in _records(faulty) for c in r["candidates"])
+                   for r in records(faulty) for c in r["candidates"])

@@ -38,12 +38,17 @@ RUN = ["max_n=8", "n_grid=[1,2,4,8]", "selection.bootstrap=0", "report.overlays=
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def samples():
+def load_samples(overrides=MODELS):
+    """The run's synthetic samples, as the stand-in's script needs them (benchmarks too)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=MODELS)
+        cfg = compose(config_name="config", overrides=list(overrides))
     ds = instantiate(cfg.dataset)
     return [ds.load(i) for i in ds.sample_ids()]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return load_samples()
 
 
 @pytest.fixture(scope="module")

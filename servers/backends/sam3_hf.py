@@ -8,6 +8,14 @@ with `get_vision_features`; every concept prompt reuses those features (`vision_
 tracker's image embeddings are computed on the first interactive prompt of an image and kept in
 the same cached state.
 
+An image's prompts run in as few forward passes as the two models allow (`batching`): concept
+prompts with and without an exemplar box are two batches through the grounding head (phrases
+padded to 32 tokens, the vision features broadcast to the batch); interactive prompts are one
+tracker call per (number of points, box or not, multimask), the prompts on the point-batch axis.
+Prompts are never padded to share a pass, since a padded box or point changes the answer. At
+most `max_batch` prompts go in one pass; each prompt gets the answer it gets alone (raw logits
+agree to ~1e-9 on CPU, masks and scores are the same: tests/servers/test_sam_server_torch.py).
+
 The tracker is built with the sizes of the checkpoint: a `facebook/sam3` folder (a Sam3Video
 config) carries its own tracker config; a folder saved from a `Sam3Model` does not, and
 `Sam3TrackerModel.from_pretrained` would apply the default decoder sizes (every point prompt
@@ -34,6 +42,7 @@ from servers.backends.base import (
     best_first,
     instance_from_mask,
 )
+from servers.backends.batching import is_oom, run_batched
 from servers.backends.routing import ROUTING, route
 from servers.backends.versions import package_version
 
@@ -87,9 +96,14 @@ class Sam3HFBackend:
     def __init__(self, model: str = "facebook/sam3", device: str = "cpu",
                  dtype: str = "float32", threshold: float = 0.5, mask_threshold: float = 0.5,
                  enable_points: bool = True, revision: str | None = None,
-                 local_files_only: bool = False) -> None:
+                 local_files_only: bool = False, max_batch: int = 16) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError("dtype is bfloat16, float16 or float32")
+        if int(max_batch) < 1:
+            raise ValueError("max_batch is at least 1 (1: every prompt in a pass of its own)")
+        # prompts per forward pass; not in the identity: a batch gives each prompt the
+        # answer it gets alone (tests/servers/test_sam_server_torch.py)
+        self.max_batch = int(max_batch)
         self.model_id = model
         self.device = device
         self.dtype = dtype
@@ -196,70 +210,114 @@ class Sam3HFBackend:
     def segment(self, state: HFState, prompts: Sequence[Prompt],
                 options: SegmentOptions) -> list[PromptResult]:
         self.load()
-        out = []
         with self._lock, self._torch.inference_mode():
-            for p in prompts:
-                try:
-                    if route(p) == "interactive":
-                        out.append(self._interactive(state, p, options))
-                    else:
-                        out.append(self._concept(state, p, options))
-                except Exception as exc:
-                    if "out of memory" in str(exc).lower():
-                        raise
-                    out.append(PromptResult.failed(f"hf sam3 failed: {type(exc).__name__}: "
-                                                   f"{exc}"))
-        return out
+            return run_batched(list(prompts), lambda p: self.batch_key(p, options),
+                               self.max_batch, lambda group: self._batch(state, group, options),
+                               lambda p: self._one(state, p, options))
 
-    def _concept(self, state: HFState, p: Prompt, options: SegmentOptions) -> PromptResult:
-        kw: dict[str, Any] = {"original_sizes": [[state.height, state.width]],
+    def batch_key(self, p: Prompt, options: SegmentOptions) -> tuple:
+        """Prompts with the same key share one forward pass: the same head and the same input
+        shapes, so no prompt is padded (a padded box or point would change its answer)."""
+        if route(p) == "concept":
+            return ("concept", p.box is not None)
+        return ("interactive", len(p.points), p.box is not None, self._multimask(p, options))
+
+    def _batch(self, state: HFState, group: list[Prompt], options: SegmentOptions
+               ) -> list[PromptResult]:
+        if route(group[0]) == "concept":
+            return self._concept(state, group, options)
+        return self._interactive(state, group, options)
+
+    def _one(self, state: HFState, p: Prompt, options: SegmentOptions) -> PromptResult:
+        try:
+            return self._batch(state, [p], options)[0]
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            return PromptResult.failed(f"hf sam3 failed: {type(exc).__name__}: {exc}")
+
+    def _concept(self, state: HFState, group: list[Prompt], options: SegmentOptions
+                 ) -> list[PromptResult]:
+        """Sam3Model over one image encoding: every phrase padded to the tokenizer's 32 tokens,
+        the vision features broadcast to the batch (views, not copies); with boxes, one
+        positive exemplar each."""
+        n, size = len(group), [state.height, state.width]
+        # one original size per prompt: the processor normalises the boxes of each batch row
+        # by its own entry, and would leave rows past the list unnormalised
+        kw: dict[str, Any] = {"text": [p.text for p in group], "original_sizes": [size] * n,
                               "return_tensors": "pt"}
-        kw["text"] = p.text
-        if p.box is not None:  # the box is a positive exemplar of the phrase
-            kw["input_boxes"] = [[list(p.box)]]
-            kw["input_boxes_labels"] = [[1]]
+        if group[0].box is not None:  # the box is a positive exemplar of the phrase
+            kw["input_boxes"] = [[list(p.box)] for p in group]  # type: ignore[arg-type]
+            kw["input_boxes_labels"] = [[1]] * n
         inputs = self._to_device(self._processor(**kw))
         model_kw = {k: inputs[k] for k in ("input_ids", "attention_mask", "input_boxes",
                                            "input_boxes_labels") if k in inputs}
-        outputs = self._model(vision_embeds=state.vision_embeds, **model_kw)
-        res = self._processor.post_process_instance_segmentation(
+        outputs = self._model(vision_embeds=broadcast_batch(state.vision_embeds, n), **model_kw)
+        found = self._processor.post_process_instance_segmentation(
             outputs, threshold=self.threshold, mask_threshold=self.mask_threshold,
-            target_sizes=[[state.height, state.width]])[0]
-        scores = res["scores"].float().cpu().numpy().reshape(-1)
-        if scores.size == 0:
-            return PromptResult(instances=[])
-        masks = res["masks"].float().cpu().numpy().reshape(-1, state.height, state.width) > 0.5
-        return PromptResult(instances=best_first(
-            [instance_from_mask(m, float(s)) for m, s in zip(masks, scores, strict=True)],
-            options.max_instances))
+            target_sizes=[size] * n)
+        out = []
+        for res in found:
+            scores = res["scores"].float().cpu().numpy().reshape(-1)
+            if scores.size == 0:
+                out.append(PromptResult(instances=[]))
+                continue
+            masks = res["masks"].float().cpu().numpy().reshape(-1, *size) > 0.5
+            out.append(PromptResult(instances=best_first(
+                [instance_from_mask(m, float(s)) for m, s in zip(masks, scores, strict=True)],
+                options.max_instances)))
+        return out
 
-    def _interactive(self, state: HFState, p: Prompt, options: SegmentOptions) -> PromptResult:
+    @staticmethod
+    def _multimask(p: Prompt, options: SegmentOptions) -> bool:
+        # one click is ambiguous: SAM's three masks, the best kept
+        return bool(options.multimask or (p.box is None and len(p.points) == 1))
+
+    def _interactive(self, state: HFState, group: list[Prompt], options: SegmentOptions
+                     ) -> list[PromptResult]:
+        """Sam3TrackerModel: the prompts of one image are its objects (the point-batch axis),
+        decoded together against the image embeddings computed once per image."""
         if self._tracker is None:
-            return PromptResult.failed("interactive prompts (points, or a box without text) "
-                                       "need Sam3TrackerModel: start the hf backend with "
-                                       "-o enable_points=true")
+            return [PromptResult.failed("interactive prompts (points, or a box without text) "
+                                        "need Sam3TrackerModel: start the hf backend with "
+                                        "-o enable_points=true")] * len(group)
         proc = self._tracker_processor
+        size = [state.height, state.width]
         if state.tracker_embeds is None:  # once per image, kept with the cached state
             pix = self._to_device(proc(images=state.pil, return_tensors="pt"))
             state.tracker_embeds = self._tracker.get_image_embeddings(pix["pixel_values"])
-        kw: dict[str, Any] = {"original_sizes": [[state.height, state.width]],
-                              "return_tensors": "pt"}
-        if p.points:
-            kw["input_points"] = [[[list(pt) for pt in p.points]]]
-            kw["input_labels"] = [[list(p.point_labels)]]
-        if p.box is not None:
-            kw["input_boxes"] = [[list(p.box)]]
+        kw: dict[str, Any] = {"original_sizes": [size], "return_tensors": "pt"}
+        if group[0].points:
+            kw["input_points"] = [[[list(pt) for pt in p.points] for p in group]]
+            kw["input_labels"] = [[list(p.point_labels) for p in group]]
+        if group[0].box is not None:
+            kw["input_boxes"] = [[list(p.box) for p in group]]  # type: ignore[arg-type]
         inputs = self._to_device(proc(**kw))
-        ambiguous = p.box is None and len(p.points) == 1
         outputs = self._tracker(
             image_embeddings=state.tracker_embeds,
             **{k: inputs[k] for k in ("input_points", "input_labels", "input_boxes")
                if k in inputs},
-            multimask_output=bool(options.multimask or ambiguous))
-        masks = proc.post_process_masks(outputs.pred_masks.cpu(),
-                                        [[state.height, state.width]])[0]
-        masks = masks.float().numpy().reshape(-1, state.height, state.width) > 0.5
-        scores = outputs.iou_scores.float().cpu().numpy().reshape(-1)
-        insts = [instance_from_mask(m, float(s)) for m, s in zip(masks, scores, strict=True)]
-        return PromptResult(instances=best_first(insts, options.max_instances
-                                                 if options.multimask else 1))
+            multimask_output=self._multimask(group[0], options))
+        masks = proc.post_process_masks(outputs.pred_masks.cpu(), [size])[0]
+        masks = masks.float().numpy().reshape(len(group), -1, *size) > 0.5
+        scores = outputs.iou_scores.float().cpu().numpy().reshape(len(group), -1)
+        limit = options.max_instances if options.multimask else 1
+        return [PromptResult(instances=best_first(
+                    [instance_from_mask(m, float(s)) for m, s in zip(ms, ss, strict=True)],
+                    limit)) for ms, ss in zip(masks, scores, strict=True)]
+
+
+def broadcast_batch(output: Any, n: int) -> Any:
+    """A copy of a transformers ModelOutput whose batch-1 tensors (also inside tuples) are
+    expanded to batch n: views of the cached image features, no memory per prompt."""
+    if n == 1:
+        return output
+
+    def grow(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return type(v)(grow(x) for x in v)
+        if hasattr(v, "expand") and getattr(v, "ndim", 0) >= 1 and v.shape[0] == 1:
+            return v.expand(n, *v.shape[1:])
+        return v
+
+    return type(output)(**{k: grow(v) for k, v in output.items()})

@@ -180,3 +180,121 @@ def test_every_prompt_mode_through_the_client(folder_server, mode):
     problems, (seg,) = asyncio.run(go())
     assert problems == [] and seg.ok, (problems, seg.error)
     assert client.identity()["prompt_mode"] == mode
+
+
+# --- an image's prompts batched: the same answers as one prompt at a time -------------------
+
+
+def _mixed_prompts():
+    from rescue.hypothesis import Prompt
+
+    (b0, b1, b2), (c0, c1, c2) = ([tuple(float(v) for v in getattr(s, k)) for s in SCENE.shapes]
+                                  for k in ("box", "centre"))
+    one = {"point_labels": (1,)}
+    return [Prompt(text="red rectangle"), Prompt(text="shape", box=b0), Prompt(box=b0),
+            Prompt(box=b1, points=(c1,), **one), Prompt(points=(c0,), **one),
+            Prompt(text="red rectangle"), Prompt(box=b0),  # duplicates in the same batch
+            Prompt(text="blue ellipse"), Prompt(text="thing", box=b2),
+            Prompt(points=(c2,), **one), Prompt(box=b2),
+            Prompt(points=(c1, c2), point_labels=(1, 0)),
+            Prompt(text="not read", points=(c0,), **one)]  # points: the interactive path
+
+
+def _near_threshold(backend, out, tracker: bool):
+    """(prompts, H, W): pixels where some mask of that pass, upsampled as the backend does,
+    has a logit within 1e-4 of the threshold (logit 0), relative to the pass's largest logit
+    (random weights give logits of ~1e-4, so an absolute 1e-4 would cover the whole image)."""
+    import torch
+
+    if tracker:  # (1, prompts, masks, h, w), upsampled by the tracker's processor
+        up = backend._tracker_processor.post_process_masks(out.pred_masks, [[H, W]],
+                                                           binarize=False)[0]
+    else:  # (prompts, queries, h, w), upsampled as post_process_instance_segmentation does
+        up = torch.nn.functional.interpolate(out.pred_masks.float(), size=(H, W),
+                                             mode="bilinear", align_corners=False)
+    return (up.abs() <= 1e-4 * up.abs().max()).any(dim=1).numpy()
+
+
+def test_batched_prompts_give_the_answers_of_one_prompt_at_a_time(sam3_folder):
+    """Text, text + box, box, box + points, points (one and two), duplicates: one image's 13
+    prompts in 6 forward passes (one per batch key) against 13 passes one by one. Results in
+    the prompts' order; same instances and scores; masks the same pixel for pixel except where
+    a logit lies within float noise of the threshold (counted; none on this scene)."""
+    import torch
+
+    from servers.backends.base import SegmentOptions
+    from servers.backends.batching import chunks
+    from servers.backends.sam3_hf import Sam3HFBackend
+
+    backend = Sam3HFBackend(model=sam3_folder, local_files_only=True, threshold=0.0)
+    backend.load()
+    state = backend.encode(SCENE.image)
+    prompts, options = _mixed_prompts(), SegmentOptions(max_instances=3)
+    passes: list = []
+    for model in (backend._model, backend._tracker):
+        model.register_forward_hook(lambda m, args, out: passes.append((m, out)))
+
+    backend.max_batch = 1
+    alone = [backend.segment(state, [p], options)[0] for p in prompts]
+    alone_passes = list(passes)
+    passes.clear()
+    backend.max_batch = 16
+    batched = backend.segment(state, prompts, options)
+    groups = chunks(prompts, lambda p: backend.batch_key(p, options), 16)
+    assert len(alone_passes) == len(prompts) and len(passes) == len(groups) == 6
+
+    flips = 0
+    for idx, (model, out) in zip(groups, passes, strict=True):
+        tracker = model is backend._tracker
+        raw = out.pred_masks[0] if tracker else out.pred_masks
+        for row, i in enumerate(idx):
+            one = alone_passes[i][1]
+            one_raw = one.pred_masks[0, 0] if tracker else one.pred_masks[0]
+            # the raw logits of a prompt in a batch and alone: float noise only
+            assert torch.allclose(raw[row], one_raw, rtol=0, atol=1e-5 * one_raw.abs().max())
+            near = _near_threshold(backend, one, tracker)[0]
+            assert near.mean() < 0.01  # the exemption is a thin band, not the image
+            a, b = alone[i], batched[i]
+            assert a.error is None and b.error is None, (prompts[i], a.error, b.error)
+            assert len(a.instances) == len(b.instances) >= 1, prompts[i]
+            np.testing.assert_allclose([x.score for x in b.instances],
+                                       [x.score for x in a.instances], rtol=0, atol=1e-5)
+            for x, y in zip(a.instances, b.instances, strict=True):
+                differ = masks.decode(x.rle) != masks.decode(y.rle)
+                assert not (differ & ~near).any(), prompts[i]
+                flips += int(differ.sum())
+    assert flips == 0  # on this scene and seed: every mask the same pixel for pixel
+    # duplicates answer alike; prompts keep their order
+    assert batched[0] == batched[5] and batched[2] == batched[6]
+    assert [len(r.instances) for r in batched] == [len(r.instances) for r in alone]
+
+
+def test_a_failing_batch_falls_back_to_one_prompt_at_a_time(sam3_folder, monkeypatch):
+    """A batched call that raises runs its prompts alone: a prompt that fails alone fails only
+    itself, its batch mates are answered."""
+    from rescue.hypothesis import Prompt
+    from servers.backends.base import SegmentOptions
+    from servers.backends.sam3_hf import Sam3HFBackend
+
+    backend = Sam3HFBackend(model=sam3_folder, local_files_only=True, threshold=0.0)
+    backend.load()
+    state = backend.encode(SCENE.image)
+    prompts = [Prompt(text="red rectangle"), Prompt(text="poison"), Prompt(text="shape")]
+    concept = backend._concept
+
+    def fragile(st, group, options):
+        if any(p.text == "poison" for p in group):
+            raise ValueError("bad prompt")
+        return concept(st, group, options)
+
+    monkeypatch.setattr(backend, "_concept", fragile)
+    out = backend.segment(state, prompts, SegmentOptions(max_instances=2))
+    assert out[1].instances == [] and "ValueError: bad prompt" in out[1].error
+    assert out[0].error is None and out[2].error is None and out[0].instances and out[2].instances
+
+    def oom(st, group, options):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backend, "_concept", oom)  # out of memory is the request's failure
+    with pytest.raises(RuntimeError, match="out of memory"):
+        backend.segment(state, prompts, SegmentOptions())

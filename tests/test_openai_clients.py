@@ -380,7 +380,9 @@ def test_views_and_crop_zoom():
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        # outside a Hydra run no runtime cwd exists to resolve paths.* against
+        return compose(config_name="config",
+                       overrides=[f"paths.root_dir={CONF.parent}", *overrides])
 
 
 @pytest.mark.parametrize(("group", "option"), [

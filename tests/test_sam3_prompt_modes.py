@@ -90,7 +90,9 @@ def test_a_second_mode_reexecutes_the_cached_plans_without_a_planner_call(tmp_pa
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        # outside a Hydra run no runtime cwd exists to resolve paths.* against
+        return compose(config_name="config",
+                       overrides=[f"paths.root_dir={ROOT}", *overrides])
 
 
 def test_the_experiment_composes_with_each_mode_and_defaults_to_text_box():

@@ -4,6 +4,7 @@ Each entry is keyed by a hash of everything that can change the answer and store
 as one JSON line appended to a segment file owned by the writing process:
 
     <root>/<stage>/<writer>.jsonl      {"k": <key>, "v": <value>, "what": <description>}
+    <root>/<stage>/claims              <key> <writer>.jsonl <offset> <length>   (writers' log)
 
 Why segments: one O_APPEND write per entry is atomic for practical purposes, a killed writer can
 only tear its own last line (skipped on read), and several processes (a Hydra multirun, SLURM
@@ -20,15 +21,17 @@ thinking model's reasoning) and read back only the ones it needs, one `pread` ea
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from typing import Any
 from rescue.errors import UserError
 
 STAGES = ("plan", "execute", "verify")
+CLAIMS = "claims"  # per stage: "<key> <segment> <offset> <length>" per stored key
+log = logging.getLogger("rescue")
 
 
 class CacheMiss(UserError, LookupError):
@@ -74,6 +79,9 @@ class _Segments:
     entries: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
     last_scan: float = 0.0
+    # writers only: key -> where, from <stage>/claims, read up to claims_offset
+    claims: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    claims_offset: int = 0
 
 
 class Cache:
@@ -91,6 +99,7 @@ class Cache:
         self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stages: dict[str, _Segments] = {}
         self.counts: Counter[str] = Counter()
+        self._unlocked_warned = False
 
     # -- reading -----------------------------------------------------------------------------
     def _scan(self, stage: str) -> _Segments:
@@ -163,9 +172,13 @@ class Cache:
 
         Two jobs computing one key with a non-deterministic model (real vLLM is not bitwise
         reproducible) must not each keep their own answer: the loser's records would describe
-        what no reader is ever served. So the check-and-append runs under the stage's lock
-        (`flock` on `<stage>/.lock`, shared by every process on the file system), after a
-        tail scan that sees every entry appended before it; no key is appended twice.
+        what no reader is ever served. So every writer, under the stage's lock (`flock` on
+        `<stage>/.lock`), reads the stage's claims log (`<stage>/claims`: one line per key
+        stored, naming its segment line) from where it last stopped, and appends its entry
+        and its claim only when no claim names the key. A write costs one short read of that
+        log, not a look at every segment. Where the file system refuses `flock` (Lustre
+        without `-o flock`) writes go on unlocked, with a warning: two racing writers may then
+        both store a key, and readers take the first segment's, as before.
         """
         if self.offline:
             raise RuntimeError("offline cache is read-only")
@@ -174,15 +187,14 @@ class Cache:
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{self.writer}.jsonl"
-        lock = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            seg = self._scan(stage)
-            first = seg.entries.get(key)
+        seg = self._segments(stage)
+        with self._stage_lock(folder):
+            first = self._claims(stage, seg).get(key) or seg.entries.get(key)
             if first is not None:
                 won = self._read(stage, first)
                 if won is not None:
                     self.counts[f"{stage}.lost"] += 1
+                    seg.entries[key] = first
                     return won
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -190,12 +202,51 @@ class Cache:
                 end = os.fstat(fd).st_size  # this process is the segment's only writer
             finally:
                 os.close(fd)
-        finally:
-            os.close(lock)  # releases the lock
-        seg.entries[key] = (name, end - len(line), len(line) - 1)
+            where = (name, end - len(line), len(line) - 1)
+            claim = os.open(folder / CLAIMS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(claim, f"{key} {where[0]} {where[1]} {where[2]}\n".encode())
+            finally:
+                os.close(claim)
+        seg.entries[key] = where
         seg.offsets[name] = end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += 1
         return value
+
+    @contextlib.contextmanager
+    def _stage_lock(self, folder: Path) -> Iterator[None]:
+        fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if not self._unlocked_warned:
+                    log.warning("cache %s: the file system refuses flock (%s); writes go on "
+                                "unlocked, so racing jobs may each store one key", folder, exc)
+                    self._unlocked_warned = True
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _claims(self, stage: str, seg: _Segments) -> dict[str, tuple[str, int, int]]:
+        """The claims appended since this process last read them, added to `seg.claims`."""
+        try:
+            with open(self.root / stage / CLAIMS, "rb") as f:
+                f.seek(seg.claims_offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return seg.claims
+        end = chunk.rfind(b"\n") + 1  # whole lines only
+        for raw in chunk[:end].splitlines():
+            parts = raw.split(b" ")
+            if len(parts) == 4:
+                try:
+                    where = (parts[1].decode(), int(parts[2]), int(parts[3]))
+                except ValueError:
+                    continue  # a line torn by a crash: its writer's entry is in its segment
+                seg.claims.setdefault(parts[0].decode(), where)
+        seg.claims_offset += end
+        return seg.claims
 
     def stats(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))

@@ -135,10 +135,9 @@ class Closable(Protocol):
 @runtime_checkable
 class Resolved(Protocol):
     """A model whose identity (part of every cache key) comes from a server it may fail to
-    reach: `unresolved` says why it is not known, or is None."""
+    reach: `identity_problem()` says why it is not known, or is None."""
 
-    @property
-    def unresolved(self) -> str | None: ...
+    def identity_problem(self) -> str | None: ...
 
 
 @runtime_checkable

@@ -158,3 +158,31 @@ def test_the_first_answer_for_a_key_wins_for_every_reader(tmp_path):
     (tmp_path / "plan" / "b-writer.jsonl").write_text(json.dumps({"k": "k", "v": 2}) + "\n")
     assert reader.get("plan", "missing") is None  # a rescan reads b-writer's segment
     assert reader.get("plan", "k") == 1 and Cache(tmp_path).get("plan", "k") == 1
+
+
+def test_a_write_reads_the_claims_log_not_every_segment(tmp_path, monkeypatch):
+    for w in range(20):  # twenty other jobs' segments
+        Cache(tmp_path).put("plan", f"other-{w}", {"w": w})
+    c = Cache(tmp_path)
+    assert len(c) == 20
+    scans = []
+    monkeypatch.setattr(Cache, "_scan", lambda self, stage: scans.append(stage))
+    for i in range(50):
+        assert c.put("plan", f"new-{i}", {"i": i}) == {"i": i}
+    assert scans == []  # the segments were indexed once, when the cache was opened
+    assert c.put("plan", "other-3", {"w": "late"}) == {"w": 3}  # the claim names the winner
+
+
+def test_a_file_system_without_flock_still_takes_writes(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    c = Cache(tmp_path)
+    for i in range(3):
+        assert c.put("verify", f"k{i}", {"i": i}) == {"i": i}
+    assert Cache(tmp_path).get("verify", "k2") == {"i": 2}
+    assert sum("refuses flock" in r.message for r in caplog.records) == 1  # warned once

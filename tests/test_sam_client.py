@@ -261,7 +261,7 @@ def test_a_preflight_records_the_identity_an_offline_client_reads_back(sam, tmp_
     for where in (url, down):
         again = _client(where, info_file=tmp_path / "info.json", preflight_timeout_s=1,
                         prompt_mode="box")
-        assert again.identity() == ident and again.unresolved is None
+        assert again.identity() == ident and again.identity_problem() is None
     # two servers of different identities recorded: an unknown URL cannot pick one
     recorded = RecordedInfo(tmp_path / "info.json")
     recorded.put("http://other:1", {**live._info, "backend": "sam3"})
@@ -269,7 +269,7 @@ def test_a_preflight_records_the_identity_an_offline_client_reads_back(sam, tmp_
     lost = _client(down, info_file=tmp_path / "info.json", preflight_timeout_s=1, prompt_mode="box",
                    retry={"attempts": 1})
     assert lost.identity()["server"] == {"unresolved": True}
-    assert "info.json records no identity" in lost.unresolved
+    assert "info.json records no identity" in lost.identity_problem()
     with pytest.raises(PreflightError, match="identity of a model"):
         Models(planner=object(), executor=lost, verifier=object()).require_identities()
 

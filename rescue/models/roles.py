@@ -54,8 +54,9 @@ class Models:
     def require_identities(self) -> None:
         """Without a preflight (offline): fail now, naming the cause, when a model's identity
         is not known, instead of with a cache miss under a key that names no backend."""
-        problems = [f"{role}: {m.unresolved}" for role, m in self.all().items()
-                    if isinstance(m, Resolved) and m.unresolved is not None]
+        why = {role: m.identity_problem() for role, m in self.all().items()
+               if isinstance(m, Resolved)}
+        problems = [f"{role}: {problem}" for role, problem in why.items() if problem is not None]
         if problems:
             raise PreflightError("the identity of a model, part of every cache key, is not "
                                  "known, so no cached answer can be found: "

@@ -33,6 +33,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -207,7 +208,8 @@ class RecordedInfo:
 
     def get(self, base_url: str) -> dict[str, Any] | None:
         """The info recorded for `base_url`; else, when every recorded server had one identity
-        (a cluster's server moves between hosts, the backend stays), that one."""
+        (a cluster's server moves between hosts, the backend stays), that one, whatever its
+        URL; else None."""
         recorded = {url: info for url, info in self._read().items() if is_info(info)}
         if base_url in recorded:
             return dict(recorded[base_url])
@@ -218,12 +220,17 @@ class RecordedInfo:
     def put(self, base_url: str, info: Mapping[str, Any]) -> None:
         """Record `info` (atomically: a killed run leaves the previous file); a cache folder
         this run may not write is only logged."""
-        data = {**self._read(), base_url: dict(info)}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-            os.replace(tmp, self.path)
+            # the jobs of a sweep preflight at once: read-modify-write under a lock, so none
+            # drops another's URL
+            with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+                with contextlib.suppress(OSError):  # no flock here: last writer wins
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                data = {**self._read(), base_url: dict(info)}
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+                os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("cannot record the executor's identity in %s: %s", self.path, exc)
 
@@ -296,7 +303,7 @@ class SamClient:
         read; the one `info_file` recorded for this URL when a run last preflighted it (so an
         offline run needs no server); GET /v1/info now. When none is there (a config check,
         an offline run of a server never seen) the identity says so instead of raising,
-        `unresolved` says why, and this client refuses to segment: masks must never be
+        `identity_problem()` says why, and this client refuses to segment: masks must never be
         cached under a key that does not name their backend.
         """
         if self.pinned is not None:
@@ -304,7 +311,7 @@ class SamClient:
         else:
             if self._info is None and self.recorded is not None:
                 self._info = self.recorded.get(self.base_url)
-            if self._info is None:
+            if self._info is None and self._unresolved is None:  # one fetch, not one a call
                 try:
                     self._info = self._fetch_info_sync()
                 except EndpointError as exc:
@@ -316,8 +323,7 @@ class SamClient:
                 "union_in_box" else None, "prompt_mode": self.prompt_mode,
                 "max_instances": self.max_instances, "multimask": self.multimask}
 
-    @property
-    def unresolved(self) -> str | None:
+    def identity_problem(self) -> str | None:
         """Why this client's identity is not known (see `identity`), or None."""
         self.identity()
         if self._unresolved is None:

@@ -13,12 +13,13 @@ their x axis, and the (subset, estimator, selector, N) numbers are the `metrics_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,6 +86,21 @@ def _series_key(subset: str, estimator: str, selector: str, metric: str) -> str:
 
 def _finite(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and not math.isfinite(v))
+
+
+@contextlib.contextmanager
+def _weave_quiet() -> Iterator[None]:
+    """W&B prints a Weave advertisement at init when the openai package is imported (the chat
+    clients use it), whatever `silent` says. Its switch is an environment variable, so it is
+    set for the call only, unless the user set it (to false: they want Weave)."""
+    if "WANDB_DISABLE_WEAVE" in os.environ:
+        yield
+        return
+    os.environ["WANDB_DISABLE_WEAVE"] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DISABLE_WEAVE", None)
 
 
 @dataclass(frozen=True)
@@ -298,11 +314,9 @@ class WandbLogger:
             job_type=self.job_type, name=name, tags=all_tags,
             config={**config, "study": context.to_config()},
             settings=wandb.Settings(**self.settings))
-        # W&B prints a Weave advertisement at init when the openai package is imported (the
-        # chat clients use it), whatever `silent` says; a user who wants Weave sets it to false
-        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         try:
-            self._run = wandb.init(reinit="create_new", **kwargs)
+            with _weave_quiet():
+                self._run = wandb.init(reinit="create_new", **kwargs)
         except (TypeError, ValueError):  # wandb older than 0.19.10 knows only reinit=True
             self._run = wandb.init(reinit=True, **kwargs)
         t2 = time.perf_counter()

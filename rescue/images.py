@@ -184,8 +184,9 @@ def _oriented(img: Image.Image) -> Image.Image:
 
 def _to_rgb(img: Image.Image, what: str) -> np.ndarray:
     mode = img.mode
-    if mode in _GREY16:
-        grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+    # Pillow before 10.x/11 opened 16-bit grey PNGs as 32-bit "I"; a PNG holds no more than 16
+    if mode in _GREY16 or (mode == "I" and img.format == "PNG"):
+        grey = (np.asarray(img).astype(np.uint32).clip(0, 65535) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
     if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)

@@ -111,3 +111,17 @@ def test_sniff_knows_only_the_allow_list() -> None:
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
     assert sniff(b"MM\x00*\x00\x00\x00\x08") == "TIFF"
     assert sniff(b"GIF89a") is None and sniff(b"%!PS-Adobe") is None and sniff(b"") is None
+
+
+def test_a_sixteen_bit_png_opened_as_32_bit_integers_is_scaled_too() -> None:
+    """Older Pillow (pyproject allows >= 10) opens 16-bit grey PNGs in mode "I"."""
+    from PIL import Image
+
+    from rescue.images import _to_rgb
+
+    img = Image.fromarray(np.array([[0, 256, 65535]], dtype=np.int32), mode="I")
+    img.format = "PNG"
+    assert _to_rgb(img, "x")[..., 0].tolist() == [[0, 1, 255]]
+    img.format = "TIFF"  # a 32-bit integer TIFF has no defined 8-bit RGB
+    with pytest.raises(ImageError, match="unsupported"):
+        _to_rgb(img, "x")

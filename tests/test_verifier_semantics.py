@@ -171,3 +171,14 @@ def test_the_logprobs_of_the_labelled_digit_are_read_not_the_first_digit():
     v = _verifier(scale="choice", call_shape="pairwise").read(_choice(toks))
     assert v.source == "logprobs" and v.score == pytest.approx(0.3)
     assert v.meta["answer_token"] == 11
+
+
+def test_a_hostile_answer_longer_than_the_parse_cap_is_refused_unparsed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(answers, "parse_yes_no", lambda a: calls.append(len(a)) or 1.0)
+    long = "[" * (answers.PARSE_CAP + 1)
+    msg = NS(content=long + " Yes.", reasoning=None, model_extra={})
+    v = _verifier().read(NS(message=msg, finish_reason="stop", logprobs=None, index=0))
+    assert v.score is None and v.error.startswith("verify:too_long") and calls == []
+    ok = NS(content="The mask covers the cat. Yes.", reasoning=None, model_extra={})
+    assert _verifier().read(NS(message=ok, finish_reason="stop", logprobs=None, index=0)).ok

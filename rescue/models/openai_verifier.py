@@ -322,6 +322,10 @@ class OpenAIVerifier:
             if score is not None:
                 return Verdict(score=score, answer=reply.answer, reasoning=reply.reasoning,
                                raw=raw, source="logprobs", meta=meta)
+        if len(reply.answer) > answers.PARSE_CAP:  # bounded work on hostile text
+            return Verdict(score=None, answer="", reasoning=reply.reasoning, raw=raw, source="",
+                           error=f"verify:too_long answer of {len(reply.answer)} characters "
+                           f"(parsed up to {answers.PARSE_CAP})", meta=meta)
         if self.scale == "yes_no":
             parsed = answers.parse_yes_no(reply.answer)
         elif self.scale == "choice":

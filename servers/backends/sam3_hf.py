@@ -253,20 +253,31 @@ class Sam3HFBackend:
         model_kw = {k: inputs[k] for k in ("input_ids", "attention_mask", "input_boxes",
                                            "input_boxes_labels") if k in inputs}
         outputs = self._model(vision_embeds=broadcast_batch(state.vision_embeds, n), **model_kw)
-        found = self._processor.post_process_instance_segmentation(
-            outputs, threshold=self.threshold, mask_threshold=self.mask_threshold,
-            target_sizes=[size] * n)
-        out = []
-        for res in found:
-            scores = res["scores"].float().cpu().numpy().reshape(-1)
-            if scores.size == 0:
-                out.append(PromptResult(instances=[]))
-                continue
-            masks = res["masks"].float().cpu().numpy().reshape(-1, *size) > 0.5
-            out.append(PromptResult(instances=best_first(
-                [instance_from_mask(m, float(s)) for m, s in zip(masks, scores, strict=True)],
-                options.max_instances)))
-        return out
+        probs = outputs.pred_logits.sigmoid()  # (n, queries), as the processor scores them
+        if outputs.presence_logits is not None:
+            probs = probs * outputs.presence_logits.sigmoid()
+        return [self._best_queries(probs[i], outputs.pred_masks[i], size, options)
+                for i in range(n)]
+
+    def _best_queries(self, probs: Any, logits: Any, size: list[int], options: SegmentOptions
+                      ) -> PromptResult:
+        """`post_process_instance_segmentation` for one prompt, on the queries kept: those
+        over the threshold, best first, at most max_instances. The processor upsamples every
+        query and holds the masks as int64 (0.8 GB for 64 prompts at 640x480) before all but
+        max_instances are dropped; the arithmetic (sigmoid, bilinear upsampling, threshold) is
+        its own, so the masks are the same."""
+        torch = self._torch
+        keep = torch.nonzero(probs > self.threshold).flatten()
+        if keep.numel() == 0:
+            return PromptResult(instances=[])
+        order = keep[torch.argsort(-probs[keep], stable=True)][:max(0, options.max_instances)]
+        masks = torch.nn.functional.interpolate(
+            logits[order].sigmoid().unsqueeze(0), size=size, mode="bilinear",
+            align_corners=False).squeeze(0) > self.mask_threshold
+        scores = probs[order].float().cpu().numpy()
+        return PromptResult(instances=best_first(
+            [instance_from_mask(m, float(v)) for m, v in
+             zip(masks.cpu().numpy(), scores, strict=True)], options.max_instances))
 
     @staticmethod
     def _multimask(p: Prompt, options: SegmentOptions) -> bool:
@@ -298,10 +309,17 @@ class Sam3HFBackend:
             **{k: inputs[k] for k in ("input_points", "input_labels", "input_boxes")
                if k in inputs},
             multimask_output=self._multimask(group[0], options))
-        masks = proc.post_process_masks(outputs.pred_masks.cpu(), [size])[0]
-        masks = masks.float().numpy().reshape(len(group), -1, *size) > 0.5
-        scores = outputs.iou_scores.float().cpu().numpy().reshape(len(group), -1)
+        # (1, n, masks, h, w) and (1, n, masks)
+        logits, scores = outputs.pred_masks, outputs.iou_scores
         limit = options.max_instances if options.multimask else 1
+        if limit == 1 and logits.shape[2] > 1:  # upsample only the mask that is kept
+            best = scores.argmax(dim=2, keepdim=True)  # the first best, as best_first keeps
+            scores = scores.gather(2, best)
+            logits = logits.gather(2, best[..., None, None].expand(-1, -1, -1,
+                                                                   *logits.shape[-2:]))
+        masks = proc.post_process_masks(logits.cpu(), [size])[0]
+        masks = masks.float().numpy().reshape(len(group), -1, *size) > 0.5
+        scores = scores.float().cpu().numpy().reshape(len(group), -1)
         return [PromptResult(instances=best_first(
                     [instance_from_mask(m, float(s)) for m, s in zip(ms, ss, strict=True)],
                     limit)) for ms, ss in zip(masks, scores, strict=True)]

@@ -230,11 +230,43 @@ def compare(sources: Iterable[str | Path], out_dir: str | Path, selector: str = 
     if "total_tokens" in points.columns and points["total_tokens"].notna().any():
         paths["frontier"] = out / "study_frontier.md"
         paths["frontier"].write_text(frontier_markdown(points, metric), encoding="utf-8")
+        paths["frontier_plot"] = save_png(frontier_figure(points, metric),
+                                          out / f"study_{metric}_frontier.png",
+                                          bool(points["simulated"].any())
+                                          if "simulated" in points.columns else False)
     return paths
 
 
 UPPER_BOUNDS = ("oracle",)
 """Selectors that read the truth: never on a frontier of methods."""
+
+
+def frontier_figure(points: pd.DataFrame, metric: str = "giou",
+                    cost: str = "total_tokens") -> Figure:
+    """Quality against expected tokens per sample for every (run, selector) through its N, a
+    faint line each, and the Pareto frontier over all of them as one black step line with its
+    points named: where in a study the compute buys quality, and what is dominated."""
+    fig, ax = new_figure(5.6)
+    p = points[points[cost].notna() & points[metric].notna()]
+    for _, line in p.groupby(["run", "selector"], sort=False):
+        line = line.sort_values("n")
+        ax.plot(line[cost], 100 * line[metric], marker=".", lw=0.8, alpha=0.35,
+                color="#7f7f7f")
+    front = pareto_frontier(p, cost, metric)
+    ax.step(front[cost], 100 * front[metric], where="post", color="black", lw=1.6,
+            marker="o", ms=4, label="Pareto frontier (no cheaper row is as good)", zorder=3)
+    for _, row in front.iterrows():
+        ax.annotate(f"{row['run']} · {row['selector']} @N={row['n']}",
+                    (row[cost], 100 * row[metric]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"expected {cost.replace('_', ' ')} per sample (log)")
+    ax.set_ylabel(f"{METRIC_TITLES[metric]} (%)")
+    ax.set_title(f"{METRIC_TITLES[metric]} against compute: every run, selector and N "
+                 "(grey), frontier (black)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
 
 
 def frontier_markdown(points: pd.DataFrame, metric: str = "giou",

@@ -122,8 +122,10 @@ def test_compare_writes_csv_md_plot_with_every_run(made, tmp_path):
     out = tmp_path / "study"
     paths = compare.compare([made["sweep"], made["single"]], out)
     assert paths == {"csv": out / "study.csv", "md": out / "study.md",
-                     "plot": out / "study_iou_vs_n.png", "frontier": out / "study_frontier.md"}
+                     "plot": out / "study_iou_vs_n.png", "frontier": out / "study_frontier.md",
+                     "frontier_plot": out / "study_giou_frontier.png"}
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["frontier_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     frontier = paths["frontier"].read_text()  # quality per unit of compute, across the runs
     assert "Pareto frontier" in frontier and "reaching X% of the best gIoU" in frontier
     assert "oracle" not in frontier and "SIMULATED" in frontier
@@ -385,3 +387,19 @@ def test_newest_run(made):
     assert newest_run(made["tmp"]) in {made["single"], made["sweep"] / "0", made["sweep"] / "1"}
     (made["sweep"] / "1" / "metrics.csv").touch()
     assert newest_run(made["tmp"]) == made["sweep"] / "1"
+
+
+def test_the_frontier_figure_draws_exactly_the_pareto_rows():
+    points = pd.DataFrame({
+        "run": ["a", "a", "a", "b", "b", "b"], "selector": ["verifier"] * 3 + ["first"] * 3,
+        "n": [1, 2, 4] * 2, "giou": [0.3, 0.5, 0.6, 0.35, 0.4, 0.45],
+        "total_tokens": [100.0, 200.0, 400.0, 50.0, 300.0, 600.0]})
+    fig = compare.frontier_figure(points)
+    (ax,) = fig.axes
+    front = [ln for ln in ax.get_lines() if ln.get_color() == "black"]
+    assert len(front) == 1
+    want = compare.pareto_frontier(points)
+    assert list(want["total_tokens"]) == [50.0, 200.0, 400.0]  # b@1, a@2, a@4; the rest dominated
+    np.testing.assert_allclose(front[0].get_xdata(), want["total_tokens"])
+    np.testing.assert_allclose(front[0].get_ydata(), 100 * want["giou"])
+    assert len(ax.get_lines()) == 3  # one faint line per (run, selector), and the frontier

@@ -138,3 +138,4 @@ def test_compute_frontier_sweeps_verifier_by_max_n_and_prints_the_cheapest(tmp_p
     assert study["total_tokens"].notna().all()
     assert "Cheapest configuration reaching X% of the best gIoU" in proc.stdout
     assert "Pareto frontier" in (out / "study_frontier.md").read_text()
+    assert (out / "study_giou_frontier.png").read_bytes()[:4] == b"\x89PNG"

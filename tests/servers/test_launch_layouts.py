@@ -79,14 +79,16 @@ GOLDEN = {
              "--max-queued", "16"]),
         "planner": (
             {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
-            ["vllm", "serve", "Qwen/Qwen3-VL-2B-Instruct", "--host", "127.0.0.1", "--port",
+            ["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+             "Qwen/Qwen3-VL-2B-Instruct", "--host", "127.0.0.1", "--port",
              "8002", "--served-model-name", "Qwen3-VL-2B-Instruct", "--dtype", "bfloat16",
              "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "8",
              "--limit-mm-per-prompt",
              '{"image": 1, "video": 0}', "--generation-config", "vllm", "--max-logprobs", "20"]),
         "verifier": (
             {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
-            ["vllm", "serve", "Qwen/Qwen3-VL-2B-Thinking", "--host", "127.0.0.1", "--port",
+            ["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+             "Qwen/Qwen3-VL-2B-Thinking", "--host", "127.0.0.1", "--port",
              "8000", "--served-model-name", "Qwen3-VL-2B-Thinking", "--dtype", "bfloat16",
              "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "8",
              "--limit-mm-per-prompt",

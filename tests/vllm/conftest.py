@@ -10,6 +10,8 @@ load; RESCUE_VLLM_START_TIMEOUT, default 900 s):
 - the planner: the instruct model as `Qwen3-VL-8B-Instruct`, no reasoning parser;
 - the verifier: the thinking model (template opens `<think>`) as `Qwen3-VL-32B-Thinking`,
   `--reasoning-parser deepseek_r1`.
+`test_cpu_layout.py` starts its own two through `servers.launch layout=cpu_qwen3vl_2b` (before
+these: pytest runs it first, and it stops them when it ends), from the same model folders.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vllm_harness import (
     VERIFIER,
     VERIFIER_MAX_LOGPROBS,
     Servers,
+    TinyModels,
     VllmServer,
     build_model,
     missing_requirements,
@@ -47,16 +50,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    """Both vLLM servers (started at once) and the classical SAM server, for the session."""
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """The two tiny random Qwen3-VL folders, built once for the session (skips the tier when its
+    requirements are missing)."""
     missing = missing_requirements()
     if missing:
         pytest.skip(f"real-vLLM tier needs {', '.join(missing)}: {INSTALL}")
-    root = tmp_path_factory.mktemp("vllm")
+    root = tmp_path_factory.mktemp("models")
     t0 = time.monotonic()
     instruct = build_model(root / "tiny-qwen3vl-instruct", "instruct")
     thinking = build_model(root / "tiny-qwen3vl-thinking", "thinking")
-    built_s = time.monotonic() - t0
+    return TinyModels(instruct, thinking, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
+            ) -> Iterator[Servers]:
+    """Both vLLM servers (started at once) and the classical SAM server, for the session."""
+    root = tmp_path_factory.mktemp("vllm")
+    instruct, thinking, built_s = tiny_models.instruct, tiny_models.thinking, tiny_models.built_s
     planner = VllmServer(PLANNER, instruct, [
         "--max-logprobs", str(PLANNER_MAX_LOGPROBS),
         "--limit-mm-per-prompt", '{"image": 1, "video": 0}'], root / "planner.log")

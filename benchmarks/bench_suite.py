@@ -24,10 +24,13 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *sys.argv[1:]], cwd=ROOT, capture_output=True, text=True)
+                           "-rfE", *sys.argv[1:]], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = proc.stdout.strip().splitlines()
+    for line in lines:  # what failed, as pytest's short summary names it
+        if line.startswith(("FAILED ", "ERROR ")):
+            print(line)
     print(lines[-1] if lines else proc.stderr[-2000:])
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores: wall {wall / 60:.1f} min, "
           f"CPU {(ru.ru_utime + ru.ru_stime) / 60:.1f} min; load average {load0:.1f} before, "

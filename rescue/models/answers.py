@@ -37,10 +37,11 @@ MASKED_LOGPROB = -9999.0
 RAW_CAP = 16 * 1024
 """Characters of one raw model text (answer, reasoning, whole reply) kept in records and the
 cache: a 10 MB reply must not become a 40 MB plan segment. Parsing reads the full text first."""
-PARSE_CAP = 512 * 1024
-"""The longest verifier answer parsed: a thinking model's whole 40960-token budget is
-under 200k characters, so only hostile text is refused (`verify:too_long`), and parsing
-work stays bounded."""
+PARSE_CAP = 4 * 1024 * 1024
+"""The longest verifier answer parsed (linear time: well under a second at this size, off the
+event loop): a thinking model's whole 40960-token budget is under 200k characters, and a 1 MB
+answer still has its final verdict read, so only hostile text is refused (`verify:too_long`),
+and parsing work stays bounded."""
 
 
 def capped(text: str, cap: int = RAW_CAP) -> str:

@@ -8,8 +8,23 @@ there), which needs the model built with `enable_inst_interactivity=True`. The i
 once (`set_image`); each prompt runs on a shallow copy of that state, so the cached encoding is
 never mutated by a prompt.
 
-Written against facebookresearch/sam3 (sam3/model/sam3_image_processor.py, model_builder.py,
-sam1_task_predictor.py); it cannot run without a GPU and the gated `facebook/sam3` weights.
+An image's prompts are batched as the hf backend batches them (`batching`; `-o max_batch`, 16):
+concept prompts with the same exemplar shape (box or none) go through one `forward_grounding`
+call, one find query per prompt (`FindStage` img_ids all 0, text_ids 0..n-1, as sam3 trains),
+post-processed row by row as `Sam3Processor._forward_grounding` does; interactive prompts with
+the same number of points, box presence and multimask go through one `predict_inst` call with
+(n, k, 2) points and (n, 4) boxes, the predictor's multi-object mode. A prompt alone keeps the
+`Sam3Processor` path above. UNTESTED ON A GPU: none was lent. Once, by hand, on CPU with random
+weights (sam3 0.1.4 in a private venv, its three CUDA-only spots, two `device="cuda"`
+constructors and a `pin_memory`, patched to CPU), 6 concept prompts (text, text + box, a
+duplicate) and 6 interactive ones (box, click, box + 2 points; multimask on and off) matched
+`max_batch=1`: same instance counts, scores within 1.5e-7, mask IoU >= 0.99999. The GPU tier
+(tests/servers/test_sam_server_gpu.py) compares the two; `-o max_batch=1` restores one prompt
+per pass. A batch that raises reruns its prompts one by one.
+
+Written against facebookresearch/sam3 (sam3/model/sam3_image_processor.py, sam3_image.py,
+model_builder.py, sam1_task_predictor.py); it cannot run without a GPU and the gated
+`facebook/sam3` weights.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from servers.backends.base import (
     best_first,
     instance_from_mask,
 )
+from servers.backends.batching import is_oom, run_batched
 from servers.backends.routing import ROUTING, route
 from servers.backends.versions import package_version
 
@@ -89,9 +105,12 @@ class Sam3MetaBackend:
     def __init__(self, checkpoint: str | None = None, load_from_hf: bool = True,
                  bpe_path: str | None = None, device: str = "cuda", resolution: int = 1008,
                  confidence_threshold: float = 0.5, enable_points: bool = True,
-                 dtype: str = "bfloat16", compile: bool = False) -> None:
+                 dtype: str = "bfloat16", compile: bool = False, max_batch: int = 16) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError("dtype is bfloat16, float16 or float32")
+        if int(max_batch) < 1:
+            raise ValueError("max_batch is at least 1 (1: every prompt in a pass of its own)")
+        self.max_batch = int(max_batch)  # prompts per forward pass; not in the identity
         self.checkpoint = checkpoint
         self.load_from_hf = bool(load_from_hf)
         self.bpe_path = bpe_path
@@ -171,16 +190,32 @@ class Sam3MetaBackend:
     def segment(self, state: Sam3State, prompts: Sequence[Prompt],
                 options: SegmentOptions) -> list[PromptResult]:
         self.load()
-        out = []
         with self._lock, self._torch.inference_mode(), self._autocast():
-            for p in prompts:
-                try:
-                    out.append(self._one(state, p, options))
-                except Exception as exc:  # one prompt's failure is that prompt's error
-                    if "out of memory" in str(exc).lower():
-                        raise
-                    out.append(PromptResult.failed(f"sam3 failed: {type(exc).__name__}: {exc}"))
-        return out
+            return run_batched(list(prompts), lambda p: self.batch_key(p, options),
+                               self.max_batch, lambda group: self._batch(state, group, options),
+                               lambda p: self._safe_one(state, p, options))
+
+    def batch_key(self, p: Prompt, options: SegmentOptions) -> tuple:
+        """Prompts with the same key share one forward pass (same head, same input shapes)."""
+        if route(p) == "concept":
+            return ("concept", p.box is not None)
+        return ("interactive", len(p.points), p.box is not None, _multimask(p, options))
+
+    def _batch(self, state: Sam3State, group: list[Prompt], options: SegmentOptions
+               ) -> list[PromptResult]:
+        if route(group[0]) == "concept":
+            return self._concept_batch(state, group, options)
+        if not self.enable_points:
+            return [self._one(state, p, options) for p in group]
+        return self._interactive_batch(state, group, options)
+
+    def _safe_one(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
+        try:  # one prompt's failure is that prompt's error
+            return self._one(state, p, options)
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            return PromptResult.failed(f"sam3 failed: {type(exc).__name__}: {exc}")
 
     def _one(self, state: Sam3State, p: Prompt, options: SegmentOptions) -> PromptResult:
         if route(p) == "interactive":
@@ -213,34 +248,103 @@ class Sam3MetaBackend:
             # (set_text_prompt would run a grounding pass of its own)
             st["backbone_out"].update(
                 self._model.backbone.forward_text([p.text], device=self.device))
-            x1, y1, x2, y2 = p.box
-            w, h = state.width, state.height
-            cxcywh = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
-            st = proc.add_geometric_prompt(box=cxcywh, label=True, state=st)
-        scores = st["scores"].float().cpu().numpy().reshape(-1)
+            st = proc.add_geometric_prompt(box=_cxcywh(p.box, state), label=True, state=st)
+        return self._found(st["scores"], st["masks"], options)
+
+    def _found(self, scores_t: Any, masks_t: Any, options: SegmentOptions) -> PromptResult:
+        """Kept queries' scores (k,) and masks (k, 1, H, W) -> the best max_instances."""
+        scores = scores_t.float().cpu().numpy().reshape(-1)
         if scores.size == 0:
             return PromptResult(instances=[])
         order = np.argsort(-scores)[: options.max_instances]
-        idx = self._torch.as_tensor(order, dtype=self._torch.long, device=st["masks"].device)
-        masks = st["masks"][idx].squeeze(1).cpu().numpy().astype(bool)
+        idx = self._torch.as_tensor(order, dtype=self._torch.long, device=masks_t.device)
+        masks = masks_t[idx].squeeze(1).cpu().numpy().astype(bool)
         return PromptResult(instances=best_first(
             [instance_from_mask(m, float(s)) for m, s in zip(masks, scores[order], strict=True)],
             options.max_instances))
+
+    def _concept_batch(self, state: Sam3State, group: list[Prompt], options: SegmentOptions
+                       ) -> list[PromptResult]:
+        """n concept prompts in one grounding pass: n find queries on image 0, query i reading
+        phrase i and (with boxes) exemplar i; rows post-processed as `_forward_grounding`."""
+        if len(group) == 1:
+            return [self._concept(state, group[0], options)]
+        from sam3.model.data_misc import FindStage, interpolate
+
+        torch, n, dev = self._torch, len(group), self.device
+        st = self._fresh(state)
+        st["backbone_out"].update(
+            self._model.backbone.forward_text([p.text for p in group], device=dev))
+        geometric = self._model._get_dummy_prompt(num_prompts=n)
+        if group[0].box is not None:  # (1 box, n queries, cxcywh), as add_geometric_prompt
+            boxes = torch.tensor([_cxcywh(p.box, state) for p in group],  # type: ignore[arg-type]
+                                 device=dev, dtype=torch.float32).view(1, n, 4)
+            geometric.append_boxes(boxes, torch.ones((1, n), device=dev, dtype=torch.bool))
+        find = FindStage(img_ids=torch.zeros(n, device=dev, dtype=torch.long),
+                         text_ids=torch.arange(n, device=dev, dtype=torch.long),
+                         input_boxes=None, input_boxes_mask=None, input_boxes_label=None,
+                         input_points=None, input_points_mask=None)
+        out = self._model.forward_grounding(backbone_out=st["backbone_out"], find_input=find,
+                                            geometric_prompt=geometric, find_target=None)
+        probs = out["pred_logits"].sigmoid() * out["presence_logit_dec"].sigmoid().unsqueeze(1)
+        probs = probs.squeeze(-1)  # (n, queries)
+        results = []
+        for i in range(n):
+            keep = probs[i] > self.confidence_threshold
+            masks = interpolate(out["pred_masks"][i][keep].unsqueeze(1),
+                                (state.height, state.width), mode="bilinear",
+                                align_corners=False).sigmoid() > 0.5
+            results.append(self._found(probs[i][keep], masks, options))
+        return results
 
     def _interactive(self, state: Sam3State, p: Prompt, options: SegmentOptions
                      ) -> PromptResult:
         coords = np.asarray(p.points, dtype=np.float32).reshape(-1, 2) if p.points else None
         labels = np.asarray(p.point_labels, dtype=np.int32) if p.points else None
         box = np.asarray(p.box, dtype=np.float32) if p.box is not None else None
-        # one click is ambiguous: ask for SAM's three masks and keep the best (SAM's advice);
-        # several prompts together are not, one mask is better there
-        ambiguous = box is None and coords is not None and len(coords) == 1
         masks, scores, _ = self._model.predict_inst(
             state.processor_state, point_coords=coords, point_labels=labels, box=box,
-            multimask_output=bool(options.multimask or ambiguous))
+            multimask_output=_multimask(p, options))
         masks = np.asarray(masks).reshape(-1, state.height, state.width) > 0
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         insts: list[Instance] = [instance_from_mask(m, float(s))
                                  for m, s in zip(masks, scores, strict=True)]
         limit = options.max_instances if options.multimask else 1
         return PromptResult(instances=best_first(insts, limit))
+
+    def _interactive_batch(self, state: Sam3State, group: list[Prompt], options: SegmentOptions
+                           ) -> list[PromptResult]:
+        """n interactive prompts of one shape in one `predict_inst` call: (n, k, 2) points,
+        (n, k) labels, (n, 4) boxes, the predictor's multi-object mode; masks (n, C, H, W)."""
+        if len(group) == 1:
+            return [self._interactive(state, group[0], options)]
+        n, first = len(group), group[0]
+        kw: dict[str, Any] = {}
+        if first.points:
+            kw["point_coords"] = np.asarray([p.points for p in group], dtype=np.float32
+                                            ).reshape(n, -1, 2)
+            kw["point_labels"] = np.asarray([p.point_labels for p in group], dtype=np.int32
+                                            ).reshape(n, -1)
+        if first.box is not None:
+            kw["box"] = np.asarray([p.box for p in group], dtype=np.float32).reshape(n, 4)
+        masks, scores, _ = self._model.predict_inst(
+            state.processor_state, multimask_output=_multimask(first, options), **kw)
+        masks = np.asarray(masks).reshape(n, -1, state.height, state.width) > 0
+        scores = np.asarray(scores, dtype=np.float64).reshape(n, -1)
+        limit = options.max_instances if options.multimask else 1
+        return [PromptResult(instances=best_first(
+                    [instance_from_mask(m, float(s)) for m, s in zip(ms, ss, strict=True)],
+                    limit)) for ms, ss in zip(masks, scores, strict=True)]
+
+
+def _multimask(p: Prompt, options: SegmentOptions) -> bool:
+    """One click is ambiguous: ask for SAM's three masks and keep the best (SAM's advice);
+    several prompts together are not, one mask is better there."""
+    return bool(options.multimask or (p.box is None and len(p.points) == 1))
+
+
+def _cxcywh(box: tuple[float, float, float, float], state: Sam3State) -> list[float]:
+    """A pixel xyxy box as sam3's geometric prompts take it: cx, cy, w, h in [0, 1]."""
+    x1, y1, x2, y2 = box
+    w, h = state.width, state.height
+    return [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]

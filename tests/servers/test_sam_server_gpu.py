@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 from sam_harness import png_b64, start_server, stop_server
-from sam_scenes import make_scene
+from sam_scenes import iou, make_scene
 
 from rescue import masks
 
@@ -91,3 +92,40 @@ def test_multimask_and_reuse(sam3_server) -> None:
     again = sam3_server.post({**body, "image": {"sha256": first["image_sha256"]}}).json()
     assert again["image_cached"] and again["results"] == first["results"]
     assert sam3_server.info()["stats"]["encodes"] == before + 1
+
+
+def test_batched_prompts_match_one_prompt_at_a_time() -> None:
+    """The sam3 backend's batched path (one forward_grounding for n phrases, one predict_inst
+    for n boxes or clicks) against -o max_batch=1 on the same random weights (one model, so
+    the same weights). float32: a batch may change float rounding, never the masks beyond a
+    few pixels near the threshold; concept instances are matched by IoU since random weights
+    tie many scores."""
+    from rescue.hypothesis import Prompt
+    from servers.backends.base import SegmentOptions
+    from servers.backends.sam3_meta import Sam3MetaBackend
+
+    backend = Sam3MetaBackend(device="cuda", load_from_hf=False, confidence_threshold=-1.0,
+                              dtype="float32", max_batch=1)
+    backend.load()
+    state = backend.encode(SCENE.image)
+    (b0, b1), (c0, c1) = ([tuple(float(v) for v in getattr(s, k)) for s in SCENE.shapes[:2]]
+                          for k in ("box", "centre"))
+    prompts = [Prompt(text="red rectangle"), Prompt(text="blue ellipse"),
+               Prompt(text="shape", box=b0), Prompt(text="thing", box=b1), Prompt(box=b0),
+               Prompt(box=b1), Prompt(points=(c0,), point_labels=(1,)),
+               Prompt(points=(c1,), point_labels=(1,)),
+               Prompt(box=b0, points=(c0, c1), point_labels=(1, 0)),
+               Prompt(box=b1, points=(c1, c0), point_labels=(1, 0))]
+    options = SegmentOptions(max_instances=4)
+    alone = [backend.segment(state, [p], options)[0] for p in prompts]
+    backend.max_batch = 16
+    batched = backend.segment(state, prompts, options)
+    for p, a, b in zip(prompts, alone, batched, strict=True):
+        assert a.error is None and b.error is None, (p, a.error, b.error)
+        assert len(a.instances) == len(b.instances) >= 1, p
+        np.testing.assert_allclose(sorted(x.score for x in b.instances),
+                                   sorted(x.score for x in a.instances), atol=1e-3)
+        ours = [masks.decode(x.rle) for x in a.instances]
+        for y in b.instances:
+            best = max(iou(masks.decode(y.rle), o) for o in ours)
+            assert best >= 0.98, (p, best)

@@ -1,11 +1,11 @@
 """The pairwise arena (EVOL-SAM3's tournament between candidate masks), scored offline.
 
-The verifier is shown two distinct masks of a sample and asked which one answers the query;
-each pair is asked in both orders (A, B) and (B, A), so a position bias cancels, and each
-ordered pair is cached on its own. A pair whose stored IoU exceeds `SKIP_IOU` is never sent:
-near-duplicates are a tie. The record keeps every answer (`SampleRecord.comparisons`: distinct
-mask positions i, j and p = P(the first shown is better)), so any subset's winner is computed
-from what is cached, with no model.
+The verifier is shown two distinct masks of a sample and asked which one answers the query; each
+pair is asked in both orders (A, B) and (B, A), so a position bias cancels, and each ordered
+pair is cached on its own. A pair whose stored IoU exceeds `SKIP_IOU` is never sent: near-
+duplicates are a tie. The record keeps every answer (`SampleRecord.comparisons`: distinct mask
+positions i, j, p = P(the first shown is better), and the call's cost), so any subset's winner
+is computed from what is cached, with no model.
 
 Winner of a subset (Copeland): mask a's preference over b is the mean over the orders asked of
 P(a better), a beats b when it exceeds 1/2; a mask's Copeland score is its wins minus its
@@ -48,7 +48,7 @@ def preferences(record: SampleRecord) -> np.ndarray:
     over the orders answered; NaN where no order was answered."""
     d = len(record.masks)
     total, count = np.zeros((d, d)), np.zeros((d, d))
-    for i, j, p in record.comparisons:
+    for i, j, p, *_ in record.comparisons:
         if p is None:
             continue
         total[i, j] += p

@@ -21,8 +21,9 @@ Accounting, stated once here and in the outputs:
   z × SE), so the interval covers both the sampling of samples and of subsets.
 - A verification policy (`rescue.policies`: prefilter, early_exit) is Monte-Carlo in the same
   way where it draws subsets; its verify cost then is too (from the same draws), and the
-  intervals of verify_masks, verify_tokens, total_tokens and gpu_s are widened by that error
-  in the same way (the quality SE columns are the only SE columns).
+  intervals of verify_masks, verify_calls, verify_tokens, total_tokens and gpu_s are widened by
+  that error in the same way (the quality SE columns are the only SE columns). So is the
+  listwise verifier's cost, from the subsets it draws; the arena's is exact.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ COLUMNS = [
 COST_UNITS = (
     "cost columns: expected per sample at N, as cached with each answer; tokens = prompt + "
     "completion (reasoning included) from the servers' usage, the planner's prompt once (one "
-    "request with n = N); prompts, encodes and masks = distinct calls after dedupe; gpu_s from "
+    "request with n = N); prompts, encodes and masks = distinct calls after dedupe, verify_calls "
+    "= the verifier's requests (per mask, per ordered pair, or per listwise set); gpu_s from "
     "the cost.* rates (NaN: none set); NaN where not recorded or not modelled"
 )
 COST_COLUMNS = [f"{q}{end}" for q in QUANTITIES for end in ("", "_lo", "_hi")] + ["cost_units"]
@@ -237,11 +239,12 @@ def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
              for d in (*settings.selectors, *settings.aggregators)}
     modes = [calls[s] for _, s, _ in keys]
     table = expected_cost.sample_costs(records, n_grid, settings.estimators, settings.cost,
-                                       modes)
+                                       modes, seed=settings.seed,
+                                       draws=settings.draws(len(records)))
     out = np.empty((len(keys), len(records), len(QUANTITIES)))
-    for k, ((e, _, n), mode) in enumerate(zip(keys, modes, strict=True)):
-        out[k] = table[(mode, e, n)]
     var = np.zeros_like(out)
+    for k, ((e, _, n), mode) in enumerate(zip(keys, modes, strict=True)):
+        out[k], var[k] = table[(mode, e, n)]
     pools: dict[int, expected_cost.PoolCost] = {}
     rates = settings.cost
     v = rates.verifier
@@ -255,7 +258,7 @@ def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
         out[k, row] = [got[q] for q in QUANTITIES]
         if not est.exact:
             cov = est.cov[3:, 3:]  # (verified masks, verify tokens)
-            var[k, row, col["verify_masks"]] = cov[0, 0]
+            var[k, row, col["verify_masks"]] = var[k, row, col["verify_calls"]] = cov[0, 0]
             var[k, row, col["verify_tokens"]] = var[k, row, col["total_tokens"]] = cov[1, 1]
             var[k, row, col["gpu_s"]] = gpu @ cov @ gpu
     return out, var

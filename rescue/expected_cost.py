@@ -11,6 +11,16 @@ the group's cost: exact, no sampling. The prefix estimator (hypotheses 0..N-1) r
 iff its first member is below N. Per-hypothesis costs (a planner child's completion tokens) are
 linear: N/M of their sum, or the first N of them.
 
+The verifier's calls depend on how a selector uses it (`VERIFIER_CALLS`):
+- per mask (pointwise): one call per distinct mask drawn, the verify groups above;
+- pairwise (the arena, `rescue.arena`): one call per ordered pair of distinct masks drawn that
+  the run asked (near-duplicates are never sent), so a pair is called iff both its mask groups
+  are represented: P = 1 - q(g_a) - q(g_b) + q(g_a + g_b), with q(g) = C(M-g, N) / C(M, N)
+  (inclusion-exclusion; exact). A mask is shown iff it and one of its partners are drawn;
+- listwise (`rescue.listwise`): one call per subset drawn whose top-k show two or more masks,
+  the cost of that set's call. The mean over the subsets the evaluation draws (all of them
+  where it enumerates: exact; else its seeded draws, with their Monte-Carlo variance).
+
 `PoolCost.of(record)` reads a record's per-candidate costs (`CandidateRecord.cost`, carried by the
 first member of each group), `expected(pool, n, estimator)` gives every `QUANTITIES` at N.
 """
@@ -19,18 +29,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from rescue.consensus import Draws
 from rescue.cost import Cost, CostRates
+from rescue.listwise import ListwiseWeights
 from rescue.records import SampleRecord
 
 QUANTITIES = ("plan_tokens", "execute_prompts", "execute_encodes", "verify_masks",
-              "verify_tokens", "total_tokens", "gpu_s")
+              "verify_calls", "verify_tokens", "total_tokens", "gpu_s")
 """Cost columns of every (selector, N) row: expected per sample. Tokens are prompt + completion
 (reasoning included) as the servers' `usage` counts them; the planner's prompt once per sample
-(one request with n = N); `gpu_s` is the user's conversion (`cost.*`), NaN where none is set."""
+(one request with n = N); `verify_masks` the distinct masks the verifier is shown,
+`verify_calls` its requests (equal for a pointwise verifier; pairs for the arena, sets for
+listwise); `gpu_s` is the user's conversion (`cost.*`), NaN where none is set."""
 
 
 def miss_probabilities(m: int, n: int) -> np.ndarray:
@@ -106,6 +120,100 @@ def _weighted(costs: Sequence[Cost], w: np.ndarray) -> Cost:
 
 
 @dataclass(frozen=True)
+class VerifySpend:
+    """What a selector's verifier calls at N cost one sample, in expectation: distinct masks
+    shown, calls, their `Cost`, and the Monte-Carlo covariance of (masks, calls, tokens) where
+    it comes from drawn subsets (zeros where exact)."""
+
+    masks: float
+    calls: float
+    cost: Cost
+    cov: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+
+    @property
+    def exact(self) -> bool:
+        return not self.cov.any()
+
+
+def mask_groups(record: SampleRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(D,) sizes and first members of the record's distinct masks (`record.masks`): the
+    working candidates carrying each (first = M where none does)."""
+    m, d = len(record.candidates), len(record.masks)
+    where = {k: i for i, k in enumerate(record.masks)}
+    sizes, firsts = np.zeros(d, dtype=int), np.full(d, m, dtype=int)
+    for pos, c in enumerate(record.candidates):
+        i = where.get(c.mask_key) if c.ok and c.mask_key is not None else None
+        if i is not None:
+            sizes[i] += 1
+            firsts[i] = min(firsts[i], pos)
+    return sizes, firsts
+
+
+@dataclass(frozen=True)
+class PairCalls:
+    """A pairwise run's verifier calls (`SampleRecord.comparisons`): each ordered pair of
+    distinct masks asked, and what its call cost."""
+
+    m: int
+    sizes: np.ndarray  # (D,) working candidates with each distinct mask
+    firsts: np.ndarray  # (D,) the first of them (M: none)
+    pairs: np.ndarray  # (P, 2) mask positions of each call
+    costs: tuple[Cost, ...]
+
+    @classmethod
+    def of(cls, record: SampleRecord) -> PairCalls | None:
+        """None without comparisons, or where a comparison carries no cost (older records)."""
+        if not record.comparisons or any(len(c) < 4 for c in record.comparisons):
+            return None
+        sizes, firsts = mask_groups(record)
+        pairs = np.array([[int(c[0]), int(c[1])] for c in record.comparisons], dtype=int)
+        return cls(len(record.candidates), sizes, firsts, pairs,
+                   tuple(Cost.from_json(c[3]) for c in record.comparisons))
+
+    def spend(self, n: int, estimator: str) -> VerifySpend:
+        """Exact (module doc): P(each pair asked), P(each mask shown)."""
+        nn = min(n, self.m)
+        a, b = self.pairs[:, 0], self.pairs[:, 1]
+        d = len(self.sizes)
+        partners = np.zeros((d, d), dtype=bool)
+        partners[a, b] = partners[b, a] = True
+        if estimator == "prefix":
+            drawn = self.firsts < nn
+            called = (drawn[a] & drawn[b]).astype(float)
+            shown = (drawn & (partners & drawn[None, :]).any(axis=1)).astype(float)
+        elif estimator == "best_of_n":
+            q = miss_probabilities(self.m, nn)
+            ga, gb = self.sizes[a], self.sizes[b]
+            called = 1.0 - q[ga] - q[gb] + q[ga + gb]
+            g_partners = partners.astype(int) @ self.sizes
+            shown = np.where(partners.any(axis=1),
+                             1.0 - q[self.sizes] - q[g_partners] + q[self.sizes + g_partners],
+                             0.0)
+        else:
+            raise ValueError(f"unknown estimator {estimator!r}")
+        return VerifySpend(float(shown.sum()), float(called.sum()), _weighted(self.costs, called))
+
+
+def listwise_spend(record: SampleRecord, n: int, estimator: str, *, seed: int,
+                   draws: Draws) -> VerifySpend | None:
+    """The listwise calls of the subsets the evaluation draws at N (module doc); None where the
+    record has no choices, or a set it needs carries no cost (older records)."""
+    weights = ListwiseWeights.of(record, seed, draws)
+    if weights is None or any(len(c) < 3 for c in record.choices):
+        return None
+    costs = {tuple(int(p) for p in c[0]): Cost.from_json(c[2]) for c in record.choices}
+    sets, exact = weights.shown_sets(n, estimator)
+    if any(s and s not in costs for s in sets):
+        return None
+    per = np.array([[len(s), 1.0, costs[s].tokens] if s else [0.0, 0.0, 0.0] for s in sets])
+    w = np.full(len(sets), 1.0 / len(sets))
+    cost = _weighted([costs[s] if s else Cost() for s in sets], w)
+    cov = (np.zeros((3, 3)) if exact or len(sets) < 2
+           else np.cov(per.T, ddof=1).reshape(3, 3) / len(sets))
+    return VerifySpend(float(per[:, 0].mean()), float(per[:, 1].mean()), cost, cov)
+
+
+@dataclass(frozen=True)
 class PoolCost:
     """One sample's costs as the evaluation reads them: the planner request's own part (prompt,
     call) once, each hypothesis's completion, the executor's prompt groups, the image (one group
@@ -148,12 +256,13 @@ class PoolCost:
 
 
 def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
-             verified: np.ndarray | None = None,
+             verified: np.ndarray | None = None, spend: VerifySpend | None = None,
              rates: CostRates | None = None) -> dict[str, float]:
     """Every `QUANTITIES` at N for one sample (N clamped to the pool, as the evaluation does).
     `verifies`: the selector reads the verifier (else the verify stage costs nothing).
     `verified`: P(each of `pool.verify`'s groups is sent to the verifier) where a policy sends
-    fewer than every mask drawn (`rescue.policies`); None: every mask drawn is verified."""
+    fewer than every mask drawn (`rescue.policies`); None: every mask drawn is verified.
+    `spend`: the verifier's calls where they are not one per mask (pairwise, listwise)."""
     if not pool.recorded or pool.m == 0:
         return dict.fromkeys(QUANTITIES, math.nan)
     nn = min(n, pool.m)
@@ -166,12 +275,16 @@ def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
         wi * c.completion_tokens for wi, c in zip(w, pool.plan_each, strict=True)))
     prompts, _ = pool.execute.expected(pool.m, nn, estimator)
     encodes, _ = pool.image.expected(pool.m, nn, estimator)  # one image, encoded if any prompt
-    masks, ver = (pool.verify.expected(pool.m, nn, estimator) if verified is None
-                  else pool.verify.weighted(verified))
+    if spend is not None:
+        masks, calls, ver = spend.masks, spend.calls, spend.cost
+    else:
+        masks, ver = (pool.verify.expected(pool.m, nn, estimator) if verified is None
+                      else pool.verify.weighted(verified))
+        calls = masks
     if not verifies:
-        masks, ver = 0.0, Cost()
+        masks, calls, ver = 0.0, 0.0, Cost()
     out = {"plan_tokens": plan, "execute_prompts": prompts, "execute_encodes": encodes,
-           "verify_masks": masks, "verify_tokens": float(ver.tokens),
+           "verify_masks": masks, "verify_calls": calls, "verify_tokens": float(ver.tokens),
            "total_tokens": plan + float(ver.tokens), "gpu_s": math.nan}
     if rates is not None and rates.set:
         p, e, v = rates.planner, rates.executor, rates.verifier
@@ -179,39 +292,67 @@ def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
                         + (e.gpu_s_per_prompt or 0.0) * prompts
                         + ((e.gpu_s_per_encode or 0.0) + (e.gpu_s_per_call or 0.0)) * encodes
                         + (v.gpu_s_per_token or 0.0) * float(ver.tokens)
-                        + (v.gpu_s_per_call or 0.0) * masks)
+                        + (v.gpu_s_per_call or 0.0) * calls)
     return out
 
 
-VERIFIER_CALLS = ("none", "per_mask", "unmodelled")
+VERIFIER_CALLS = ("none", "per_mask", "pairwise", "listwise", "unmodelled")
 """How a selector spends the verifier: not at all (`needs_verifier` false), one call per distinct
-mask drawn (the verify stage), or in calls this module does not model (pairwise, listwise:
-`Selector.verifier_calls`; their verify columns are NaN rather than a wrong number)."""
+mask drawn (the verify stage), one per ordered pair of distinct masks drawn (`PairCalls`), one
+per subset's set of top-k masks (`listwise_spend`), or in calls this module does not model
+(`Selector.verifier_calls`; its verify columns are NaN rather than a wrong number)."""
+
+_VERIFY_COLUMNS = [QUANTITIES.index(q) for q in ("verify_masks", "verify_calls",
+                                                  "verify_tokens", "total_tokens", "gpu_s")]
 
 
 def sample_costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
                  estimators: Sequence[str], rates: CostRates | None,
-                 modes: Sequence[str]) -> dict[tuple[str, str, int], np.ndarray]:
-    """(mode, estimator, N) -> (S, len(QUANTITIES)) expected cost per sample. A failed sample
-    (no candidates) cost nothing; a record without recorded costs is NaN."""
+                 modes: Sequence[str], *, seed: int = 0, draws: Draws | None = None,
+                 ) -> dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]]:
+    """(mode, estimator, N) -> ((S, len(QUANTITIES)) expected cost per sample, the Monte-Carlo
+    variance of each: 0 where exact). A failed sample (no candidates) cost nothing; a record
+    without recorded costs is NaN, and so are the verify columns of a pairwise or listwise
+    record that lacks its calls' costs. `seed` and `draws`: the evaluation's (listwise)."""
     pools = [None if r.error is not None or not r.candidates else PoolCost.of(r)
              for r in records]
-    out: dict[tuple[str, str, int], np.ndarray] = {}
-    unmodelled = [QUANTITIES.index(q) for q in ("verify_masks", "verify_tokens",
-                                                "total_tokens", "gpu_s")]
+    draws = draws or Draws()
+    out: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+    col = {q: QUANTITIES.index(q) for q in QUANTITIES}
+    v = (rates or CostRates()).verifier
+    gpu = np.array([0.0, v.gpu_s_per_call or 0.0, v.gpu_s_per_token or 0.0])
     for mode in dict.fromkeys(modes):
         if mode not in VERIFIER_CALLS:
             raise ValueError(f"verifier_calls must be one of {VERIFIER_CALLS}, got {mode!r}")
+        pairs = ([None if p is None else PairCalls.of(r) for p, r in zip(pools, records,
+                                                                           strict=True)]
+                 if mode == "pairwise" else [])
         for e in estimators:
             for n in n_grid:
                 a = np.zeros((len(records), len(QUANTITIES)))
+                var = np.zeros_like(a)
                 for row, pool in enumerate(pools):
-                    if pool is not None:
-                        got = expected(pool, n, e, verifies=mode != "none", rates=rates)
-                        a[row] = [got[q] for q in QUANTITIES]
+                    if pool is None:
+                        continue
+                    spend = None
+                    if mode == "pairwise":
+                        spend = None if pairs[row] is None else pairs[row].spend(n, e)
+                    elif mode == "listwise":
+                        spend = listwise_spend(records[row], n, e, seed=seed, draws=draws)
+                    got = expected(pool, n, e, verifies=mode != "none", spend=spend,
+                                   rates=rates)
+                    a[row] = [got[q] for q in QUANTITIES]
+                    if mode in ("pairwise", "listwise") and spend is None:
+                        a[row, _VERIFY_COLUMNS] = np.nan
+                    elif spend is not None and not spend.exact:
+                        c = spend.cov
+                        var[row, col["verify_masks"]] = c[0, 0]
+                        var[row, col["verify_calls"]] = c[1, 1]
+                        var[row, col["verify_tokens"]] = var[row, col["total_tokens"]] = c[2, 2]
+                        var[row, col["gpu_s"]] = gpu @ c @ gpu
                 if mode == "unmodelled":
-                    a[:, unmodelled] = np.nan
+                    a[:, _VERIFY_COLUMNS] = np.nan
                 if rates is None or not rates.set:
-                    a[:, QUANTITIES.index("gpu_s")] = np.nan
-                out[(mode, e, n)] = a
+                    a[:, col["gpu_s"]] = np.nan
+                out[(mode, e, n)] = (a, var)
     return out

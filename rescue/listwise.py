@@ -2,16 +2,15 @@
 image, and names the best; scored offline from the cached choices.
 
 Which masks a call shows depends on the subset drawn: its distinct masks ranked by consensus
-within the subset (`rescue.consensus`: mean IoU with the subset's other working candidates;
-ties to the earlier mask), the first `top_k` of them, shown in the record's mask order so one
-set is one call whatever the subset. A subset with one distinct mask needs no call. The
-subsets are those the evaluation draws (every N-subset where there are at most `draws`, else
-`draws` seeded ones, and the first N for the prefix estimator), so a run asks exactly the sets
-its evaluation will read (`sets_needed`), and the record keeps each answer
-(`SampleRecord.choices`: the set's mask positions and the position chosen, None when the call
-failed; the top-consensus mask then stands in). An evaluation whose grid or seed needs a set
-that was never asked says so, naming it.
-"""
+within the subset (`rescue.consensus`: mean IoU with the subset's other working candidates; ties
+to the earlier mask), the first `top_k` of them, shown in the record's mask order so one set is
+one call whatever the subset. A subset with one distinct mask needs no call. The subsets are
+those the evaluation draws (every N-subset where there are at most `draws`, else `draws` seeded
+ones, and the first N for the prefix estimator), so a run asks exactly the sets its evaluation
+will read (`sets_needed`), and the record keeps each answer (`SampleRecord.choices`: the set's
+mask positions, the position chosen, None when the call failed: the top-consensus mask then
+stands in, and the call's cost, `rescue.expected_cost`). An evaluation whose grid or seed needs
+a set that was never asked says so, naming it."""
 
 from __future__ import annotations
 
@@ -112,7 +111,7 @@ class ListwiseWeights:
         marks = Marks.of(record)
         if not record.choices or marks is None:
             return None
-        chosen = {tuple(int(p) for p in shown): pick for shown, pick in record.choices}
+        chosen = {tuple(int(p) for p in c[0]): c[1] for c in record.choices}
         top_k = max(len(s) for s in chosen)
         return cls(marks, chosen, top_k, record.sample_id, seed, draws)
 
@@ -138,10 +137,25 @@ class ListwiseWeights:
         w[win] = 1.0 / len(win)
         return w
 
+    def _subsets(self, n: int) -> np.ndarray:
+        return subsets(len(self.marks.ok), n, seed=self.seed, sample_id=self.sample_id,
+                       draws=self.draws.pilot)
+
     def _rows(self, n: int) -> np.ndarray:
+        return np.stack([self.pick(s) for s in self._subsets(n)])
+
+    def shown_sets(self, n: int, estimator: str) -> tuple[list[tuple[int, ...]], bool]:
+        """The set one call shows for each subset the estimator reads at N (() where the
+        subset needs no call: fewer than two masks), and whether those are every subset."""
         m = len(self.marks.ok)
-        subs = subsets(m, n, seed=self.seed, sample_id=self.sample_id, draws=self.draws.pilot)
-        return np.stack([self.pick(s) for s in subs])
+        if estimator == "prefix":
+            subs, exact = np.arange(min(n, m))[None], True
+        elif estimator == "best_of_n":
+            subs, exact = self._subsets(n), n >= m or comb(m, n) <= self.draws.pilot
+        else:
+            raise ValueError(f"unknown estimator {estimator!r}")
+        sets = [self.marks.shown(s, self.top_k) for s in subs]
+        return [s if len(s) > 1 else () for s in sets], exact
 
     def best_of_n(self, n: int) -> np.ndarray:
         return self._rows(n).mean(axis=0)

@@ -338,7 +338,7 @@ class Pipeline:
         items = [(rec.masks[i], rec.masks[j]) for i, j in pairs]
         self._bars.grow("compare", len(items))
         answers = await self._cached(self._comparisons(sample, found), items)
-        rec.comparisons = [[i, j, v.score if v.ok else None]
+        rec.comparisons = [[i, j, v.score if v.ok else None, Cost.of(v.meta).to_json()]
                            for (i, j), v in zip(pairs, answers, strict=True)]
 
     def choose_key(self, sample: Sample, shown: Sequence[str]) -> str:
@@ -364,7 +364,8 @@ class Pipeline:
         items = [tuple(rec.masks[p] for p in shown) for shown in sets]
         self._bars.grow("choose", len(items))
         answers = await self._cached(self._choices(sample, found), items)
-        rec.choices = [[list(shown), shown[int(v.meta["choice"])] if v.ok else None]
+        rec.choices = [[list(shown), shown[int(v.meta["choice"])] if v.ok else None,
+                        Cost.of(v.meta).to_json()]
                        for shown, v in zip(sets, answers, strict=True)]
 
     # -- one sample ---------------------------------------------------------------------------

@@ -90,10 +90,11 @@ class SampleRecord:
     masks: list[str] = field(default_factory=list)
     mask_iou: list[list[float]] = field(default_factory=list)
     # a pairwise verifier's answers (rescue/arena.py): [i, j, P(mask i better than mask j, i
-    # shown first)] over positions in `masks`; only a pairwise run has any
+    # shown first), the call's cost (`Cost.to_json`)] over positions in `masks`; only a
+    # pairwise run has any (records of older versions: no cost)
     comparisons: list[list[Any]] = field(default_factory=list)
     # a listwise verifier's answers (rescue/listwise.py): [mask positions shown, position
-    # chosen or None]; only a listwise run has any
+    # chosen or None, the call's cost]; only a listwise run has any
     choices: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

@@ -81,8 +81,9 @@ class Selector:
     comparisons), for the single answer. `needs_verifier`: it reads the verifier's answers
     (what a study charges it).
     `verifier_calls`: how a selector that needs the verifier spends it, for its cost columns:
-    "per_mask" (one verify call per distinct mask drawn) or "unmodelled" (pairwise, listwise:
-    `rescue.expected_cost` leaves their verifier cost NaN rather than a wrong number).
+    "per_mask" (one verify call per distinct mask drawn), "pairwise" (one per ordered pair of
+    distinct masks drawn), "listwise" (one per set of top-k shown) or "unmodelled" (its verify
+    cost columns are NaN rather than a wrong number): `rescue.expected_cost.VERIFIER_CALLS`.
     `policy`: a verification policy (`rescue.policies`): which masks of the N drawn it verifies
     and its pick among them, per record; the evaluation reads both quality and verify cost
     from it (a record it cannot read is scored by `score`, at the plain verifier's cost).
@@ -211,7 +212,7 @@ ORACLE = Selector("oracle", _oracle, needs_truth=True, color="#d62728")
 """True IoU with the ground truth: the upper bound of any selector."""
 
 ARENA = Selector("arena", _from_record, within=arena.ArenaWeights.of, color="#aec7e8",
-                 of_record=arena.pool_scores, needs_verifier=True, verifier_calls="unmodelled")
+                 of_record=arena.pool_scores, needs_verifier=True, verifier_calls="pairwise")
 """A pairwise verifier's tournament (EVOL-SAM3): the Copeland winner of the masks drawn, from
 the record's cached comparisons (`rescue.arena`); a run whose verifier is pairwise has them."""
 
@@ -228,7 +229,7 @@ def registry(*selectors: Selector) -> Mapping[str, Selector]:
 
 LISTWISE = Selector("listwise", _from_record, within=listwise.ListwiseWeights.of,
                     color="#98df8a", of_record=listwise.pool_scores, needs_verifier=True,
-                    verifier_calls="unmodelled")
+                    verifier_calls="listwise")
 """Set-of-Marks: the mask a listwise verifier names among the top-k of the masks drawn, from
 the record's cached choices (`rescue.listwise`); a run whose verifier is listwise has them."""
 

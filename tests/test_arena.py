@@ -8,9 +8,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from rescue import arena
+from rescue import arena, expected_cost
 from rescue.cache import Cache, CacheMiss
 from rescue.consensus import Draws
+from rescue.cost import Cost, CostRates, ModelRates
 from rescue.datasets.synthetic import SyntheticDataset
 from rescue.models.simulated import SimulatedExecutor, SimulatedPlanner, SimulatedVerifier
 from rescue.pipeline import Pipeline
@@ -18,9 +19,9 @@ from rescue.records import CandidateRecord, SampleRecord
 from rescue.selection import ARENA
 
 
-def _record(seed: int, m: int = 7, d: int = 5) -> SampleRecord:
+def _record(seed: int, m: int = 7, d: int = 5, costs: bool = False) -> SampleRecord:
     """m candidates over d distinct masks (duplicates, failures), random cached comparisons with
-    some pairs skipped or unanswered and some exact 1/2s."""
+    some pairs skipped or unanswered and some exact 1/2s; `costs`: each call's cost too."""
     rng = np.random.default_rng(seed)
     digests = [f"m{k}" for k in range(d)]
     cands = []
@@ -39,6 +40,9 @@ def _record(seed: int, m: int = 7, d: int = 5) -> SampleRecord:
             u = rng.random()
             p = None if u < 0.1 else 0.5 if u < 0.2 else float(rng.integers(0, 2))
             comps.append([a, b, p])
+            if costs:
+                comps[-1].append(Cost(prompt_tokens=int(rng.integers(100, 300)), calls=1,
+                                      completion_tokens=int(rng.integers(1, 50))).to_json())
     return SampleRecord(sample_id=f"s{seed}", dataset="toy", query="q", height=4, width=4,
                         target_area=3, simulated=True, candidates=cands, masks=digests,
                         mask_iou=np.eye(d).tolist(), comparisons=comps)
@@ -102,6 +106,58 @@ def test_many_subsets_are_drawn_with_a_standard_error():
     values = np.stack([np.linspace(0, 1, 14)] * 3)
     est = weights.estimate(6, values)
     assert not est.exact and est.cov[2, 2] > 0
+
+
+def _brute_spend(rec: SampleRecord, subset: tuple[int, ...]) -> tuple[int, int, int]:
+    """(masks shown, calls, tokens) of an arena over `subset`: every cached comparison between
+    two distinct masks of its working candidates, restated with sets."""
+    drawn = {rec.masks.index(rec.candidates[k].mask_key) for k in subset
+             if rec.candidates[k].ok}
+    asked = [c for c in rec.comparisons if c[0] in drawn and c[1] in drawn]
+    shown = {c[0] for c in asked} | {c[1] for c in asked}
+    return len(shown), len(asked), sum(Cost.from_json(c[3]).tokens for c in asked)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_the_arenas_expected_calls_and_tokens_match_enumeration(seed):
+    rng = np.random.default_rng(100 + seed)
+    m, d = int(rng.integers(2, 9)), int(rng.integers(1, 6))
+    rec = _record(seed, m=m, d=d, costs=True)
+    calls = expected_cost.PairCalls.of(rec)
+    if not rec.comparisons:
+        assert calls is None
+        return
+    for n in range(1, m + 1):
+        want = np.mean([_brute_spend(rec, s) for s in combinations(range(m), n)], axis=0)
+        got = calls.spend(n, "best_of_n")
+        assert got.exact
+        np.testing.assert_allclose([got.masks, got.calls, got.cost.tokens], want, atol=1e-9)
+        first = calls.spend(n, "prefix")
+        np.testing.assert_allclose([first.masks, first.calls, first.cost.tokens],
+                                   _brute_spend(rec, tuple(range(n))), atol=1e-9)
+
+
+def test_records_without_comparison_costs_give_nan_verify_columns_not_a_wrong_number():
+    old = _record(2)  # comparisons as older versions stored them: [i, j, p]
+    new = _record(2, costs=True)
+    for c in [*old.candidates, *new.candidates]:
+        c.cost["plan"] = Cost(prompt_tokens=10, completion_tokens=5, calls=1).to_json()
+    assert old.comparisons and expected_cost.PairCalls.of(old) is None
+    table = expected_cost.sample_costs([old, new], [3], ["best_of_n"], None, ["pairwise"])
+    got, var = table[("pairwise", "best_of_n", 3)]
+    col = expected_cost.QUANTITIES.index
+    for q in ("verify_masks", "verify_calls", "verify_tokens", "total_tokens"):
+        assert np.isnan(got[0, col(q)]) and np.isfinite(got[1, col(q)])
+    assert got[0, col("plan_tokens")] == got[1, col("plan_tokens")] > 0
+    assert not var.any()  # the arena's cost is exact
+    # a GPU-seconds conversion charges the arena's calls (pairs), not its masks
+    rates = CostRates(verifier=ModelRates(gpu_s_per_call=2.0, gpu_s_per_token=0.001))
+    priced, _ = expected_cost.sample_costs([new], [3], ["best_of_n"], rates,
+                                           ["pairwise"])[("pairwise", "best_of_n", 3)]
+    spend = expected_cost.PairCalls.of(new).spend(3, "best_of_n")
+    assert spend.calls != spend.masks
+    assert priced[0, col("gpu_s")] == pytest.approx(2.0 * spend.calls
+                                                    + 0.001 * spend.cost.tokens)
 
 
 def _pipeline(verifier, cache):

@@ -8,7 +8,9 @@ metrics.csv since its `exact`,
 (issue 10), the only change to its numbers being consensus at N = 4 and 8; since its column
 `simulated` (issue 11: the lines without it hash to the previous 6588de2e…06eb); and since its
 cost columns (issue 12: the expected tokens, prompts and masks per sample at N beside every
-row; no quality number changed). A change that means to alter the demo's records or metrics
+row; no quality number changed), and since its verify_calls columns (issue 12: the
+verifier's requests, equal to verify_masks for the demo's pointwise verifier; every other
+column equal, cost_units' text aside). A change that means to alter the demo's records or metrics
 updates them here, in the same commit, and says why.
 
 metrics.csv is hashed with every float written to 10 significant digits, so a numeric
@@ -30,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = {
     "records.jsonl": "84f7c1d34ef0f946a180861daedda70571dd05a805bc5ddc0cc4b4df34cd201d",
-    "metrics.csv": "71dcaba5f68b4dcaa763fd1057e1696c1fdce03af5f9507b306231d14bdf7f57",
+    "metrics.csv": "f47af0d0dc54a1f227a2cded51c95fc09ffc674fedb649660bf0c116570fe579",
 }
 
 pytestmark = pytest.mark.slow

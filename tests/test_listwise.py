@@ -7,9 +7,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from rescue import listwise
+from rescue import expected_cost, listwise
 from rescue.cache import Cache, CacheMiss
 from rescue.consensus import Draws
+from rescue.cost import Cost
 from rescue.datasets.synthetic import SyntheticDataset
 from rescue.models.simulated import SimulatedExecutor, SimulatedPlanner, SimulatedVerifier
 from rescue.pipeline import Pipeline
@@ -43,15 +44,12 @@ def _record(seed: int, m: int = 7, d: int = 5) -> SampleRecord:
     return rec
 
 
-def _brute(rec: SampleRecord, subset) -> np.ndarray:
-    m = len(rec.candidates)
+def _brute_ranked(rec: SampleRecord, subset) -> tuple[list[int], list[int]]:
+    """(working candidates of `subset`, their distinct masks by consensus within it, best
+    first), restated with loops."""
     pos = [rec.masks.index(c.mask_key) if c.ok else -1 for c in rec.candidates]
     ious = np.asarray(rec.mask_iou)
     work = [k for k in subset if pos[k] >= 0]
-    w = np.zeros(m)
-    if not work:
-        w[list(subset)] = 1 / len(subset)
-        return w
     cons = {}
     for k in work:
         others = [o for o in work if o != k]
@@ -59,15 +57,71 @@ def _brute(rec: SampleRecord, subset) -> np.ndarray:
     best = {}
     for k in work:
         best[pos[k]] = max(best.get(pos[k], -1.0), cons[k])
-    ranked = sorted(best, key=lambda p: (-round(best[p], 9), p))
+    return work, sorted(best, key=lambda p: (-round(best[p], 9), p))
+
+
+def _brute(rec: SampleRecord, subset) -> np.ndarray:
+    m = len(rec.candidates)
+    pos = [rec.masks.index(c.mask_key) if c.ok else -1 for c in rec.candidates]
+    work, ranked = _brute_ranked(rec, subset)
+    w = np.zeros(m)
+    if not work:
+        w[list(subset)] = 1 / len(subset)
+        return w
     shown = tuple(sorted(ranked[:K]))
-    answers = {tuple(s): c for s, c in rec.choices}
+    answers = {tuple(c[0]): c[1] for c in rec.choices}
     mask = shown[0] if len(shown) == 1 else answers[shown]
     if mask is None:
         mask = ranked[0]
     win = [k for k in work if pos[k] == mask]
     w[win] = 1 / len(win)
     return w
+
+
+def _with_costs(rec: SampleRecord, seed: int) -> SampleRecord:
+    rng = np.random.default_rng(seed)
+    for c in rec.choices:
+        c.append(Cost(prompt_tokens=200 + 50 * len(c[0]), calls=1,
+                      completion_tokens=int(rng.integers(1, 80))).to_json())
+    return rec
+
+
+def _brute_spend(rec: SampleRecord, subset) -> tuple[int, int, int]:
+    """(masks shown, calls, tokens) of the one listwise call over `subset`, if any."""
+    shown = tuple(sorted(_brute_ranked(rec, subset)[1][:K]))
+    if len(shown) < 2:
+        return 0, 0, 0
+    cost = {tuple(c[0]): Cost.from_json(c[2]) for c in rec.choices}[shown]
+    return len(shown), 1, cost.tokens
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_listwise_expected_calls_and_tokens_match_enumeration(seed):
+    rec = _with_costs(_record(seed), seed)
+    m = len(rec.candidates)
+    for n in range(1, m + 1):
+        want = np.mean([_brute_spend(rec, s) for s in combinations(range(m), n)], axis=0)
+        got = expected_cost.listwise_spend(rec, n, "best_of_n", seed=0, draws=Draws(10_000))
+        assert got.exact
+        np.testing.assert_allclose([got.masks, got.calls, got.cost.tokens], want, atol=1e-9)
+        first = expected_cost.listwise_spend(rec, n, "prefix", seed=0, draws=Draws(10_000))
+        np.testing.assert_allclose([first.masks, first.calls, first.cost.tokens],
+                                   _brute_spend(rec, tuple(range(n))), atol=1e-9)
+
+
+def test_drawn_subsets_give_the_listwise_cost_of_those_draws_with_its_variance():
+    rec = _with_costs(_record(5, m=12, d=6), 5)
+    n, draws = 5, Draws(pilot=40)
+    got = expected_cost.listwise_spend(rec, n, "best_of_n", seed=3, draws=draws)
+    subs = listwise.subsets(12, n, seed=3, sample_id=rec.sample_id, draws=40)
+    per = np.array([_brute_spend(rec, tuple(s)) for s in subs], dtype=float)
+    assert len(subs) == 40 and not got.exact
+    np.testing.assert_allclose([got.masks, got.calls, got.cost.tokens], per.mean(axis=0),
+                               atol=1e-9)
+    np.testing.assert_allclose(np.diag(got.cov), per.var(axis=0, ddof=1) / 40, atol=1e-9)
+    # records of older versions carry no cost per set: no number rather than a wrong one
+    bare = _record(5, m=12, d=6)
+    assert expected_cost.listwise_spend(bare, n, "best_of_n", seed=3, draws=draws) is None
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -48,3 +48,24 @@ def test_the_study_puts_every_method_in_one_table_and_figure(tmp_path):
     assert row.verifier_tokens > pointwise.verifier_tokens > 0  # both orders of every pair
     free = table[table.selector.isin(["vote_best", "consensus", "oracle"])]
     assert (free.verifier_calls == 0).all() and (free.verifier_tokens == 0).all()
+
+    # the arena's and listwise's cost columns: at N = max_n, prefix, every call the run made,
+    # and their tokens are the stage totals of stats.json (no double count)
+    for variant, stage, selector, calls_of in (
+            ("pairwise", "compare", "arena", lambda r: len(r.comparisons)),
+            ("listwise", "choose", "listwise", None)):
+        metrics = pd.read_csv(out / variant / "metrics.csv")
+        rows = metrics[(metrics.selector == selector) & (metrics.subset == "all")]
+        assert rows[["verify_masks", "verify_calls", "verify_tokens"]].notna().all().all()
+        one = rows.n == 1  # one candidate: nothing to compare or choose among
+        assert (rows[one].verify_calls == 0).all() and (rows[one].verify_tokens == 0).all()
+        assert rows[~one].verify_calls.gt(0).all() and rows[~one].verify_tokens.gt(0).all()
+        assert rows.sort_values("n").groupby("estimator").verify_calls.apply(
+            lambda c: c.is_monotonic_increasing).all()
+        recs = list(read(out / variant / "records.jsonl"))
+        if calls_of is not None:
+            whole = rows[(rows.estimator == "prefix") & (rows.n == 4)].iloc[0]
+            assert whole.verify_calls == pytest.approx(sum(map(calls_of, recs)) / len(recs))
+            spent = json.loads((out / variant / "stats.json").read_text())["calls"]["cost"][stage]
+            tokens = spent.get("prompt_tokens", 0) + spent.get("completion_tokens", 0)
+            assert whole.verify_tokens * len(recs) == pytest.approx(tokens)

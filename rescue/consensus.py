@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import combinations
 from math import comb
 
@@ -53,12 +54,16 @@ def candidate_ious(record: SampleRecord) -> tuple[np.ndarray, np.ndarray] | None
 def scores_within(ious: np.ndarray, ok: np.ndarray, members: np.ndarray) -> np.ndarray:
     """(D, M) consensus of each member of each subset (`members`: (D, M) bool): its mean IoU
     with the subset's other working candidates (0 when it is the only one); -inf for
-    non-members and for candidates without a mask. One matrix product per batch of subsets."""
-    voters = members & ok
-    others = voters.sum(axis=1, keepdims=True) - voters  # working members besides oneself
-    votes = voters.astype(float) @ ious.T - voters * np.diag(ious)
-    score = np.divide(votes, others, out=np.zeros(votes.shape), where=others > 0)
-    return np.where(voters, score, -np.inf)
+    non-members and for candidates without a mask. One matrix product per batch of subsets.
+    Batched alike over leading axes: `ious` (B, M, M), `ok` (B, M), `members` (B, D, M)."""
+    voters = members & ok[..., None, :]
+    # a voter's others are the subset's other voters, as many for each voter of a row; a lone
+    # voter's votes are 0 (its own IoU taken away), so dividing by 1 leaves it 0
+    others = np.maximum(voters.sum(axis=-1, keepdims=True) - 1, 1)
+    votes = voters.astype(float) @ np.swapaxes(ious, -1, -2)
+    votes -= np.diagonal(ious, axis1=-2, axis2=-1)[..., None, :]
+    votes /= others
+    return np.where(voters, votes, -np.inf)
 
 
 def pool_scores(ious: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -71,12 +76,17 @@ def pick_weights(ious: np.ndarray, ok: np.ndarray, subsets: np.ndarray) -> np.nd
     subset with no working candidate shares its weight over all its members."""
     members = np.zeros((subsets.shape[0], len(ok)), bool)
     members[np.arange(subsets.shape[0])[:, None], subsets] = True
+    return pick_weights_of(ious, ok, members)
+
+
+def pick_weights_of(ious: np.ndarray, ok: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """`pick_weights` of subsets given as (D, M) membership (batched as `scores_within`)."""
     score = scores_within(ious, ok, members)
-    best = score.max(axis=1, keepdims=True)
+    best = score.max(axis=-1, keepdims=True)
     # equal means may differ in the last bits after a matrix product; stored IoUs have 6
     # decimals, so distinct means differ by more than 1e-9 for any pool under 1000
     win = np.where(np.isfinite(best), score >= best - TIE_TOLERANCE, members)
-    return win / win.sum(axis=1, keepdims=True)
+    return win / win.sum(axis=-1, keepdims=True)
 
 
 def subsets_of(m: int, n: int, draws: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,8 +94,21 @@ def subsets_of(m: int, n: int, draws: int, rng: np.random.Generator) -> np.ndarr
     if n >= m:
         return np.arange(m)[None]
     if comb(m, n) <= draws:
-        return np.array(list(combinations(range(m), n)))
-    return np.argsort(rng.random((draws, m)), axis=1)[:, :n]
+        return _every(m, n)
+    return _draw(rng, draws, m, n)
+
+
+def _every(m: int, n: int) -> np.ndarray:
+    """Every N-subset of M, (C(M, N), N); the whole pool where N >= M."""
+    if n >= m:
+        return np.arange(m)[None]
+    return np.array(list(combinations(range(m), n)))
+
+
+def _draw(rng: np.random.Generator, draws: int, m: int, n: int) -> np.ndarray:
+    """`draws` uniform N-subsets of M: the positions of the N smallest of M uniform keys (the
+    set argsort's first N would give, found in linear time; order within a subset is free)."""
+    return np.argpartition(rng.random((draws, m)), n - 1, axis=1)[:, :n]
 
 
 def best_of_n_within(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,
@@ -126,16 +149,15 @@ class SubsetEstimate:
 
 def estimate_best_of_n(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndarray, *,
                        pilot: int, target_var: float, max_draws: int,
-                       rng: np.random.Generator) -> SubsetEstimate:
+                       rng: np.random.Generator | Callable[[], np.random.Generator],
+                       first: int | None = None) -> SubsetEstimate:
     """Best-of-N consensus weights with their Monte-Carlo error (module doc: how many draws).
 
     `values` (K, M): per-candidate quantities whose expectation under the pick is wanted (the
-    evaluation passes I, U and IoU; the last row sets the draw count). The first `pilot`
-    draws are those of `best_of_n_within` with the same generator, so a sample whose pilot
-    suffices gets the same weights as before."""
+    evaluation passes I, U and IoU; the last row sets the draw count)."""
     return estimate_over_subsets(lambda subsets: pick_weights(ious, ok, subsets), len(ok), n,
                                  values, pilot=pilot, target_var=target_var,
-                                 max_draws=max_draws, rng=rng)
+                                 max_draws=max_draws, rng=rng, first=first)
 
 
 Outcomes = Callable[[np.ndarray], np.ndarray]
@@ -145,30 +167,45 @@ e.g. the pick's weights over the M candidates (W = M), to be averaged over subse
 
 def estimate_over_subsets(outcomes: Outcomes, m: int, n: int, values: np.ndarray, *,
                           pilot: int, target_var: float, max_draws: int,
-                          rng: np.random.Generator, key: int = -1) -> SubsetEstimate:
+                          rng: np.random.Generator | Callable[[], np.random.Generator],
+                          key: int = -1, first: int | None = None) -> SubsetEstimate:
     """The mean of `outcomes` over uniformly random N-subsets of M, and the Monte-Carlo
     covariance of `mean @ values.T` (`values`: (K, W)): every subset where there are at most
-    `pilot` (or as many as the draws would need), else `pilot` seeded draws and more until the
-    variance of row `key` of `values` is at most `target_var`, at most `max_draws` (module
-    doc). Consensus is one user; `rescue.policies` another."""
+    `pilot` (or as many as the draws would need), else `first` seeded draws (default `pilot`;
+    `pilot` where there is no `target_var`) and more until the variance of row `key` of
+    `values` is at most `target_var`, at least `first` and at most `max_draws` (module doc).
+    `rng` may be a function making it, called only where subsets are drawn. Consensus is one
+    user; `rescue.policies` another."""
     k = values.shape[0]
     total = comb(m, n) if n < m else 1
     if total <= pilot:
-        w = outcomes(subsets_of(m, n, pilot, rng)).mean(axis=0)
+        w = outcomes(_every(m, n)).mean(axis=0)
         return SubsetEstimate(w, 0, np.zeros((k, k)))
-    rows = outcomes(subsets_of(m, n, pilot, rng))
-    x = rows @ values.T  # (pilot, K): each draw's values
-    need = pilot
+    rng = rng() if callable(rng) else rng
+    start = pilot if first is None or target_var <= 0 else min(first, pilot)
+    rows = outcomes(_draw(rng, start, m, n))
+    return _go_on(outcomes, m, n, values, rows, rows @ values.T, target_var=target_var,
+                  max_draws=max_draws, rng=rng, key=key)
+
+
+def _go_on(outcomes: Outcomes, m: int, n: int, values: np.ndarray, rows: np.ndarray,
+           x: np.ndarray, *, target_var: float, max_draws: int, rng: np.random.Generator,
+           key: int) -> SubsetEstimate:
+    """`estimate_over_subsets` after its first draws (`rows`, their values `x`: (D, K)): as
+    many more as the variance they measure asks for, or every subset where that is fewer."""
+    k, start = values.shape[0], rows.shape[0]
+    total = comb(m, n) if n < m else 1
+    need = start
     var = float(x[:, key].var(ddof=1))
     if target_var > 0 and var > 0:
-        need = min(max_draws, max(pilot, math.ceil(var / target_var)))
-    if need > pilot and total <= need:  # as many draws as subsets: enumerate instead
-        w = outcomes(subsets_of(m, n, total, rng)).mean(axis=0)
+        need = min(max_draws, max(start, math.ceil(var / target_var)))
+    if need > start and total <= need:  # as many draws as subsets: enumerate instead
+        w = outcomes(_every(m, n)).mean(axis=0)
         return SubsetEstimate(w, 0, np.zeros((k, k)))
-    w_sum, x_sum, xx_sum, done = rows.sum(axis=0), x.sum(axis=0), x.T @ x, pilot
+    w_sum, x_sum, xx_sum, done = rows.sum(axis=0), x.sum(axis=0), x.T @ x, start
     while done < need:
         batch = min(BATCH, need - done)
-        rows = outcomes(np.argsort(rng.random((batch, m)), axis=1)[:, :n])
+        rows = outcomes(_draw(rng, batch, m, n))
         x = rows @ values.T
         w_sum, x_sum, xx_sum, done = (w_sum + rows.sum(axis=0), x_sum + x.sum(axis=0),
                                       xx_sum + x.T @ x, done + batch)
@@ -179,13 +216,15 @@ def estimate_over_subsets(outcomes: Outcomes, m: int, n: int, values: np.ndarray
 
 @dataclass(frozen=True)
 class Draws:
-    """How consensus within subsets is averaged where enumeration is too costly: `pilot` draws
-    first (and enumeration wherever there are at most that many subsets), more until the
-    Monte-Carlo variance is at most `target_var`, never more than `max_draws`."""
+    """How consensus within subsets is averaged where enumeration is too costly: enumeration
+    wherever there are at most `pilot` subsets; else `first` draws (None: `pilot`) to measure
+    the variance, more until the Monte-Carlo variance is at most `target_var`, never more than
+    `max_draws`. The arena and listwise draw `pilot` subsets, a fixed set a run can ask for."""
 
     pilot: int = 256
     target_var: float = 0.0
     max_draws: int = 65536
+    first: int | None = None
 
 
 @dataclass(frozen=True)
@@ -212,10 +251,48 @@ class SubsetConsensus:
         d = self.draws
         return estimate_best_of_n(self.ious, self.ok, n, values, pilot=d.pilot,
                                   target_var=d.target_var, max_draws=d.max_draws,
-                                  rng=rng_for(self.seed, self.sample_id, n))
+                                  rng=lambda: rng_for(self.seed, self.sample_id, n),
+                                  first=d.first)
+
+    @staticmethod
+    def estimate_all(subs: Sequence[SubsetConsensus], n: int,
+                     values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
+        return estimate_all(subs, n, values)
+
+    @cached_property
+    def _prefixes(self) -> np.ndarray:
+        """(M, M): row n-1 is the pick among the first n, for every n in one product."""
+        m = len(self.ok)
+        return pick_weights_of(self.ious, self.ok, np.tri(m, dtype=bool))
 
     def prefix(self, n: int) -> np.ndarray:
-        return prefix_within(self.ious, self.ok, n)
+        return self._prefixes[min(n, len(self.ok)) - 1]
+
+
+def estimate_all(subs: Sequence[SubsetConsensus], n: int,
+                 values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
+    """`[sub.estimate(n, v) for sub, v in zip(subs, values)]`, with the first draws of every
+    sample in one batched product where they share a pool size and `Draws`: the evaluation's
+    case, where one product per sample would cost more in calls than in arithmetic. Each
+    sample draws from its own generator in the same order, so the result is the loop's."""
+    if not subs:
+        return []
+    m, d = len(subs[0].ok), subs[0].draws
+    start = None if d.first is None or d.target_var <= 0 else min(d.first, d.pilot)
+    if (start is None or n >= m or comb(m, n) <= d.pilot
+            or any(len(s.ok) != m or s.draws != d for s in subs)):
+        return [sub.estimate(n, v) for sub, v in zip(subs, values, strict=True)]
+    rngs = [rng_for(s.seed, s.sample_id, n) for s in subs]
+    keys = np.stack([g.random((start, m)) for g in rngs])
+    members = np.zeros(keys.shape, bool)
+    np.put_along_axis(members, np.argpartition(keys, n - 1, axis=-1)[..., :n], True, axis=-1)
+    ious, ok = np.stack([s.ious for s in subs]), np.stack([s.ok for s in subs])
+    rows = pick_weights_of(ious, ok, members)  # (B, start, M)
+    vals = np.stack(values)  # (B, K, M)
+    xs = rows @ np.swapaxes(vals, -1, -2)  # (B, start, K)
+    return [_go_on(lambda subsets, s=sub: pick_weights(s.ious, s.ok, subsets), m, n, v, r, x,
+                   target_var=d.target_var, max_draws=d.max_draws, rng=g, key=-1)
+            for sub, v, r, x, g in zip(subs, vals, rows, xs, rngs, strict=True)]
 
 
 def rows_estimate(rows: np.ndarray, values: np.ndarray, *, exact: bool) -> SubsetEstimate:

@@ -39,10 +39,11 @@ import numpy as np
 import pandas as pd
 
 from rescue import aggregation, expected_cost, policies
+from rescue.consensus import SubsetEstimate
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.expected_cost import QUANTITIES
 from rescue.records import SampleRecord, reason_code
-from rescue.selection import Selector
+from rescue.selection import Selector, SubsetWeights
 from rescue.settings import EvaluationSettings
 from rescue.truth import SampleTruth
 
@@ -198,17 +199,15 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
                     best = e == "best_of_n"
                     w = ranking.best_of_n(nn) if best else prefix_select_weights(scores, nn)
                     k = pos[(e, s.name, n)]
-                    for b, sub in enumerate(within):
-                        if sub is None:
-                            continue
-                        if not best:
-                            w[b] = sub.prefix(nn)
-                            continue
-                        est = sub.estimate(nn, np.stack(
-                            [pools.inter[b], pools.union[b], pools.iou[b]]))
-                        w[b] = est.weights
-                        mc[k, pools.rows[b]] = not est.exact
-                        mc_cov[k, pools.rows[b]] = est.cov
+                    if within and not best:
+                        for b, sub in enumerate(within):
+                            if sub is not None:
+                                w[b] = sub.prefix(nn)
+                    elif within:
+                        for b, est in _estimates(within, nn, pools):
+                            w[b] = est.weights
+                            mc[k, pools.rows[b]] = not est.exact
+                            mc_cov[k, pools.rows[b]] = est.cov
                     for b, pol in enumerate(policy):
                         if pol is None:
                             continue
@@ -225,6 +224,23 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
     ps = _PerSample(keys, inter, union, iou, short, failed, pool_size, mc, mc_cov, spent)
     _aggregate(records, n_grid, settings, truths, ps, pos)
     return ps
+
+
+def _estimates(within: Sequence[SubsetWeights | None], n: int,
+               pools: _Pools) -> list[tuple[int, SubsetEstimate]]:
+    """(position in the group, estimate at N) of each sample with subset weights, of its I, U
+    and IoU; in one call per class where the class offers `estimate_all`."""
+    at = [b for b, sub in enumerate(within) if sub is not None]
+    values = [np.stack([pools.inter[b], pools.union[b], pools.iou[b]]) for b in at]
+    out: list[tuple[int, SubsetEstimate]] = []
+    for kind in dict.fromkeys(type(within[b]) for b in at):
+        idx = [i for i, b in enumerate(at) if type(within[b]) is kind]
+        subs = [within[at[i]] for i in idx]
+        batch = getattr(kind, "estimate_all", None)
+        got = (batch(subs, n, [values[i] for i in idx]) if batch is not None
+               else [sub.estimate(n, values[i]) for sub, i in zip(subs, idx, strict=True)])
+        out += [(at[i], est) for i, est in zip(idx, got, strict=True)]
+    return out
 
 
 def _costs(records: Sequence[SampleRecord], n_grid: Sequence[int],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -47,15 +48,19 @@ QUANTITIES = ("plan_tokens", "execute_prompts", "execute_encodes", "verify_masks
 listwise); `gpu_s` is the user's conversion (`cost.*`), NaN where none is set."""
 
 
+@lru_cache(maxsize=4096)
 def miss_probabilities(m: int, n: int) -> np.ndarray:
     """q[g] = C(M-g, N) / C(M, N), g = 0..M: P(a uniform N-subset of M misses g given items).
 
-    A running product of factors in [0, 1] (no factorials, nothing overflows)."""
+    A running product of factors in [0, 1] (no factorials, nothing overflows). Read-only and
+    kept per (M, N): every sample of a study asks for the same few."""
     if not 1 <= n <= m:
         raise ValueError(f"need 1 <= N <= M, got N={n}, M={m}")
     k = np.arange(m, dtype=float)
     factors = np.maximum(m - n - k, 0.0) / (m - k)
-    return np.concatenate([[1.0], np.cumprod(factors)])
+    q = np.concatenate([[1.0], np.cumprod(factors)])
+    q.flags.writeable = False
+    return q
 
 
 def represented(m: int, n: int, sizes: Sequence[int] | np.ndarray, firsts: Sequence[int] |
@@ -85,7 +90,7 @@ class Groups:
         keys = list(members)
         return cls(np.array([len(members[k]) for k in keys], dtype=int),
                    np.array([min(members[k]) for k in keys], dtype=int),
-                   tuple(costs.get(k, Cost()) for k in keys),
+                   tuple(costs[k] if k in costs else Cost() for k in keys),
                    tuple(tuple(sorted(members[k])) for k in keys))
 
     def of_candidates(self, m: int) -> np.ndarray:
@@ -105,18 +110,32 @@ class Groups:
         """(expected groups, expected `Cost`) when group g is called with probability p[g]."""
         if not len(self.sizes):
             return 0.0, Cost()
-        return float(np.sum(p)), _weighted(self.costs, p)
+        return float(np.sum(p)), _of_sums(p @ self.matrix)
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """(G, len(_SUMMED)) the groups' costs as numbers: an expectation is one product."""
+        return _matrix(self.costs)
+
+
+_SUMMED = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "calls", "prompts",
+           "encodes", "latency_s", "server_s")
+"""The numeric `Cost` fields an expectation sums."""
+
+
+def _matrix(costs: Sequence[Cost]) -> np.ndarray:
+    return np.array([[getattr(c, f) for f in _SUMMED] for c in costs],
+                    dtype=float).reshape(len(costs), len(_SUMMED))
+
+
+def _of_sums(sums: np.ndarray) -> Cost:
+    """A Cost of floats (an expectation) from its `_SUMMED` fields."""
+    return Cost(**{f: float(v) for f, v in zip(_SUMMED, sums, strict=True)})
 
 
 def _weighted(costs: Sequence[Cost], w: np.ndarray) -> Cost:
     """sum_i w_i × cost_i for the numeric fields (a Cost of floats: an expectation)."""
-    def s(name: str) -> float:
-        return float(sum(wi * getattr(c, name) for wi, c in zip(w, costs, strict=True)))
-
-    return Cost(prompt_tokens=s("prompt_tokens"), completion_tokens=s("completion_tokens"),  # type: ignore[arg-type]
-                reasoning_tokens=s("reasoning_tokens"), calls=s("calls"),  # type: ignore[arg-type]
-                prompts=s("prompts"), encodes=s("encodes"),  # type: ignore[arg-type]
-                latency_s=s("latency_s"), server_s=s("server_s"))
+    return _of_sums(np.asarray(w, dtype=float) @ _matrix(costs))
 
 
 @dataclass(frozen=True)
@@ -221,7 +240,7 @@ class PoolCost:
 
     m: int
     plan_request: Cost
-    plan_each: tuple[Cost, ...]
+    plan_each: np.ndarray  # (M,) each hypothesis's own completion tokens
     execute: Groups
     image: Groups
     verify: Groups
@@ -230,10 +249,13 @@ class PoolCost:
     @classmethod
     def of(cls, record: SampleRecord) -> PoolCost:
         cands = record.candidates
-        plan = [Cost.from_json((c.cost or {}).get("plan")) for c in cands]
-        request = max(plan, key=lambda c: (c.prompt_tokens, c.calls), default=Cost())
-        each = tuple(Cost(completion_tokens=c.completion_tokens,
-                          reasoning_tokens=c.reasoning_tokens) for c in plan)
+        if not any(c.cost for c in cands):  # records of an older version: nothing recorded
+            none = Groups(np.zeros(0, dtype=int), np.zeros(0, dtype=int), ())
+            return cls(len(cands), Cost(), np.zeros(len(cands)), none, none, none, False)
+        plan = [(c.cost or {}).get("plan") or {} for c in cands]
+        request = max(((int(p.get("prompt_tokens") or 0), int(p.get("calls") or 0))
+                       for p in plan), default=(0, 0))
+        each = np.array([float(p.get("completion_tokens") or 0) for p in plan])
         by_prompt: dict[str, list[int]] = {}
         by_mask: dict[str, list[int]] = {}
         ex_cost: dict[str, Cost] = {}
@@ -250,8 +272,8 @@ class PoolCost:
                     ver_cost[c.mask_key] = Cost.from_json(cost["verify"])
         executed = sorted(p for v in by_prompt.values() for p in v)
         image = Groups.of({"image": executed} if executed else {}, {})
-        return cls(len(cands), Cost(prompt_tokens=request.prompt_tokens, calls=request.calls),
-                   each, Groups.of(by_prompt, ex_cost), image, Groups.of(by_mask, ver_cost),
+        return cls(len(cands), Cost(prompt_tokens=request[0], calls=request[1]), each,
+                   Groups.of(by_prompt, ex_cost), image, Groups.of(by_mask, ver_cost),
                    any(c.cost for c in cands))
 
 
@@ -263,36 +285,78 @@ def expected(pool: PoolCost, n: int, estimator: str, *, verifies: bool = True,
     `verified`: P(each of `pool.verify`'s groups is sent to the verifier) where a policy sends
     fewer than every mask drawn (`rescue.policies`); None: every mask drawn is verified.
     `spend`: the verifier's calls where they are not one per mask (pairwise, listwise)."""
-    if not pool.recorded or pool.m == 0:
-        return dict.fromkeys(QUANTITIES, math.nan)
-    nn = min(n, pool.m)
+    row = expected_grid(pool, [n], estimator, verifies=verifies, rates=rates,
+                        spend=None if spend is None else [spend],
+                        verified=None if verified is None else np.asarray(verified)[None])[0]
+    return dict(zip(QUANTITIES, map(float, row), strict=True))
+
+
+def _rows_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a @ b` for (R, G) `a`, each row summed the same way whatever R (a BLAS product's last
+    bits depend on the shape: one N alone and a grid of N must give the same number)."""
+    if b.ndim == 1:
+        return (a * b[None, :]).sum(axis=1)
+    return (a[:, :, None] * b[None]).sum(axis=1)
+
+
+def _represented_grid(m: int, ns: np.ndarray, groups: Groups, estimator: str) -> np.ndarray:
+    """(len(ns), G): `represented` at each N."""
     if estimator == "prefix":
-        w = np.zeros(pool.m)
-        w[:nn] = 1.0
+        return (groups.firsts[None, :] < ns[:, None]).astype(float)
+    if estimator != "best_of_n":
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return 1.0 - np.stack([miss_probabilities(m, int(n))[groups.sizes] for n in ns])
+
+
+def expected_grid(pool: PoolCost, ns: Sequence[int], estimator: str, *, verifies: bool = True,
+                  rates: CostRates | None = None,
+                  spend: Sequence[VerifySpend] | None = None,
+                  verified: np.ndarray | None = None) -> np.ndarray:
+    """(len(ns), len(QUANTITIES)): `expected` at every N of `ns` in a few products (a study
+    evaluates thousands of samples at every N). `spend`: the verifier's calls at each N where
+    they are not one per distinct mask drawn; `verified` (len(ns), G): P(each mask group is
+    verified) where not every mask drawn is (a policy)."""
+    out = np.full((len(ns), len(QUANTITIES)), math.nan)
+    if not pool.recorded or pool.m == 0:
+        return out
+    m = pool.m
+    nn = np.minimum(np.asarray(ns, dtype=int), m)
+    if estimator == "prefix":
+        w = (np.arange(m)[None, :] < nn[:, None]).astype(float)
     else:
-        w = np.full(pool.m, nn / pool.m)
-    plan = pool.plan_request.tokens + float(sum(
-        wi * c.completion_tokens for wi, c in zip(w, pool.plan_each, strict=True)))
-    prompts, _ = pool.execute.expected(pool.m, nn, estimator)
-    encodes, _ = pool.image.expected(pool.m, nn, estimator)  # one image, encoded if any prompt
+        w = np.repeat((nn / m)[:, None], m, axis=1)
+    plan = pool.plan_request.tokens + _rows_dot(w, pool.plan_each)
+    prompts = (_represented_grid(m, nn, pool.execute, estimator).sum(axis=1)
+               if len(pool.execute.sizes) else np.zeros(len(nn)))
+    encodes = (_represented_grid(m, nn, pool.image, estimator).sum(axis=1)
+               if len(pool.image.sizes) else np.zeros(len(nn)))  # one image, if any prompt
+    tok = [_SUMMED.index("prompt_tokens"), _SUMMED.index("completion_tokens")]
     if spend is not None:
-        masks, calls, ver = spend.masks, spend.calls, spend.cost
+        masks = np.array([sp.masks for sp in spend], dtype=float)
+        calls = np.array([sp.calls for sp in spend], dtype=float)
+        vtokens = np.array([float(sp.cost.tokens) for sp in spend])
+    elif len(pool.verify.sizes):
+        p = (_represented_grid(m, nn, pool.verify, estimator) if verified is None
+             else np.asarray(verified, dtype=float))
+        masks = calls = p.sum(axis=1)
+        vtokens = _rows_dot(p, pool.verify.matrix)[:, tok].sum(axis=1)
     else:
-        masks, ver = (pool.verify.expected(pool.m, nn, estimator) if verified is None
-                      else pool.verify.weighted(verified))
-        calls = masks
+        masks = calls = vtokens = np.zeros(len(nn))
     if not verifies:
-        masks, calls, ver = 0.0, 0.0, Cost()
-    out = {"plan_tokens": plan, "execute_prompts": prompts, "execute_encodes": encodes,
-           "verify_masks": masks, "verify_calls": calls, "verify_tokens": float(ver.tokens),
-           "total_tokens": plan + float(ver.tokens), "gpu_s": math.nan}
+        masks = calls = vtokens = np.zeros(len(nn))
+    col = QUANTITIES.index
+    out[:, col("plan_tokens")], out[:, col("execute_prompts")] = plan, prompts
+    out[:, col("execute_encodes")], out[:, col("verify_masks")] = encodes, masks
+    out[:, col("verify_calls")], out[:, col("verify_tokens")] = calls, vtokens
+    out[:, col("total_tokens")] = plan + vtokens
     if rates is not None and rates.set:
-        p, e, v = rates.planner, rates.executor, rates.verifier
-        out["gpu_s"] = ((p.gpu_s_per_token or 0.0) * plan + (p.gpu_s_per_call or 0.0)
-                        + (e.gpu_s_per_prompt or 0.0) * prompts
-                        + ((e.gpu_s_per_encode or 0.0) + (e.gpu_s_per_call or 0.0)) * encodes
-                        + (v.gpu_s_per_token or 0.0) * float(ver.tokens)
-                        + (v.gpu_s_per_call or 0.0) * calls)
+        pl, ex, v = rates.planner, rates.executor, rates.verifier
+        out[:, col("gpu_s")] = ((pl.gpu_s_per_token or 0.0) * plan + (pl.gpu_s_per_call or 0.0)
+                                + (ex.gpu_s_per_prompt or 0.0) * prompts
+                                + ((ex.gpu_s_per_encode or 0.0) + (ex.gpu_s_per_call or 0.0))
+                                * encodes
+                                + (v.gpu_s_per_token or 0.0) * vtokens
+                                + (v.gpu_s_per_call or 0.0) * calls)
     return out
 
 
@@ -328,31 +392,35 @@ def sample_costs(records: Sequence[SampleRecord], n_grid: Sequence[int],
                                                                            strict=True)]
                  if mode == "pairwise" else [])
         for e in estimators:
-            for n in n_grid:
-                a = np.zeros((len(records), len(QUANTITIES)))
-                var = np.zeros_like(a)
-                for row, pool in enumerate(pools):
-                    if pool is None:
-                        continue
-                    spend = None
-                    if mode == "pairwise":
-                        spend = None if pairs[row] is None else pairs[row].spend(n, e)
-                    elif mode == "listwise":
-                        spend = listwise_spend(records[row], n, e, seed=seed, draws=draws)
-                    got = expected(pool, n, e, verifies=mode != "none", spend=spend,
-                                   rates=rates)
-                    a[row] = [got[q] for q in QUANTITIES]
-                    if mode in ("pairwise", "listwise") and spend is None:
-                        a[row, _VERIFY_COLUMNS] = np.nan
-                    elif spend is not None and not spend.exact:
-                        c = spend.cov
-                        var[row, col["verify_masks"]] = c[0, 0]
-                        var[row, col["verify_calls"]] = c[1, 1]
-                        var[row, col["verify_tokens"]] = var[row, col["total_tokens"]] = c[2, 2]
-                        var[row, col["gpu_s"]] = gpu @ c @ gpu
-                if mode == "unmodelled":
-                    a[:, _VERIFY_COLUMNS] = np.nan
-                if rates is None or not rates.set:
-                    a[:, col["gpu_s"]] = np.nan
-                out[(mode, e, n)] = (a, var)
+            a = np.zeros((len(records), len(n_grid), len(QUANTITIES)))
+            var = np.zeros_like(a)
+            for row, pool in enumerate(pools):
+                if pool is None:
+                    continue
+                if mode not in ("pairwise", "listwise"):
+                    a[row] = expected_grid(pool, n_grid, e, verifies=mode != "none",
+                                           rates=rates)
+                    continue
+                spends = [(None if pairs[row] is None else pairs[row].spend(n, e))
+                          if mode == "pairwise" else
+                          listwise_spend(records[row], n, e, seed=seed, draws=draws)
+                          for n in n_grid]
+                a[row] = expected_grid(pool, n_grid, e, rates=rates, spend=[
+                    VerifySpend(0.0, 0.0, Cost()) if sp is None else sp for sp in spends])
+                for j, sp in enumerate(spends):
+                    if sp is None:
+                        a[row, j, _VERIFY_COLUMNS] = np.nan
+                    elif not sp.exact:
+                        c = sp.cov
+                        var[row, j, col["verify_masks"]] = c[0, 0]
+                        var[row, j, col["verify_calls"]] = c[1, 1]
+                        var[row, j, col["verify_tokens"]] = c[2, 2]
+                        var[row, j, col["total_tokens"]] = c[2, 2]
+                        var[row, j, col["gpu_s"]] = gpu @ c @ gpu
+            if mode == "unmodelled":
+                a[:, :, _VERIFY_COLUMNS] = np.nan
+            if rates is None or not rates.set:
+                a[:, :, col["gpu_s"]] = np.nan
+            for j, n in enumerate(n_grid):
+                out[(mode, e, n)] = (a[:, j], var[:, j])
     return out

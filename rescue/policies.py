@@ -337,8 +337,8 @@ class SamplePolicy:
         d = self.draws
         est = consensus.estimate_over_subsets(
             saved, m, n, values_all, pilot=d.pilot, target_var=d.target_var,
-            max_draws=d.max_draws, rng=_rng(rule.name, self.seed, self.sample_id, n),
-            key=ESTIMATE_ROWS.index("iou"))
+            max_draws=d.max_draws, rng=lambda: _rng(rule.name, self.seed, self.sample_id, n),
+            key=ESTIMATE_ROWS.index("iou"), first=d.first)
         return PolicyEstimate(est.weights[:m], every - est.weights[m:], est.draws, est.cov)
 
 

@@ -60,6 +60,10 @@ class SubsetWeights(Protocol):
     def prefix(self, n: int) -> np.ndarray:
         """The pick among the first N candidates."""
 
+    # A class may also offer `estimate_all(items, n, values)`, a static method equal to
+    # `[item.estimate(n, v) for item, v in zip(items, values)]` and faster (consensus batches
+    # its samples' draws); the evaluation uses it where there is one.
+
 
 class WithinSubsets(Protocol):
     """A record's `SubsetWeights`; None when the record lacks what that needs (the selector is

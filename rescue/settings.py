@@ -34,10 +34,12 @@ class EvaluationSettings:
     bound N instead), the selectors evaluated and the `primary` one among them (the headline
     number and the single answer), the estimators, `bootstrap` resamples for the intervals at
     level `ci`, the `seed` of resamples and draws; consensus within subsets (`rescue.consensus`)
-    enumerates where there are at most `consensus_draws` subsets, else draws that many first
-    and more until the gIoU over all samples has a Monte-Carlo standard error of at most
-    `consensus_se` (0: the first draws only), never more than `consensus_max_draws` a sample;
-    the verification policies that draw subsets (`rescue.policies`) use the same draws.
+    enumerates where there are at most `consensus_draws` subsets, else draws `consensus_pilot`
+    first (at most `consensus_draws`; `consensus_draws` where `consensus_se` is 0) and more
+    until the gIoU over all samples has a Monte-Carlo standard error of at most
+    `consensus_se`, never more than `consensus_max_draws` a sample (the arena and listwise
+    draw `consensus_draws`); the verification policies that draw subsets (`rescue.policies`)
+    use the same draws.
     `aggregators` (`rescue.aggregation`, none by default) output masks of their own; they need
     the run's stored truth and masks. `cost`: the user's conversion of each model's work to
     GPU-seconds (config `cost.*`), read by the cost columns only, so a cached rerun re-costs a
@@ -51,6 +53,7 @@ class EvaluationSettings:
     ci: float = 0.95
     seed: int = 0
     consensus_draws: int = 256
+    consensus_pilot: int = 32
     consensus_se: float = 0.002
     consensus_max_draws: int = 65536
     max_n: int | None = None
@@ -88,6 +91,8 @@ class EvaluationSettings:
             raise ConfigError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
         if self.consensus_draws < 2:
             raise ConfigError(f"consensus_draws must be >= 2, got {self.consensus_draws}")
+        if self.consensus_pilot < 2:
+            raise ConfigError(f"consensus_pilot must be >= 2, got {self.consensus_pilot}")
         if self.consensus_se < 0:
             raise ConfigError(f"consensus_se must be >= 0, got {self.consensus_se}")
         if self.consensus_max_draws < self.consensus_draws:
@@ -99,7 +104,7 @@ class EvaluationSettings:
         variance of `num_samples * consensus_se**2` gives the mean over them a standard error
         of `consensus_se` (the variances of the samples' independent draws add, over S²)."""
         return Draws(self.consensus_draws, num_samples * self.consensus_se ** 2,
-                     self.consensus_max_draws)
+                     self.consensus_max_draws, self.consensus_pilot)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, bounded: bool = True) -> EvaluationSettings:
@@ -131,7 +136,8 @@ class EvaluationSettings:
         if sel.get("estimators") is not None:
             kw["estimators"] = tuple(str(e) for e in sel["estimators"])
         for key, kind in (("bootstrap", int), ("ci", float), ("consensus_draws", int),
-                          ("consensus_se", float), ("consensus_max_draws", int)):
+                          ("consensus_pilot", int), ("consensus_se", float),
+                          ("consensus_max_draws", int)):
             if sel.get(key) is not None:
                 kw[key] = kind(sel[key])
         if cfg.get("seed") is not None:

@@ -134,9 +134,11 @@ def _random_records(rng, count, m):
     return recs
 
 
-def test_reported_monte_carlo_se_matches_the_error_against_enumeration():
+@pytest.mark.parametrize("pilot", [32, 6])
+def test_reported_monte_carlo_se_matches_the_error_against_enumeration(pilot):
     """Where consensus is drawn, not enumerated, `giou_mc_se`/`ciou_mc_se` are within a factor
-    of 2 of the root-mean-square error against the exact (enumerated) value, over seeds."""
+    of 2 of the root-mean-square error against the exact (enumerated) value, over seeds; also
+    with a small pilot (`consensus_pilot`), whose variance estimate sets the draws."""
     recs = _random_records(np.random.default_rng(11), 12, 10)  # C(10, 4) = 210 subsets
     kw = dict(bootstrap=0, by_tag=False)
 
@@ -148,7 +150,8 @@ def test_reported_monte_carlo_se_matches_the_error_against_enumeration():
     errors, ses = [], []
     for seed in range(60):
         got = row(evaluate_named(recs, [4], ["consensus"], seed=seed, consensus_draws=16,
-                                 consensus_se=0.01, consensus_max_draws=100, **kw))
+                                 consensus_pilot=pilot, consensus_se=0.01,
+                                 consensus_max_draws=100, **kw))
         assert not bool(got.exact)
         errors.append((got.giou - exact.giou, got.ciou - exact.ciou))
         ses.append((got.giou_mc_se, got.ciou_mc_se))
@@ -178,3 +181,50 @@ def test_draws_grow_to_the_target_and_enumerate_when_that_is_cheaper():
                                               max_draws=10_000, rng=np.random.default_rng(0))
     assert enumerated.exact and not enumerated.cov.any()
     np.testing.assert_allclose(enumerated.weights, exact, atol=1e-12)
+
+
+def test_a_pilot_below_the_enumeration_threshold_draws_only_what_the_target_asks():
+    rng = np.random.default_rng(6)
+    ious, ok = _pool(rng, 12, p_fail=0.0)
+    values = np.stack([rng.random(12), rng.random(12) + 1, rng.random(12)])
+    kw = dict(pilot=256, max_draws=10_000, rng=np.random.default_rng(1))
+    loose = consensus.estimate_best_of_n(ious, ok, 5, values, target_var=1.0, first=8, **kw)
+    assert loose.draws == 8  # C(12, 5) = 792 > 256: drawn, and 8 meet a loose target
+    assert consensus.estimate_best_of_n(ious, ok, 5, values, target_var=0.0, first=8,
+                                        **kw).draws == 256  # no target: the fixed count
+    target = 2e-4
+    tight = consensus.estimate_best_of_n(ious, ok, 5, values, target_var=target, first=8, **kw)
+    assert tight.draws > 8 and tight.cov[2, 2] <= 2 * target
+
+
+def _group(seed: int, samples: int, m: int) -> list[consensus.SubsetConsensus]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(samples):
+        ious, ok = _pool(rng, m)
+        out.append(consensus.SubsetConsensus(ious, ok, f"s{s}", 3, consensus.Draws(
+            pilot=64, target_var=4e-4, max_draws=600, first=16)))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 9, 10])
+def test_batched_estimates_equal_the_per_sample_loop(n):
+    """`estimate_all` (one product for every sample's first draws) gives each sample's own
+    `estimate`: the same draws from the same generator, the same weights and draw counts;
+    samples that ask for more draws, and pools of another size, go on alone."""
+    group = _group(n, 12, 10)
+    odd = _group(50 + n, 1, 7)  # another pool size in the same call: the loop
+    rng = np.random.default_rng(n)
+    values = [np.stack([rng.random(len(g.ok)), rng.random(len(g.ok)) + 1,
+                        rng.random(len(g.ok))]) for g in group]
+    got = consensus.estimate_all(group, n, values)
+    want = [g.estimate(n, v) for g, v in zip(group, values, strict=True)]
+    assert len({w.draws for w in want}) > 1 or want[0].exact  # some samples draw more
+    for a, b in zip(got, want, strict=True):
+        assert a.draws == b.draws
+        np.testing.assert_allclose(a.weights, b.weights, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(a.cov, b.cov, rtol=1e-9, atol=1e-18)
+    mixed = consensus.estimate_all([*group[:2], *odd], n, [*values[:2], np.stack(
+        [np.ones(7)] * 3)])
+    np.testing.assert_allclose(mixed[2].weights, odd[0].estimate(n, np.stack(
+        [np.ones(7)] * 3)).weights)

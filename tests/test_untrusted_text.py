@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import pytest
+from sam_fakes import LatencyBackend
 from standin import (
     PlannerScript,
     ServerThread,
@@ -35,7 +34,6 @@ from rescue.models.sam_client import SamClient
 from rescue.pipeline import Pipeline
 from rescue.protocols import Verdict
 from rescue.sample import Sample
-from servers.backends.base import BackendInfo, PromptResult, SegmentOptions, instance_from_mask
 from servers.sam_server import ServerSettings, create_app
 
 LONE = "\ud800"
@@ -54,35 +52,6 @@ def test_unencodable_names_the_lone_surrogate_and_replaced_is_encodable():
     fixed = text.replaced(f"a{LONE}b\udfffc")
     assert len(fixed) == 5 and text.unencodable(fixed) is None
     fixed.encode("utf-8")
-
-
-class TextBoxBackend:
-    """A SAM server backend that serves text+box prompts: the box is the mask."""
-
-    name = "textbox"
-
-    def load(self) -> None:
-        pass
-
-    def info(self) -> BackendInfo:
-        return BackendInfo(backend=self.name, model="box", backend_version="0", device="cpu",
-                           capabilities={"text": True, "box": True, "points": False,
-                                         "multimask": False},
-                           identity={"backend": self.name})
-
-    def encode(self, image: np.ndarray) -> Any:
-        return image.shape[:2]
-
-    def segment(self, state: Any, prompts: Sequence[Prompt],
-                options: SegmentOptions) -> list[PromptResult]:
-        h, w = state
-        out = []
-        for p in prompts:
-            m = np.zeros((h, w), bool)
-            x1, y1, x2, y2 = (round(v) for v in p.box)
-            m[y1:y2, x1:x2] = True
-            out.append(PromptResult(instances=[instance_from_mask(m, 0.5)]))
-        return out
 
 
 class LabelPlanner:
@@ -123,7 +92,8 @@ class OneImage:
 
 @pytest.fixture(scope="module")
 def sam_url():
-    srv = ServerThread(create_app(TextBoxBackend(), ServerSettings())).start()
+    """A SAM server (in a thread) that claims text prompts and answers each box as its mask."""
+    srv = ServerThread(create_app(LatencyBackend(latency_s=0), ServerSettings())).start()
     yield srv.url
     srv.stop()
 

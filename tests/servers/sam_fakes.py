@@ -1,6 +1,7 @@
 """Stand-in backends for the SAM server tests, loaded by the server subprocess through
-`--backend sam_fakes:<factory>` (tests/servers is on its PYTHONPATH). They make the server's
-own paths (admission, readiness, errors) observable without a model."""
+`--backend sam_fakes:<factory>` (tests/servers is on its PYTHONPATH), or in-process by tests
+anywhere under tests/ (pyproject's pytest `pythonpath`). They make the server's own paths
+(admission, readiness, errors) observable without a model."""
 
 from __future__ import annotations
 

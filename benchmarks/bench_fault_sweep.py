@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "servers"), str(ROOT)]  # as pytest
 
 from faultproxy import FaultPlan, FaultProxy  # noqa: E402
 from test_faults_end_to_end import TIMEOUT_S, launch, records, serving  # noqa: E402

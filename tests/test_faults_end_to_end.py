@@ -10,14 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from faultproxy import KINDS, FaultPlan, FaultProxy
-from standin import PlannerScript, ServerThread, StandIn, Targets, VerifierScript, free_port
+from sam_harness import running_server
+from standin import PlannerScript, ServerThread, StandIn, Targets, VerifierScript
 from standin import overlay_iou_judge as iou_judge
 from test_http_end_to_end import MODELS, PLANNER, ROOT, RUN, VERIFIER
 from test_http_end_to_end import samples as samples  # the fixture: the run's synthetic samples
@@ -47,29 +46,10 @@ def serving(samples, log_dir: Path):
     standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.3),
                        VERIFIER: VerifierScript(iou_judge(targets))})
     vllm = ServerThread(standin.app()).start()
-    port = free_port()
-    log = log_dir / "sam.log"
-    with open(log, "wb") as out:
-        sam = subprocess.Popen([sys.executable, "-m", "servers.sam_server", "--backend",
-                                "classical", "--port", str(port), "--log-level", "warning",
-                                "--image-cache-size", "0"],
-                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        sam_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(sam_url + "/health", timeout=2).json().get("ready"):
-                    break
-            except httpx.HTTPError:
-                pass
-            if sam.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SAM server did not start: {log.read_text()}")
-            time.sleep(0.05)
-        yield vllm.url, sam_url
+        with running_server(log_dir, "--image-cache-size", "0") as sam:
+            yield vllm.url, sam.url
     finally:
-        sam.terminate()
-        sam.wait(10)
         vllm.stop()
 
 

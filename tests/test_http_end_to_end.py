@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
-from standin import PlannerScript, ServerThread, StandIn, Targets, VerifierScript, free_port
+from sam_harness import running_server
+from standin import PlannerScript, ServerThread, StandIn, Targets, VerifierScript
 from standin import overlay_iou_judge as iou_judge
 
 from rescue.metrics import iou, iou_counts
@@ -57,26 +57,11 @@ def servers(samples, tmp_path_factory):
     standin = StandIn({PLANNER: PlannerScript(targets, p_broken=0.3),
                        VERIFIER: VerifierScript(iou_judge(targets))})
     vllm = ServerThread(standin.app()).start()
-    port = free_port()
-    log = tmp_path_factory.mktemp("sam") / "sam.log"
-    with open(log, "wb") as out:
-        sam = subprocess.Popen([sys.executable, "-m", "servers.sam_server", "--backend",
-                                "classical", "--port", str(port), "--log-level", "warning"],
-                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    sam_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(sam_url + "/health", timeout=2).json().get("ready"):
-                break
-        except httpx.HTTPError:
-            pass
-        assert sam.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    yield standin, vllm.url + "/v1", sam_url
-    sam.terminate()
-    sam.wait(10)
-    vllm.stop()
+    try:
+        with running_server(tmp_path_factory.mktemp("sam")) as sam:
+            yield standin, vllm.url + "/v1", sam.url
+    finally:
+        vllm.stop()
 
 
 def _launch(tmp_path, servers, name, *extra, experiment="http_synthetic", down=False,

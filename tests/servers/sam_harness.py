@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,16 @@ def stop_server(server: RunningServer) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait(10)
+
+
+@contextmanager
+def running_server(log_dir: Path, *args: str, **kw) -> Iterator[RunningServer]:
+    """`start_server` for tests that need the server working: one that fails to load raises
+    here with its log (not in whatever the test asks next); stopped on exit."""
+    server = start_server(log_dir, *args, **kw)
+    try:
+        if not server.health().json().get("ready"):
+            raise RuntimeError(f"server not ready:\n{server.log.read_text()}")
+        yield server
+    finally:
+        stop_server(server)

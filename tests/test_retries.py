@@ -244,6 +244,58 @@ def test_backoff_grows_exponentially_within_the_jitter_band():
             assert 0.5 * nominal <= d <= 1.5 * nominal
 
 
+def test_endpoint_waits_the_retry_after_capped_and_counts_its_attempts(monkeypatch):
+    """The one retry runner (RetryPolicy.run) under Endpoint.call: Retry-After longer than
+    the backoff is waited, capped at max_delay_s; a refusal stops at once; every attempt and
+    retry is counted."""
+    slept: list[float] = []
+
+    async def sleep(delay, *args, **kw):
+        slept.append(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    req = httpx.Request("POST", "http://t")
+
+    def status(code, after=None):
+        headers = {"Retry-After": after} if after is not None else {}
+        return httpx.HTTPStatusError("x", request=req,
+                                     response=httpx.Response(code, request=req, headers=headers))
+
+    ep = Endpoint("t", "http://t", retry={"attempts": 4, "base_delay_s": 0.01,
+                                          "max_delay_s": 2.0, "jitter": 0.0})
+    errors = [status(503, "1.5"), status(429, "60"), status(503, "Wed, 21 Oct 2015 07:28:00 GMT")]
+
+    async def flaky():
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    assert run(ep.call(flaky)) == "ok"
+    assert slept == [1.5, 2.0, 0.04]  # Retry-After, capped; an HTTP date: the backoff
+    st = ep.stats()
+    assert (st["calls"], st["requests"], st["retries"], st["ok"], st["failures"]) == (1, 4, 3, 1, 0)
+
+    slept.clear()
+
+    async def refused():
+        raise status(404, "5")
+
+    with pytest.raises(EndpointError) as err:
+        run(ep.call(refused))
+    assert err.value.attempts == 1 and not err.value.retryable and slept == []
+
+    async def down():
+        raise status(503)
+
+    with pytest.raises(EndpointError) as err:
+        run(ep.call(down, what="segment"))
+    assert err.value.attempts == 4 and err.value.retryable and err.value.status == 503
+    assert "segment failed after 4 attempts" in str(err.value)
+    assert slept == [0.01, 0.02, 0.04]  # no wait after the last attempt
+    st = ep.stats()
+    assert (st["calls"], st["requests"], st["retries"], st["failures"]) == (3, 9, 6, 2)
+
+
 def test_a_resumed_run_retries_only_what_failed(serve_standin, samples, tmp_path):
     from rescue.cache import Cache
     from rescue.models.classical import ClassicalExecutor

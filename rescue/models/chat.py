@@ -22,16 +22,14 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from rescue.failures import RETRYABLE_4XX
 from rescue.models import probe
 from rescue.models.http import (
     Endpoint,
     RetryPolicy,
-    UndecodableReply,
     describe,
+    is_retryable,
     openai_model_entry,
     plain,
-    retry_after,
     tls_verify,
 )
 from rescue.models.replies import ChatReply, decode
@@ -278,33 +276,30 @@ class ChatEndpoint:
         once."""
         images = probe.count_images(payload.get("messages"))
         policy = self.endpoint.retry
-        rng = random.Random()
-        failure, wait = "", 0.0
-        for attempt in range(policy.attempts):
-            await asyncio.sleep(wait)
-            wait = policy.delay(attempt, rng)
-            try:
-                resp = await asyncio.wait_for(self.post({**payload, "max_tokens": 1}),
-                                              self.timeout_s)
-            except httpx.HTTPStatusError as exc:
-                status, message = exc.response.status_code, str(exc)
-                if status < 500 and status not in RETRYABLE_4XX:
-                    return [probe.rejection(status, message, role=self.role, payload=payload)]
-                failure = f"HTTP {status}: {' '.join(message.split())[:200]}"
-                asked = retry_after(exc)
-                if asked is not None:
-                    wait = max(wait, min(asked, policy.max_delay_s))
-                continue
-            except (httpx.TransportError, TimeoutError, UndecodableReply) as exc:
-                failure = describe(exc)
-                continue
-            problem = probe.context_problem(resp.prompt_tokens,
+
+        async def once() -> ChatReply:
+            return await asyncio.wait_for(self.post({**payload, "max_tokens": 1}),
+                                          self.timeout_s)
+
+        tried = await policy.run(once, random.Random())
+        exc = tried.error
+        if exc is None:
+            problem = probe.context_problem(tried.value.prompt_tokens,
                                             int(payload.get("max_tokens") or 0),
                                             probe.max_model_len(entry), role=self.role,
                                             images=images)
             return [problem] if problem else []
+        if isinstance(exc, httpx.HTTPStatusError):
+            status, message = exc.response.status_code, str(exc)
+            if not is_retryable(exc):  # the server refuses this payload
+                return [probe.rejection(status, message, role=self.role, payload=payload)]
+            failure = f"HTTP {status}: {' '.join(message.split())[:200]}"
+        elif is_retryable(exc):  # a timeout, a dropped connection, a garbled 200
+            failure = describe(exc)
+        else:  # not the server's doing: a bug
+            raise exc
         return [f"the probe request (the run's payload, max_tokens=1) to {self.base_url} "
-                f"failed {policy.attempts} times, last: {failure}; the server is failing or "
+                f"failed {tried.attempts} times, last: {failure}; the server is failing or "
                 f"overloaded (pipeline.probe=false skips the probe)"]
 
     async def aclose(self) -> None:

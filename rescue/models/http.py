@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 import openai
@@ -69,6 +69,41 @@ class RetryPolicy:
         d = min(self.max_delay_s, self.base_delay_s * (2.0 ** retry))
         return max(0.0, d * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))
 
+    def wait(self, retry: int, rng: random.Random, asked: float | None) -> float:
+        """The pause before retry `retry`: the backoff, or the Retry-After the server `asked`
+        for when longer, capped at `max_delay_s` (a server may not stall a run)."""
+        wait = self.delay(retry, rng)
+        return wait if asked is None else max(wait, min(asked, self.max_delay_s))
+
+    async def run(self, fn: Callable[[], Awaitable[T]], rng: random.Random, *,
+                  retryable: Callable[[Exception], bool] | None = None,
+                  on_retry: Callable[[Exception], None] | None = None) -> Tried[T]:
+        """Call `fn` until it returns, raises an error `retryable` (default `is_retryable`)
+        refuses, or has been called `attempts` times; between calls, `wait` (the error's
+        `retry_after`). The error comes back in the result, not raised: each caller words its
+        own failure. The one retry loop of the clients (work calls, preflight GETs, probe)."""
+        retryable = retryable or is_retryable
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return Tried(value=await fn(), attempts=attempt)
+            except Exception as exc:
+                if attempt == self.attempts or not retryable(exc):
+                    return Tried(error=exc, attempts=attempt)
+                if on_retry is not None:
+                    on_retry(exc)
+                await asyncio.sleep(self.wait(attempt - 1, rng, retry_after(exc)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Tried(Generic[T]):
+    """What `RetryPolicy.run` came to: `fn`'s value, or the error it stopped on (refused as
+    not retryable, or the last attempt's), after `attempts` calls."""
+
+    value: T | None = None
+    error: Exception | None = None
+    attempts: int = 1
+
 
 class EndpointError(TransportError):
     """A call to `endpoint` that failed for good: a non-retryable answer, or every retry used
@@ -104,16 +139,22 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds a server asked us to wait (Retry-After on 429/503), if it said."""
-    if isinstance(exc, EndpointError):
-        return exc.retry_after_s
-    response = getattr(exc, "response", None)
+def retry_after_header(response: Any) -> float | None:
+    """A response's Retry-After in seconds, if it gives one (an HTTP date: None, back off as
+    usual). The one parser of the header for every client."""
     value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds a server asked us to wait (Retry-After on 429/503), if it said: carried by the
+    error (`EndpointError`, a preflight answer) or on its response."""
+    if isinstance(exc, EndpointError | _Again):
+        return exc.retry_after_s
+    return retry_after_header(getattr(exc, "response", None))
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -123,7 +164,7 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, EndpointError):
         return exc.retryable
     status = status_of(exc)
-    return status is not None and (status >= 500 or status in (408, 409, 429))
+    return status is not None and (status >= 500 or status in RETRYABLE_4XX)
 
 
 def describe(exc: BaseException) -> str:
@@ -176,40 +217,31 @@ class Endpoint:
         Raises EndpointError when the failure is permanent or the retries are used up.
         """
         self._counts["calls"] += 1
-        attempts = self.retry.attempts
-        for attempt in range(attempts):
-            async with self._semaphore():
-                self._counts["requests"] += 1
-                self._in_flight += 1
-                self._counts["max_in_flight"] = max(self._counts["max_in_flight"],
-                                                    self._in_flight)
-                t0 = time.perf_counter()
-                try:
-                    result = await fn()
-                except Exception as exc:
-                    error: BaseException | None = exc
-                else:
-                    error = None
-                finally:
-                    self._in_flight -= 1
-                    self._seconds += time.perf_counter() - t0
-            if error is None:
-                self._counts["ok"] += 1
-                return result
-            retryable = is_retryable(error)
-            if not retryable or attempt == attempts - 1:
-                self._counts["failures"] += 1
-                tail = f" after {attempt + 1} attempts" if retryable else ""
-                raise EndpointError(self.url, f"{what} failed{tail}: {describe(error)}",
-                                    attempts=attempt + 1, status=status_of(error),
-                                    retryable=retryable) from error
-            self._counts["retries"] += 1
-            wait = self.retry.delay(attempt, self._rng)
-            asked = retry_after(error)
-            if asked is not None:
-                wait = max(wait, min(asked, self.retry.max_delay_s))
-            await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        tried = await self.retry.run(lambda: self._request(fn), self._rng,
+                                     on_retry=lambda _: self.count("retries"))
+        error = tried.error
+        if error is None:
+            self._counts["ok"] += 1
+            return tried.value
+        self._counts["failures"] += 1
+        retryable = is_retryable(error)
+        tail = f" after {tried.attempts} attempts" if retryable else ""
+        raise EndpointError(self.url, f"{what} failed{tail}: {describe(error)}",
+                            attempts=tried.attempts, status=status_of(error),
+                            retryable=retryable) from error
+
+    async def _request(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One attempt of `call`: under the concurrency limit, counted and timed."""
+        async with self._semaphore():
+            self._counts["requests"] += 1
+            self._in_flight += 1
+            self._counts["max_in_flight"] = max(self._counts["max_in_flight"], self._in_flight)
+            t0 = time.perf_counter()
+            try:
+                return await fn()
+            finally:
+                self._in_flight -= 1
+                self._seconds += time.perf_counter() - t0
 
     def stats(self) -> dict[str, Any]:
         return {"endpoint": self.url, **self._counts, "seconds": round(self._seconds, 3)}
@@ -228,14 +260,6 @@ def _slow(url: str, timeout_s: float) -> str:
     return f"endpoint {url} did not answer within {timeout_s:g}s (overloaded or stuck?)"
 
 
-def _retry_after_s(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date: back off as usual
-        return None
-
-
 @dataclass(frozen=True)
 class _Answer:
     """One preflight GET: the JSON (or None) and the problem ("" when none), whether a retry
@@ -245,6 +269,15 @@ class _Answer:
     problem: str = ""
     retryable: bool = False
     retry_after_s: float | None = None
+
+
+class _Again(Exception):
+    """A preflight answer a retry may change, raised for `RetryPolicy.run` to retry."""
+
+    def __init__(self, answer: _Answer):
+        super().__init__(answer.problem)
+        self.answer = answer
+        self.retry_after_s = answer.retry_after_s
 
 
 async def _get_once(client: httpx.AsyncClient, role: str, url: str, timeout_s: float,
@@ -261,7 +294,7 @@ async def _get_once(client: httpx.AsyncClient, role: str, url: str, timeout_s: f
         status = resp.status_code
         return _Answer(problem=f"GET {url} answered HTTP {status}: {resp.text[:200].strip()}",
                        retryable=status >= 500 or status in RETRYABLE_4XX,
-                       retry_after_s=_retry_after_s(resp))
+                       retry_after_s=retry_after_header(resp))
     try:
         body = resp.json()
     except ValueError:
@@ -283,20 +316,26 @@ async def get_json(role: str, url: str, timeout_s: float,
     `valid` after the retries is returned for the caller to name what is wrong with it.
     Problems are phrased without the role (the caller prefixes it)."""
     policy = RetryPolicy.from_config(retry)
-    rng = random.Random()
     async with httpx.AsyncClient(timeout=timeout_s, headers=dict(headers or {}),
                                  verify=tls_verify(url)) as client:
-        for attempt in range(policy.attempts):
+
+        async def once() -> _Answer:
             answer = await _get_once(client, role, url, timeout_s, valid)
-            if not answer.retryable or attempt == policy.attempts - 1:
-                break
-            wait = policy.delay(attempt, rng)
-            if answer.retry_after_s is not None:
-                wait = max(wait, min(answer.retry_after_s, policy.max_delay_s))
-            await asyncio.sleep(wait)
+            if answer.retryable:
+                raise _Again(answer)
+            return answer
+
+        tried = await policy.run(once, random.Random(),
+                                 retryable=lambda exc: isinstance(exc, _Again))
+    if isinstance(tried.error, _Again):
+        answer = tried.error.answer
+    elif tried.error is not None:  # not a preflight answer: a bug, not the server
+        raise tried.error
+    else:
+        answer = tried.value
     if not answer.problem:
         return answer.body, []
-    tail = f" (after {attempt + 1} attempts)" if answer.retryable and attempt else ""
+    tail = f" (after {tried.attempts} attempts)" if answer.retryable and tried.attempts > 1 else ""
     return None, [answer.problem + tail]
 
 

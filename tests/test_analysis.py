@@ -353,6 +353,30 @@ def test_a_relative_records_from_resolves_against_the_evaluate_runs_launch_dir(
     assert (ev2 / "metrics.csv").read_text() == (ev / "metrics.csv").read_text()
 
 
+def test_peer_methods_fails_in_one_line_on_a_config_it_cannot_evaluate(made, tmp_path):
+    """A run whose saved config EvaluationSettings refuses: one line naming the key, exit 2, no
+    traceback, as analysis.rescore and analysis.compare (peer_methods reads its first run's)."""
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(made["single"], run_dir)
+    for f in (run_dir / "config_resolved.yaml", run_dir / ".hydra" / "config.yaml"):
+        cfg = yaml.safe_load(f.read_text())
+        cfg["max_n"] = 0
+        f.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
+        load_run(run_dir).evaluation_settings()
+    proc = subprocess.run([sys.executable, "-m", "analysis.peer_methods", str(run_dir),
+                           str(made["single"]), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "max_n must be an integer >= 1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "peer_methods.md").exists()
+
+
 def test_analysis_skips_failed_and_empty_run_directories(made, tmp_path, caplog):
     import shutil
 

@@ -160,14 +160,23 @@ def test_the_planner_answers_plan_bad_text_without_a_request(chat, synthetic):
     si, url = chat
     good, bad = synthetic
     planner = OpenAIPlanner("planner", url, PLAN_PROMPT, retry=RETRY)
-    hyps = asyncio.run(planner.plan(bad, [0, 1, 2]))
+
+    async def go():  # one loop, so the one client it opens is the one closed
+        try:
+            hyps = await planner.plan(bad, [0, 1, 2])
+            asked = list(si.chat_requests())
+            return hyps, asked, await planner.plan(good, [0, 1]), await planner.preflight(bad)
+        finally:
+            await planner.aclose()
+
+    hyps, asked, good_hyps, preflight = asyncio.run(go())
     assert [h.index for h in hyps] == [0, 1, 2]
     assert all(not h.valid and h.error.startswith("plan:bad_text ") and h.error.isascii()
                for h in hyps)
-    assert si.chat_requests() == []
-    assert all(h.valid for h in asyncio.run(planner.plan(good, [0, 1])))
+    assert asked == []
+    assert all(h.valid for h in good_hyps)
     # the preflight probes with the query repaired instead of failing the run
-    assert asyncio.run(planner.preflight(bad)) == []
+    assert preflight == []
     probe = si.chat_requests()[-1]
     assert probe["max_tokens"] == 1 and "\ufffd" in probe["messages"][-1]["content"][-1]["text"]
 
@@ -177,11 +186,21 @@ def test_the_verifier_answers_verify_bad_text_without_a_request(chat, synthetic)
     good, bad = synthetic
     verifier = OpenAIVerifier("verifier", url, VERIFY_PROMPT, retry=RETRY,
                               overlay={"views": ["overlay"]}, image={"format": "png"})
-    v = asyncio.run(verifier.verify(bad, bad.target))
+
+    async def go():  # one loop, so the one client it opens is the one closed
+        try:
+            v = await verifier.verify(bad, bad.target)
+            asked = list(si.chat_requests())
+            return (v, asked, await verifier.verify(good, good.target),
+                    await verifier.preflight(bad))
+        finally:
+            await verifier.aclose()
+
+    v, asked, good_v, preflight = asyncio.run(go())
     assert v.score is None and v.error.startswith("verify:bad_text ") and v.error.isascii()
-    assert si.chat_requests() == []
-    assert asyncio.run(verifier.verify(good, good.target)).ok
-    assert asyncio.run(verifier.preflight(bad)) == []
+    assert asked == []
+    assert good_v.ok
+    assert preflight == []
 
 
 class TwoSamples:

@@ -120,8 +120,10 @@ def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
     from rescue.models.roles import Models
     from rescue.pipeline import Pipeline
 
+    tmp = tempfile.TemporaryDirectory()
     overrides = ["experiment=http_synthetic", f"dataset.num_samples={args.samples}",
-                 f"seed={args.seed}", f"max_n={max_n}", f"verifier.logprobs_at={args.logprobs_at}"]
+                 f"seed={args.seed}", f"max_n={max_n}", f"verifier.logprobs_at={args.logprobs_at}",
+                 f"paths.cache_dir={tmp.name}"]  # compose sets no hydra runtime to resolve
     if loop:
         overrides += ["planner.max_concurrency=1", "planner.max_hypotheses_per_request=1",
                       "executor.max_concurrency=1", "executor.max_prompts_per_request=1",
@@ -133,11 +135,11 @@ def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
     models = Models(instantiate(cfg.planner), instantiate(cfg.executor),
                     instantiate(cfg.verifier))
     served0 = httpx.get(args.served_url).json()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tmp:
         async def go():
             async with models.ready():
                 pipe = Pipeline(models.planner, models.executor, models.verifier,
-                                Cache(Path(tmp) / "cache"), max_n=max_n,
+                                Cache(Path(tmp.name) / "cache"), max_n=max_n,
                                 samples_in_flight=in_flight, progress=False)
                 c0, w0 = time.process_time(), time.perf_counter()
                 recs = await pipe.run(dataset, ids)

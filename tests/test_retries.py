@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-import httpx
 import numpy as np
-import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -28,6 +26,7 @@ from rescue.models.http import Endpoint, EndpointError, RetryPolicy, is_retryabl
 from rescue.models.openai_planner import OpenAIPlanner
 from rescue.models.openai_verifier import OpenAIVerifier
 from rescue.models.sam_client import SamClient
+from rescue.models.transport import Dropped, Response, StatusError, Timeout, Unreachable
 
 PLAN_PROMPT = {"user": 'Find "{query}" as JSON'}
 VERIFY_PROMPT = {"user": "{views} {query}? yes or no"}
@@ -203,7 +202,7 @@ def test_endpoint_limits_concurrency_and_retries_transient_errors():
             await asyncio.sleep(0.02)
             if failures[k] > 0:
                 failures[k] -= 1
-                raise httpx.ConnectError("refused")
+                raise Unreachable("refused")
             return k
 
         return await ep.call(once)
@@ -219,19 +218,16 @@ def test_endpoint_limits_concurrency_and_retries_transient_errors():
 
 
 def test_retryable_classification():
-    req = httpx.Request("POST", "http://t")
-
     def status(code):
-        return httpx.HTTPStatusError("x", request=req, response=httpx.Response(code, request=req))
+        return StatusError("x", Response(code, {}, b""))
 
-    assert is_retryable(httpx.ReadTimeout("slow"))
-    assert is_retryable(httpx.RemoteProtocolError("dropped"))
-    assert is_retryable(asyncio.TimeoutError())
+    assert is_retryable(Timeout("slow")) and is_retryable(Dropped("dropped"))
+    assert is_retryable(Unreachable("refused")) and is_retryable(asyncio.TimeoutError())
     assert is_retryable(status(500)) and is_retryable(status(503)) and is_retryable(status(429))
+    assert is_retryable(status(408)) and is_retryable(status(409))
     assert not is_retryable(status(400)) and not is_retryable(status(404))
     assert not is_retryable(status(422)) and not is_retryable(ValueError("bug"))
-    assert is_retryable(openai.APIConnectionError(request=req))
-    assert is_retryable(openai.APITimeoutError(request=req))
+    assert not is_retryable(ConnectionError("not the transport's: a bug"))
 
 
 def test_backoff_grows_exponentially_within_the_jitter_band():
@@ -254,12 +250,9 @@ def test_endpoint_waits_the_retry_after_capped_and_counts_its_attempts(monkeypat
         slept.append(delay)
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
-    req = httpx.Request("POST", "http://t")
-
     def status(code, after=None):
-        headers = {"Retry-After": after} if after is not None else {}
-        return httpx.HTTPStatusError("x", request=req,
-                                     response=httpx.Response(code, request=req, headers=headers))
+        headers = {"retry-after": after} if after is not None else {}
+        return StatusError("x", Response(code, headers, b""))
 
     ep = Endpoint("t", "http://t", retry={"attempts": 4, "base_delay_s": 0.01,
                                           "max_delay_s": 2.0, "jitter": 0.0})

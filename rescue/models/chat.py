@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 from PIL import Image
@@ -30,9 +28,9 @@ from rescue.models.http import (
     is_retryable,
     openai_model_entry,
     plain,
-    tls_verify,
 )
 from rescue.models.replies import ChatReply, decode
+from rescue.models.transport import HttpClient, Response, StatusError
 
 RESERVED = frozenset({"seed", "n", "logprobs", "top_logprobs", "messages", "model", "stream"})
 """Request fields the clients own; `sampling.extra` may not override them."""
@@ -125,7 +123,7 @@ class ImageEncoding:
         return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def error_message(resp: httpx.Response) -> str:
+def error_message(resp: Response) -> str:
     """The server's own words for a failed request: vLLM's `{"error": {"message": ...}}` (older
     releases: a top-level `message`), else the start of the body."""
     try:
@@ -196,11 +194,11 @@ class PromptTemplate:
 
 
 class ChatEndpoint:
-    """vLLM's /chat/completions over one httpx client (created per event loop) behind an
+    """vLLM's /chat/completions over one pooled `HttpClient` (per event loop) behind an
     `Endpoint`, the bodies decoded by `replies.decode` (no SDK objects: see `replies`).
 
     `Endpoint` retries, so every attempt is counted once. A non-2xx answer raises
-    `httpx.HTTPStatusError` carrying the server's error message (`Endpoint` retries 5xx, 408,
+    `StatusError` carrying the server's error message (`Endpoint` retries 5xx, 408,
     409, 429 and honours Retry-After); a 200 that is not a chat completion of `n` choices
     raises `UndecodableReply` (retried too).
     """
@@ -219,20 +217,9 @@ class ChatEndpoint:
         self.preflight_timeout_s = float(preflight_timeout_s)
         self.endpoint = Endpoint(role, self.base_url, max_concurrency=max_concurrency,
                                  retry=retry)
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            limit = self.endpoint.max_concurrency + 4  # the probe may run beside the run's calls
-            self._client = httpx.AsyncClient(
-                timeout=self.timeout_s, verify=tls_verify(self.base_url),
-                headers={"Authorization": f"Bearer {self.api_key}",
-                         "Content-Type": "application/json"},
-                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
-            self._loop = loop
-        return self._client
+        self.http = HttpClient(self.base_url, timeout_s=self.timeout_s,
+                               headers={"Authorization": f"Bearer {self.api_key}"},
+                               max_connections=max_concurrency + 4)  # + the probe beside them
 
     def body(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The JSON body of a call given `chat.completions.create`-style keyword arguments
@@ -243,12 +230,10 @@ class ChatEndpoint:
 
     async def post(self, kwargs: Mapping[str, Any], timeout_s: float | None = None) -> ChatReply:
         """One request, not retried: the decoded reply, or the error described above."""
-        resp = await self.client().post(self.base_url + "/chat/completions",
-                                        content=orjson.dumps(self.body(kwargs)),
-                                        timeout=timeout_s or self.timeout_s)
+        resp = await self.http.post("/chat/completions", orjson.dumps(self.body(kwargs)),
+                                    timeout_s=timeout_s)
         if resp.status_code != 200:
-            raise httpx.HTTPStatusError(error_message(resp), request=resp.request,
-                                        response=resp)
+            raise StatusError(error_message(resp), resp)
         return decode(resp.content, f"{self.base_url}/chat/completions",
                       n=int(kwargs.get("n") or 1))
 
@@ -289,7 +274,7 @@ class ChatEndpoint:
                                             probe.max_model_len(entry), role=self.role,
                                             images=images)
             return [problem] if problem else []
-        if isinstance(exc, httpx.HTTPStatusError):
+        if isinstance(exc, StatusError):
             status, message = exc.response.status_code, str(exc)
             if not is_retryable(exc):  # the server refuses this payload
                 return [probe.rejection(status, message, role=self.role, payload=payload)]
@@ -303,11 +288,7 @@ class ChatEndpoint:
                 f"overloaded (pipeline.probe=false skips the probe)"]
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(RuntimeError):  # its loop is gone: nothing to close
-                await self._client.aclose()
-            self._client = None
-            self._loop = None
+        await self.http.aclose()
 
     def stats(self) -> dict[str, Any]:
         return {"role": self.role, "model": self.model, **self.endpoint.stats()}

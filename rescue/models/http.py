@@ -17,22 +17,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import httpx
-import openai
+import orjson
 
 from rescue.failures import RETRYABLE_4XX, TransportError
+from rescue.models.transport import Dropped, Fault, HttpClient, StatusError, Timeout, Unreachable
 
 T = TypeVar("T")
 
 ENV_VARS = {"planner": "PLANNER_API_BASE", "verifier": "VERIFIER_API_BASE",
             "executor": "EXECUTOR_API_BASE"}
 """Environment variables that override each role's endpoint (resolved in the YAML via oc.env)."""
-
-
-def tls_verify(url: str) -> bool:
-    """Certificate checking for httpx: on for https, off for plain http, where there is no TLS
-    to check and loading the CA bundle would only cost ~70 ms of CPU per client."""
-    return not url.lower().startswith("http://")
 
 
 def plain(value: Any) -> Any:
@@ -130,9 +124,7 @@ class UndecodableReply(EndpointError):
 
 
 def status_of(exc: BaseException) -> int | None:
-    if isinstance(exc, openai.APIStatusError):
-        return int(exc.status_code)
-    if isinstance(exc, httpx.HTTPStatusError):
+    if isinstance(exc, StatusError):
         return int(exc.response.status_code)
     if isinstance(exc, EndpointError):
         return exc.status
@@ -159,8 +151,8 @@ def retry_after(exc: BaseException) -> float | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """Timeouts, connection errors, 5xx, 408, 409 and 429 may pass on a retry; others will not."""
-    if isinstance(exc, openai.APIConnectionError | httpx.TransportError | asyncio.TimeoutError):
-        return True  # openai.APITimeoutError is an APIConnectionError
+    if isinstance(exc, Fault | asyncio.TimeoutError):
+        return True
     if isinstance(exc, EndpointError):
         return exc.retryable
     status = status_of(exc)
@@ -280,15 +272,15 @@ class _Again(Exception):
         self.retry_after_s = answer.retry_after_s
 
 
-async def _get_once(client: httpx.AsyncClient, role: str, url: str, timeout_s: float,
+async def _get_once(client: HttpClient, role: str, url: str, timeout_s: float,
                     valid: Callable[[Any], bool] | None) -> _Answer:
     try:
-        resp = await client.get(url)
-    except httpx.TimeoutException:
+        resp = await client.get("")
+    except Timeout:
         return _Answer(problem=_slow(url, timeout_s), retryable=True)
-    except httpx.ConnectError as exc:  # nothing listens there: say so at once
+    except Unreachable as exc:  # nothing listens there: say so at once
         return _Answer(problem=_down(role, url, exc))
-    except httpx.TransportError as exc:  # dropped mid-answer: the server is there
+    except Dropped as exc:  # dropped mid-answer: the server is there
         return _Answer(problem=_down(role, url, exc), retryable=True)
     if resp.status_code != 200:
         status = resp.status_code
@@ -296,8 +288,8 @@ async def _get_once(client: httpx.AsyncClient, role: str, url: str, timeout_s: f
                        retryable=status >= 500 or status in RETRYABLE_4XX,
                        retry_after_s=retry_after_header(resp))
     try:
-        body = resp.json()
-    except ValueError:
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
         return _Answer(problem=f"GET {url} did not answer JSON: {resp.text[:200].strip()!r}",
                        retryable=True)
     return _Answer(body=body, retryable=valid is not None and not valid(body))
@@ -316,17 +308,19 @@ async def get_json(role: str, url: str, timeout_s: float,
     `valid` after the retries is returned for the caller to name what is wrong with it.
     Problems are phrased without the role (the caller prefixes it)."""
     policy = RetryPolicy.from_config(retry)
-    async with httpx.AsyncClient(timeout=timeout_s, headers=dict(headers or {}),
-                                 verify=tls_verify(url)) as client:
+    client = HttpClient(url, timeout_s=timeout_s, headers=headers, max_connections=1)
 
-        async def once() -> _Answer:
-            answer = await _get_once(client, role, url, timeout_s, valid)
-            if answer.retryable:
-                raise _Again(answer)
-            return answer
+    async def once() -> _Answer:
+        answer = await _get_once(client, role, url, timeout_s, valid)
+        if answer.retryable:
+            raise _Again(answer)
+        return answer
 
+    try:
         tried = await policy.run(once, random.Random(),
                                  retryable=lambda exc: isinstance(exc, _Again))
+    finally:
+        await client.aclose()
     if isinstance(tried.error, _Again):
         answer = tried.error.answer
     elif tried.error is not None:  # not a preflight answer: a bug, not the server

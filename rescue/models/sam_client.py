@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import orjson
 
@@ -59,8 +58,8 @@ from rescue.models.http import (
     get_json,
     get_json_sync,
     plain,
-    tls_verify,
 )
+from rescue.models.transport import HttpClient, Response
 from rescue.protocols import Segmentation
 from rescue.sample import Sample
 
@@ -271,8 +270,8 @@ class SamClient:
         self._info: dict[str, Any] | None = None
         self._unresolved: str | None = None  # set once an identity without the server was given
         self._known: OrderedDict[str, None] = OrderedDict()
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.http = HttpClient(self.base_url, timeout_s=self.timeout_s, headers=self._headers,
+                               max_connections=max_concurrency)
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -333,18 +332,10 @@ class SamClient:
         return f"{self._unresolved}{where}"
 
     # -- transport ----------------------------------------------------------------------------
-    def client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers,
-                                             verify=tls_verify(self.base_url))
-            self._loop = loop
-        return self._client
+    async def _post(self, payload: dict[str, Any]) -> Response:
+        return await self.http.post("/v1/segment", orjson.dumps(payload))
 
-    async def _post(self, payload: dict[str, Any]) -> httpx.Response:
-        return await self.client().post(self.base_url + "/v1/segment", json=payload)
-
-    def _error(self, resp: httpx.Response) -> EndpointError:
+    def _error(self, resp: Response) -> EndpointError:
         detail = _detail(resp) or {}
         code = detail.get("code", "") if isinstance(detail, dict) else ""
         message = detail.get("message", "") if isinstance(detail, dict) else str(detail)
@@ -490,17 +481,13 @@ class SamClient:
         return []
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop is gone
-                await self._client.aclose()
-            self._client = None
-            self._loop = None
+        await self.http.aclose()
 
     def stats(self) -> dict[str, Any]:
         return {"role": "executor", **self.endpoint.stats()}
 
 
-def _detail(resp: httpx.Response) -> Any:
+def _detail(resp: Response) -> Any:
     """The `detail` of an error body (servers/README.md), None when the body has none."""
     try:
         body = orjson.loads(resp.content)
@@ -509,7 +496,7 @@ def _detail(resp: httpx.Response) -> Any:
     return body.get("detail") if isinstance(body, dict) else None
 
 
-def _code(resp: httpx.Response) -> str:
+def _code(resp: Response) -> str:
     detail = _detail(resp)
     return str(detail.get("code", "")) if isinstance(detail, dict) else ""
 

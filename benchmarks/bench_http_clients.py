@@ -103,11 +103,18 @@ def main() -> None:
         wait(sam + "/health", procs[1], lambda r: r.json().get("ready"))
         os.environ.update(PLANNER_API_BASE=api, VERIFIER_API_BASE=api, EXECUTOR_API_BASE=sam)
         args.served_url = f"http://127.0.0.1:{vport}/standin/served"
+        args.server_pids = [p.pid for p in procs]
         run(args)
     finally:
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
@@ -141,11 +148,14 @@ def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
                 pipe = Pipeline(models.planner, models.executor, models.verifier,
                                 Cache(Path(tmp.name) / "cache"), max_n=max_n,
                                 samples_in_flight=in_flight, progress=False)
+                s0 = [cpu_s(pid) for pid in args.server_pids]
                 c0, w0 = time.process_time(), time.perf_counter()
                 recs = await pipe.run(dataset, ids)
-                return recs, time.process_time() - c0, time.perf_counter() - w0
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                return recs, cpu, wall, [cpu_s(p) - c for p, c in zip(args.server_pids, s0,
+                                                                        strict=True)]
 
-        recs, cpu, wall = asyncio.run(go())
+        recs, cpu, wall, server_cpu = asyncio.run(go())
     st = {role: getattr(models, role).stats() for role in ("planner", "executor", "verifier")}
     served = httpx.get(args.served_url).json()
     cont = served.get(f"{VERIFIER}/continuation", 0) - served0.get(f"{VERIFIER}/continuation", 0)
@@ -158,6 +168,7 @@ def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
     failed = sum(1 for r in recs if any(c.error and c.error.startswith("request:")
                                         for c in getattr(r, "candidates", [])))
     return {"n": len(ids), "wall": wall, "cpu": cpu, "bound": busy[bottleneck], "cont": cont,
+            "server_cpu": server_cpu,
             "bottleneck": bottleneck, "requests": {k: v["requests"] for k, v in st.items()},
             "retries": sum(v["retries"] for v in st.values()), "failed": failed}
 
@@ -233,8 +244,9 @@ def run(args: argparse.Namespace) -> None:
           f"(a continuation takes {args.continuation_latency:g} s)")
     print()
     print("| max_n | samples_in_flight | requests p/e/v (continuations) | bottleneck | bound s | "
-          "wall s | achieved / bound | client CPU s/sample | CPU / wall | x one-call loop |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "wall s | achieved / bound | client CPU s/sample | CPU / wall | "
+          "stand-in / SAM server CPU s/sample | x one-call loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for max_n, k, m in rows:
         loop = loops.get(max_n)
         vs_loop = (f"{(loop['wall'] / loop['n']) / (m['wall'] / m['n']):.1f}" if loop else "-")
@@ -242,7 +254,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {max_n} | {k} | {r['planner']}/{r['executor']}/{r['verifier']} ({m['cont']}) | "
               f"{m['bottleneck']} | {m['bound']:.2f} | {m['wall']:.2f} | "
               f"{m['bound'] / m['wall']:.2f} | {m['cpu'] / m['n']:.3f} | "
-              f"{m['cpu'] / m['wall']:.2f} | {vs_loop} |")
+              f"{m['cpu'] / m['wall']:.2f} | {m['server_cpu'][0] / m['n']:.3f} / "
+              f"{m['server_cpu'][1] / m['n']:.3f} | {vs_loop} |")
     for max_n, loop in loops.items():
         r = loop["requests"]
         print(f"\none-call-at-a-time loop, max_n={max_n}: {loop['n']} sample(s), "

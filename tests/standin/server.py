@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -163,7 +163,33 @@ def _decode_data_url(url: str) -> np.ndarray | None:
         return None
 
 
-def _read_messages(messages: list[dict[str, Any]]) -> tuple[str, list[np.ndarray]]:
+class DecodedImages:
+    """Data URLs decoded once: a request's refusal check and its answer read the same images,
+    and a two-step verdict's continuation resends its first request's. Arrays are read-only."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._lock = threading.Lock()
+        self._memo: OrderedDict[str, np.ndarray | None] = OrderedDict()
+
+    def __call__(self, url: str) -> np.ndarray | None:
+        with self._lock:
+            if url in self._memo:
+                self._memo.move_to_end(url)
+                return self._memo[url]
+        img = _decode_data_url(url)
+        if img is not None:
+            img.flags.writeable = False
+        with self._lock:
+            self._memo[url] = img
+            while len(self._memo) > self.size:
+                self._memo.popitem(last=False)
+        return img
+
+
+def _read_messages(messages: list[dict[str, Any]],
+                   decode: Callable[[str], np.ndarray | None] = _decode_data_url
+                   ) -> tuple[str, list[np.ndarray]]:
     texts, images = [], []
     for m in messages:
         content = m.get("content")
@@ -174,7 +200,7 @@ def _read_messages(messages: list[dict[str, Any]]) -> tuple[str, list[np.ndarray
             if part.get("type") == "text":
                 texts.append(part.get("text", ""))
             elif part.get("type") == "image_url":
-                img = _decode_data_url(part["image_url"]["url"])
+                img = decode(part["image_url"]["url"])
                 if img is not None:
                     images.append(img)
     return "\n".join(texts), images
@@ -225,6 +251,7 @@ class StandIn:
     _seen: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    _images: DecodedImages = field(default_factory=DecodedImages)
 
     def __post_init__(self) -> None:
         if self.reasoning_placement not in REASONING_PLACEMENTS:
@@ -317,7 +344,7 @@ class StandIn:
             if body.get("response_format") and not self.structured_outputs:
                 return _error(400, "The provided JSON schema contains features not supported "
                               "by xgrammar.", "BadRequestError")
-            images_key = _images_key(body)
+            images_key = _images_key(body) if self._poisoned else None  # digests cost CPU
             with self._lock:
                 poisoned = images_key is not None and self._poisoned.pop(images_key, 0) > 0
             if poisoned:  # vLLM: the request after a 400 on the same images fails once
@@ -325,6 +352,7 @@ class StandIn:
                               "for the root cause.", "InternalServerError")
             refusal = self._refusal(body)
             if refusal is not None:
+                images_key = images_key or _images_key(body)
                 if images_key is not None:
                     with self._lock:
                         self._poisoned[images_key] += 1
@@ -344,7 +372,7 @@ class StandIn:
     def _refusal(self, body: dict[str, Any]) -> JSONResponse | None:
         """vLLM's 400s decided after the images are processed: too many images, or a prompt
         plus max_tokens past max_model_len (vLLM >= 0.10 wording)."""
-        text, images = _read_messages(body.get("messages") or [])
+        text, images = _read_messages(body.get("messages") or [], self._images)
         if self.max_images is not None and len(images) > self.max_images:
             return _error(400, f"At most {self.max_images} image(s) may be provided in one "
                           "prompt. (parameter=image)", "BadRequestError", "image")
@@ -363,7 +391,7 @@ class StandIn:
         if (body.get("continue_final_message") and messages
                 and messages[-1].get("role") == "assistant"):
             return self._continuation(body)
-        text, images = _read_messages(messages)
+        text, images = _read_messages(messages, self._images)
         n = int(body.get("n") or 1)
         req = ChatRequest(body=body, text=text, images=images, n=n, seed=body.get("seed"))
         completions = list(self.models[body["model"]](req))
@@ -396,7 +424,7 @@ class StandIn:
         message, as the policy answers the same conversation (its answer token and
         distribution), with nothing of the prefix repeated in `content`."""
         messages = body["messages"]
-        text, images = _read_messages(messages[:-1])
+        text, images = _read_messages(messages[:-1], self._images)
         req = ChatRequest(body=body, text=text, images=images, n=1, seed=body.get("seed"))
         c = next(iter(self.models[body["model"]](req)))
         token = c.answer_token or (tokenize(c.text) or [self.eos_token])[0]

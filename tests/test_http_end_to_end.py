@@ -98,11 +98,19 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     # one verifier request per distinct non-empty mask
     assert calls["requests"]["plan"] == len(samples)
     # before any work, each chat endpoint got one probe: the run's own request, max_tokens=1
-    probes = {role: [b for b in standin.chat_requests(model) if b["max_tokens"] == 1]
+    # (a two-step verdict's continuation is max_tokens=1 too, continuing an assistant message)
+    def probe(body):
+        return body["max_tokens"] == 1 and not body.get("continue_final_message")
+
+    probes = {role: [b for b in standin.chat_requests(model) if probe(b)]
               for role, model in (("planner", PLANNER), ("verifier", VERIFIER))}
     assert [len(p) for p in probes.values()] == [1, 1]
-    work = {role: [b for b in standin.chat_requests(model) if b["max_tokens"] != 1]
+    work = {role: [b for b in standin.chat_requests(model) if not probe(b)]
             for role, model in (("planner", PLANNER), ("verifier", VERIFIER))}
+    continued = [b for b in work["verifier"] if b.get("continue_final_message")]
+    assert continued and all(b["max_tokens"] == 1 and b["messages"][-1]["role"] == "assistant"
+                             for b in continued)  # the default verdict: logprobs_at=answer
+    assert all(not b.get("logprobs") for b in work["verifier"] if b not in continued)
     def same(body):  # n: the probe asks for a full request (16), this run's max_n is 8
         return {k: v for k, v in body.items() if k not in ("max_tokens", "n")}
 
@@ -111,7 +119,7 @@ def test_experiment_over_http_then_offline_then_single_image(tmp_path, servers, 
     assert all(b["n"] == 8 and b["seed"] == 0 for b in work["planner"])
     assert calls["requests"]["execute"] == len(samples)
     assert _sam_requests(sam_url) - sam_before == len(samples)
-    assert len(work["verifier"]) <= calls["requests"]["verify"]
+    assert len(work["verifier"]) - len(continued) <= calls["requests"]["verify"]
     # every HTTP request of the work is counted per endpoint in stats.json (no faults here:
     # no retries); the probes are the preflight's, outside the counters
     endpoints = stats["endpoints"]

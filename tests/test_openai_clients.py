@@ -72,8 +72,10 @@ def _planner(url, **kw):
 
 
 def _verifier(url, **kw):
+    """In-stream logprobs: what these tests read (the two-step verdict, the default, is
+    test_two_step_verdict.py's)."""
     args = {"overlay": {"views": ["overlay", "image"]}, "image": {"format": "png"},
-            "retry": {"attempts": 2, "base_delay_s": 0.01}}
+            "retry": {"attempts": 2, "base_delay_s": 0.01}, "logprobs_at": "stream"}
     args.update(kw)
     return OpenAIVerifier("verifier", url, VERIFY_PROMPT, **args)
 

@@ -92,6 +92,16 @@ def test_prefix_and_offset_helpers():
     assert answer_offset("rating 7/10", "rating") == 7 and answer_offset("none", "rating") is None
     v = OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT, logprobs_at="answer")
     assert v.identity()["logprobs_at"] == "answer"
-    assert "logprobs_at" not in OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT).identity()
+    assert OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT).logprobs_at == "answer"
+    stream = OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT, logprobs_at="stream")
+    assert "logprobs_at" not in stream.identity()  # the keys verdicts were cached under
     with pytest.raises(ValueError, match="logprobs_at"):
         OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT, logprobs_at="later")
+
+
+def test_the_continuation_drops_min_tokens_and_keeps_the_rest_of_the_sampling():
+    v = OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT, logprobs_at="answer",
+                       sampling={"max_tokens": 512, "extra": {"min_tokens": 64, "stop": ["x"]}})
+    body = v.chat.body(v.continuation([{"role": "user", "content": "q"}], "<think>\nr"))
+    assert "min_tokens" not in body and body["stop"] == ["x"] and body["max_tokens"] == 1
+    assert v.chat.body(v.payload([]))["min_tokens"] == 64

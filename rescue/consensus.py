@@ -5,8 +5,10 @@ formula of `rescue.estimators`: a candidate's score in an N-subset is its mean I
 subset's other working candidates. At N = 2 two masks agree with each other equally, so
 consensus cannot choose; scoring against the whole pool of M instead would let N = 2 peek at M
 candidates and overstate it. This module computes the selection weights within subsets: exactly
-by enumeration when there are few enough subsets (always for the prefix estimator and for
-N = M), else by a seeded Monte-Carlo average over random subsets.
+in closed form at N = 1 and 2 (`closed_form`) and for N = M and the prefix estimator (one
+subset), by enumeration when there are few enough subsets, else by a seeded Monte-Carlo average
+over random subsets. `ConsensusBatch` does all of it for many samples of one pool size at once
+(the evaluation's case), with the per-sample results.
 
 How many draws (`estimate`): a pilot of `pilot` draws measures the variance of the pick's IoU
 over subsets; the draws then grow until the sample's Monte-Carlo variance is at most
@@ -111,9 +113,36 @@ def _draw(rng: np.random.Generator, draws: int, m: int, n: int) -> np.ndarray:
     return np.argpartition(rng.random((draws, m)), n - 1, axis=1)[:, :n]
 
 
+def closed_form(ious: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray | None:
+    """Exact best-of-N weights without enumerating subsets where N < M has a closed form, else
+    None; batched alike over leading axes (`ious` (B, M, M), `ok` (B, M) -> (B, M)).
+
+    N = 1: every candidate is its own pick, 1/M each. N = 2: in {i, j} with both masks, i scores
+    its IoU with j (as `scores_within` computes it), ties shared; a mask beats no mask; two
+    without masks share. The mean over the C(M, 2) pairs sums each candidate's pair weights
+    (0, 1/2 or 1: the sum is exact), so it equals enumeration bit for bit, and replaces the
+    Monte-Carlo average where C(M, 2) exceeds the enumeration threshold."""
+    m = ok.shape[-1]
+    if n >= m or n > 2:
+        return None
+    if n == 1:
+        return np.full(ok.shape, 1 / m)
+    diag = np.diagonal(ious, axis1=-2, axis2=-1)[..., :, None]
+    s = (ious + diag) - diag  # s[i, j]: i's votes within {i, j}, less its own IoU, over 1 other
+    win = (s >= np.maximum(s, np.swapaxes(s, -1, -2)) - TIE_TOLERANCE).astype(float)
+    both = win / (win + np.swapaxes(win, -1, -2))
+    mine, theirs = ok[..., :, None], ok[..., None, :]
+    pair = np.where(mine & theirs, both, np.where(mine, 1.0, np.where(theirs, 0.0, 0.5)))
+    pair *= ~np.eye(m, dtype=bool)  # no pair of a candidate with itself
+    return pair.sum(axis=-1) / comb(m, 2)
+
+
 def best_of_n_within(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,
                      rng: np.random.Generator) -> np.ndarray:
     """Probability that each candidate is the consensus pick of a uniformly random N-subset."""
+    exact = closed_form(ious, ok, n)
+    if exact is not None:
+        return exact
     return pick_weights(ious, ok, subsets_of(len(ok), n, draws, rng)).mean(axis=0)
 
 
@@ -155,6 +184,10 @@ def estimate_best_of_n(ious: np.ndarray, ok: np.ndarray, n: int, values: np.ndar
 
     `values` (K, M): per-candidate quantities whose expectation under the pick is wanted (the
     evaluation passes I, U and IoU; the last row sets the draw count)."""
+    exact = closed_form(ious, ok, n)
+    if exact is not None:
+        k = values.shape[0]
+        return SubsetEstimate(exact, 0, np.zeros((k, k)))
     return estimate_over_subsets(lambda subsets: pick_weights(ious, ok, subsets), len(ok), n,
                                  values, pilot=pilot, target_var=target_var,
                                  max_draws=max_draws, rng=rng, first=first)
@@ -255,9 +288,8 @@ class SubsetConsensus:
                                   first=d.first)
 
     @staticmethod
-    def estimate_all(subs: Sequence[SubsetConsensus], n: int,
-                     values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
-        return estimate_all(subs, n, values)
+    def batch(subs: Sequence[SubsetConsensus]) -> ConsensusBatch:
+        return ConsensusBatch(tuple(subs))
 
     @cached_property
     def _prefixes(self) -> np.ndarray:
@@ -271,28 +303,118 @@ class SubsetConsensus:
 
 def estimate_all(subs: Sequence[SubsetConsensus], n: int,
                  values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
-    """`[sub.estimate(n, v) for sub, v in zip(subs, values)]`, with the first draws of every
-    sample in one batched product where they share a pool size and `Draws`: the evaluation's
-    case, where one product per sample would cost more in calls than in arithmetic. Each
-    sample draws from its own generator in the same order, so the result is the loop's."""
-    if not subs:
-        return []
-    m, d = len(subs[0].ok), subs[0].draws
-    start = None if d.first is None or d.target_var <= 0 else min(d.first, d.pilot)
-    if (start is None or n >= m or comb(m, n) <= d.pilot
-            or any(len(s.ok) != m or s.draws != d for s in subs)):
-        return [sub.estimate(n, v) for sub, v in zip(subs, values, strict=True)]
-    rngs = [rng_for(s.seed, s.sample_id, n) for s in subs]
-    keys = np.stack([g.random((start, m)) for g in rngs])
-    members = np.zeros(keys.shape, bool)
-    np.put_along_axis(members, np.argpartition(keys, n - 1, axis=-1)[..., :n], True, axis=-1)
-    ious, ok = np.stack([s.ious for s in subs]), np.stack([s.ok for s in subs])
-    rows = pick_weights_of(ious, ok, members)  # (B, start, M)
-    vals = np.stack(values)  # (B, K, M)
-    xs = rows @ np.swapaxes(vals, -1, -2)  # (B, start, K)
-    return [_go_on(lambda subsets, s=sub: pick_weights(s.ious, s.ok, subsets), m, n, v, r, x,
-                   target_var=d.target_var, max_draws=d.max_draws, rng=g, key=-1)
-            for sub, v, r, x, g in zip(subs, vals, rows, xs, rngs, strict=True)]
+    """`[sub.estimate(n, v) for sub, v in zip(subs, values)]`, batched (`ConsensusBatch`)."""
+    return ConsensusBatch(tuple(subs)).estimate(n, values)
+
+
+CHUNK = 1 << 22
+"""Elements of (samples, subsets, M) scored per product where a batch enumerates subsets."""
+
+
+@dataclass(frozen=True)
+class ConsensusBatch:
+    """Many samples' `SubsetConsensus` scored together (`rescue.selection.SubsetBatch`): where
+    they share a pool size and `Draws` (the evaluation's case, where one product per sample
+    would cost more in calls than in arithmetic), one product per N for all of them; else one
+    by one. Each sample draws from its own generator in the same order, so every estimate is
+    the sample's own `estimate` (tests: the same weights, draws and covariance)."""
+
+    subs: tuple[SubsetConsensus, ...]
+
+    @cached_property
+    def uniform(self) -> bool:
+        if not self.subs:
+            return False
+        m, d = len(self.subs[0].ok), self.subs[0].draws
+        return all(len(s.ok) == m and s.draws == d for s in self.subs)
+
+    @cached_property
+    def ious(self) -> np.ndarray:
+        return np.stack([s.ious for s in self.subs])
+
+    @cached_property
+    def ok(self) -> np.ndarray:
+        return np.stack([s.ok for s in self.subs])
+
+    @cached_property
+    def _prefixes(self) -> np.ndarray:
+        """(B, M, M): row n-1 of sample b is its pick among its first n, in one product."""
+        m = self.ok.shape[1]
+        return pick_weights_of(self.ious, self.ok, np.tri(m, dtype=bool))
+
+    def prefix(self, n: int) -> np.ndarray:
+        """(B, M): each sample's `prefix(n)`."""
+        if not self.uniform:
+            return np.stack([s.prefix(n) for s in self.subs])
+        return self._prefixes[:, min(n, self.ok.shape[1]) - 1]
+
+    def estimate(self, n: int, values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
+        """Each sample's `estimate(n, values[b])`."""
+        if not self.uniform:
+            return [s.estimate(n, v) for s, v in zip(self.subs, values, strict=True)]
+        vals = np.asarray(values)  # (B, K, M)
+        b, k, m = vals.shape
+        d = self.subs[0].draws
+        exact = (self.prefix(m) if n >= m else closed_form(self.ious, self.ok, n))
+        if exact is None and comb(m, n) <= d.pilot:
+            exact = self._enumerated(n)
+        if exact is not None:
+            cov = np.zeros((b, k, k))
+            return [SubsetEstimate(w, 0, c) for w, c in zip(exact, cov, strict=True)]
+        start = None if d.first is None or d.target_var <= 0 else min(d.first, d.pilot)
+        if start is None:
+            return [s.estimate(n, v) for s, v in zip(self.subs, vals, strict=True)]
+        rngs = [rng_for(s.seed, s.sample_id, n) for s in self.subs]
+        keys = np.empty((b, start, m))
+        for g, out in zip(rngs, keys, strict=True):
+            g.random(out=out)
+        rows = pick_weights_of(self.ious, self.ok, _smallest(keys, n))  # (B, start, M)
+        xs = rows @ np.swapaxes(vals, -1, -2)  # (B, start, K)
+        return self._go_on(n, vals, rows, xs, rngs)
+
+    def _enumerated(self, n: int) -> np.ndarray:
+        """(B, M): the mean pick over every N-subset, for every sample."""
+        every = _every(self.ok.shape[1], n)
+        members = np.zeros((len(every), self.ok.shape[1]), bool)
+        members[np.arange(len(every))[:, None], every] = True
+        step = max(1, CHUNK // members.size)
+        return np.concatenate([
+            pick_weights_of(self.ious[i:i + step], self.ok[i:i + step], members).mean(axis=1)
+            for i in range(0, len(self.subs), step)])
+
+    def _go_on(self, n: int, vals: np.ndarray, rows: np.ndarray, xs: np.ndarray,
+               rngs: Sequence[np.random.Generator]) -> list[SubsetEstimate]:
+        """`_go_on` for every sample: the draw counts from the first draws' variances at once;
+        the samples whose first draws suffice finished together, the rest one by one."""
+        _, start, m = rows.shape
+        d = self.subs[0].draws
+        var = xs[..., -1].var(axis=1, ddof=1)
+        grow = (var > 0) & (np.ceil(var / d.target_var) > start) & (d.max_draws > start)
+        w = rows.sum(axis=1) / start
+        mean = xs.sum(axis=1) / start
+        xx = np.swapaxes(xs, -1, -2) @ xs
+        cov = (xx - start * (mean[:, :, None] * mean[:, None, :])) / (start - 1) / start
+        out = [SubsetEstimate(row, start, c) for row, c in zip(w, cov, strict=True)]
+        for i in np.flatnonzero(grow):
+            sub = self.subs[i]
+            out[i] = _go_on(lambda subsets, s=sub: pick_weights(s.ious, s.ok, subsets), m, n,
+                            vals[i], rows[i], xs[i], target_var=d.target_var,
+                            max_draws=d.max_draws, rng=rngs[i], key=-1)
+        return out
+
+
+def _smallest(keys: np.ndarray, n: int) -> np.ndarray:
+    """Membership (..., M) of the N smallest keys of each row: the subsets `_draw` takes from
+    the same keys (the set of argpartition's first N), by partition and compare (faster);
+    argpartition itself on a row with a tie at its N-th key."""
+    members = keys <= np.partition(keys, n - 1, axis=-1)[..., n - 1:n]
+    tied = np.count_nonzero(members, axis=-1) != n
+    if tied.any():
+        fix = np.zeros((int(tied.sum()), keys.shape[-1]), bool)
+        np.put_along_axis(fix, np.argpartition(keys[tied], n - 1, axis=-1)[:, :n], True,
+                          axis=-1)
+        members[tied] = fix
+    return members
 
 
 def rows_estimate(rows: np.ndarray, values: np.ndarray, *, exact: bool) -> SubsetEstimate:

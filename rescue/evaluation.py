@@ -33,6 +33,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from statistics import NormalDist
 
 import numpy as np
@@ -43,7 +44,7 @@ from rescue.consensus import SubsetEstimate
 from rescue.estimators import Ranking, prefix_select_weights
 from rescue.expected_cost import QUANTITIES
 from rescue.records import SampleRecord, reason_code
-from rescue.selection import Selector, SubsetWeights
+from rescue.selection import Selector, SubsetBatch, SubsetWeights
 from rescue.settings import EvaluationSettings
 from rescue.truth import SampleTruth
 
@@ -78,6 +79,11 @@ class _Pools:
     union: np.ndarray
     iou: np.ndarray
     scores: dict[str, np.ndarray]
+
+    @cached_property
+    def values(self) -> np.ndarray:
+        """(b, 3, m): I, U and IoU of each candidate, the values a subset estimate is of."""
+        return np.stack([self.inter, self.union, self.iou], axis=1)
 
 
 @dataclass
@@ -189,6 +195,7 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
             # a record lacks what that needs (that sample keeps the pool-level weights)
             within = ([s.within(records[row], seed, draws)
                        for row in pools.rows] if s.within is not None else [])
+            batches = _batches(within)
             # a verification policy: its pick and what it verifies, per sample (None: the
             # record lacks what it reads; scored as the plain verifier)
             policy = ([s.policy(records[row], seed, draws)
@@ -199,15 +206,14 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
                     best = e == "best_of_n"
                     w = ranking.best_of_n(nn) if best else prefix_select_weights(scores, nn)
                     k = pos[(e, s.name, n)]
-                    if within and not best:
-                        for b, sub in enumerate(within):
-                            if sub is not None:
-                                w[b] = sub.prefix(nn)
-                    elif within:
-                        for b, est in _estimates(within, nn, pools):
-                            w[b] = est.weights
-                            mc[k, pools.rows[b]] = not est.exact
-                            mc_cov[k, pools.rows[b]] = est.cov
+                    for at, batch in batches:
+                        if not best:
+                            w[at] = batch.prefix(nn)
+                            continue
+                        got = batch.estimate(nn, pools.values[at])
+                        w[at] = np.stack([est.weights for est in got])
+                        mc[k, pools.rows[at]] = [not est.exact for est in got]
+                        mc_cov[k, pools.rows[at]] = np.stack([est.cov for est in got])
                     for b, pol in enumerate(policy):
                         if pol is None:
                             continue
@@ -226,20 +232,28 @@ def _per_sample(records: Sequence[SampleRecord], n_grid: Sequence[int],
     return ps
 
 
-def _estimates(within: Sequence[SubsetWeights | None], n: int,
-               pools: _Pools) -> list[tuple[int, SubsetEstimate]]:
-    """(position in the group, estimate at N) of each sample with subset weights, of its I, U
-    and IoU; in one call per class where the class offers `estimate_all`."""
-    at = [b for b, sub in enumerate(within) if sub is not None]
-    values = [np.stack([pools.inter[b], pools.union[b], pools.iou[b]]) for b in at]
-    out: list[tuple[int, SubsetEstimate]] = []
-    for kind in dict.fromkeys(type(within[b]) for b in at):
-        idx = [i for i, b in enumerate(at) if type(within[b]) is kind]
-        subs = [within[at[i]] for i in idx]
-        batch = getattr(kind, "estimate_all", None)
-        got = (batch(subs, n, [values[i] for i in idx]) if batch is not None
-               else [sub.estimate(n, values[i]) for sub, i in zip(subs, idx, strict=True)])
-        out += [(at[i], est) for i, est in zip(idx, got, strict=True)]
+class _OneByOne:
+    """`SubsetBatch` for a class that offers none: each item on its own."""
+
+    def __init__(self, items: Sequence[SubsetWeights]) -> None:
+        self.items = items
+
+    def prefix(self, n: int) -> np.ndarray:
+        return np.stack([item.prefix(n) for item in self.items])
+
+    def estimate(self, n: int, values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
+        return [item.estimate(n, v) for item, v in zip(self.items, values, strict=True)]
+
+
+def _batches(within: Sequence[SubsetWeights | None]) -> list[tuple[np.ndarray, SubsetBatch]]:
+    """(positions in the group, their `SubsetBatch`) per class of the samples with subset
+    weights (the class's `batch` where it offers one); the others keep the pool-level weights."""
+    out = []
+    for kind in dict.fromkeys(type(sub) for sub in within if sub is not None):
+        at = np.array([b for b, sub in enumerate(within) if type(sub) is kind])
+        items = [within[b] for b in at]
+        make = getattr(kind, "batch", None)
+        out.append((at, make(items) if make is not None else _OneByOne(items)))
     return out
 
 

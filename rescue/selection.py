@@ -60,9 +60,20 @@ class SubsetWeights(Protocol):
     def prefix(self, n: int) -> np.ndarray:
         """The pick among the first N candidates."""
 
-    # A class may also offer `estimate_all(items, n, values)`, a static method equal to
-    # `[item.estimate(n, v) for item, v in zip(items, values)]` and faster (consensus batches
-    # its samples' draws); the evaluation uses it where there is one.
+    # A class may also offer `batch(items)`, a static method giving a `SubsetBatch` of many
+    # items at once (consensus scores its samples together); the evaluation uses it where
+    # there is one.
+
+
+class SubsetBatch(Protocol):
+    """Many samples' `SubsetWeights` of one class: each method equals the items' own, stacked
+    or listed in item order, and is faster."""
+
+    def prefix(self, n: int) -> np.ndarray:
+        """(B, M): `[item.prefix(n) for item in items]`."""
+
+    def estimate(self, n: int, values: Sequence[np.ndarray]) -> list[SubsetEstimate]:
+        """`[item.estimate(n, v) for item, v in zip(items, values)]`."""
 
 
 class WithinSubsets(Protocol):

@@ -1,13 +1,16 @@
 """Consensus within subsets, against brute force over every subset."""
 
+import dataclasses
 from fractions import Fraction
 from itertools import combinations
 
 import numpy as np
+import pandas as pd
 import pytest
-from named_settings import evaluate_named, per_sample_named
+from named_settings import evaluate_named, per_sample_named, settings_of
 
-from rescue import consensus
+from rescue import consensus, selection
+from rescue.evaluation import evaluate
 from rescue.records import CandidateRecord, SampleRecord
 
 
@@ -197,34 +200,130 @@ def test_a_pilot_below_the_enumeration_threshold_draws_only_what_the_target_asks
     assert tight.draws > 8 and tight.cov[2, 2] <= 2 * target
 
 
-def _group(seed: int, samples: int, m: int) -> list[consensus.SubsetConsensus]:
+def _group(seed: int, samples: int, m: int,
+           target_var: float = 4e-4) -> list[consensus.SubsetConsensus]:
     rng = np.random.default_rng(seed)
     out = []
     for s in range(samples):
         ious, ok = _pool(rng, m)
         out.append(consensus.SubsetConsensus(ious, ok, f"s{s}", 3, consensus.Draws(
-            pilot=64, target_var=4e-4, max_draws=600, first=16)))
+            pilot=64, target_var=target_var, max_draws=600, first=16)))
     return out
 
 
+@pytest.mark.parametrize("target_var", [4e-4, 4e-3, 1.0])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9, 10])
-def test_batched_estimates_equal_the_per_sample_loop(n):
-    """`estimate_all` (one product for every sample's first draws) gives each sample's own
-    `estimate`: the same draws from the same generator, the same weights and draw counts;
-    samples that ask for more draws, and pools of another size, go on alone."""
-    group = _group(n, 12, 10)
+def test_batched_estimates_equal_the_per_sample_loop(n, target_var):
+    """`estimate_all` (`ConsensusBatch`: one product for every sample's first draws, the draw
+    counts and the estimates of those the first draws suffice for at once) gives each sample's
+    own `estimate` bit for bit: the same draws from the same generator, the same weights, draw
+    counts and covariance; samples that ask for more draws, and pools of another size, go on
+    alone. Each path is taken: N = 1 and 2 in closed form, N = 9 enumerated, N = M the pool,
+    N = 3 and 5 drawn (the loose target: the first 16 draws suffice; the tight: most draw
+    more or enumerate; between: both)."""
+    group = _group(n, 12, 10, target_var)
     odd = _group(50 + n, 1, 7)  # another pool size in the same call: the loop
     rng = np.random.default_rng(n)
     values = [np.stack([rng.random(len(g.ok)), rng.random(len(g.ok)) + 1,
                         rng.random(len(g.ok))]) for g in group]
     got = consensus.estimate_all(group, n, values)
     want = [g.estimate(n, v) for g, v in zip(group, values, strict=True)]
-    assert len({w.draws for w in want}) > 1 or want[0].exact  # some samples draw more
+    if n in (3, 5):
+        first = {w.draws == 16 for w in want}
+        assert first == ({True} if target_var == 1.0 else
+                         {False} if target_var == 4e-4 else {True, False}), first
+    else:
+        assert all(w.exact for w in want)
     for a, b in zip(got, want, strict=True):
         assert a.draws == b.draws
-        np.testing.assert_allclose(a.weights, b.weights, rtol=0, atol=1e-15)
-        np.testing.assert_allclose(a.cov, b.cov, rtol=1e-9, atol=1e-18)
+        np.testing.assert_array_equal(a.weights, b.weights)
+        np.testing.assert_array_equal(a.cov, b.cov)
     mixed = consensus.estimate_all([*group[:2], *odd], n, [*values[:2], np.stack(
         [np.ones(7)] * 3)])
     np.testing.assert_allclose(mixed[2].weights, odd[0].estimate(n, np.stack(
         [np.ones(7)] * 3)).weights)
+
+
+@pytest.mark.parametrize("trial", range(30))
+def test_closed_forms_at_n_1_and_2_equal_brute_force(trial):
+    """N = 1 and 2 in closed form (`closed_form`) are the exact arithmetic over every subset,
+    with ties and failed candidates, also where C(M, 2) is above the enumeration threshold
+    (there the weights were drawn); bit for bit the enumeration's mean of `pick_weights`; and
+    batched over samples, each sample's own."""
+    rng = np.random.default_rng(100 + trial)
+    m = int(rng.integers(3, 41))
+    pools = [_pool(rng, m, p_fail=p) for p in (0.0, 0.3, 0.9)]
+    for n in (1, 2):
+        for ious, ok in pools:
+            subs = list(combinations(range(m), n))
+            got = consensus.closed_form(ious, ok, n)
+            brute = np.mean([_brute_pick(ious, ok, s) for s in subs], axis=0)
+            np.testing.assert_allclose(got, brute, rtol=0, atol=1e-15)
+            np.testing.assert_array_equal(
+                got, consensus.pick_weights(ious, ok, np.array(subs)).mean(axis=0))
+            # the sample's estimate is the closed form, exact, wherever it would have drawn
+            est = consensus.estimate_best_of_n(ious, ok, n, np.ones((3, m)), pilot=2,
+                                               target_var=1e-6, max_draws=10,
+                                               rng=np.random.default_rng(0), first=2)
+            assert est.exact and not est.cov.any()
+            np.testing.assert_array_equal(est.weights, got)
+        batched = consensus.closed_form(np.stack([p[0] for p in pools]),
+                                        np.stack([p[1] for p in pools]), n)
+        for row, (ious, ok) in zip(batched, pools, strict=True):
+            np.testing.assert_array_equal(row, consensus.closed_form(ious, ok, n))
+    assert consensus.closed_form(*pools[0], 3) is None and consensus.closed_form(*pools[0], m) \
+        is None
+
+
+def test_batched_prefixes_equal_each_samples_own():
+    group = _group(4, 9, 8)
+    batch = consensus.ConsensusBatch(tuple(group))
+    for n in range(1, 10):
+        np.testing.assert_array_equal(batch.prefix(n), np.stack([g.prefix(n) for g in group]))
+    mixed = consensus.ConsensusBatch((*group[:2], *_group(5, 2, 8, target_var=1.0)))
+    assert not mixed.uniform  # Draws differ: one by one, the same
+    np.testing.assert_array_equal(mixed.prefix(3), np.stack([g.prefix(3) for g in mixed.subs]))
+
+
+def test_smallest_keys_are_the_subsets_argpartition_draws():
+    """`_smallest` (partition and compare) marks the set argpartition's first N index, rows
+    with a tie at the N-th key included (argpartition decides those)."""
+    rng = np.random.default_rng(8)
+    keys = rng.random((50, 12))
+    keys[3, [2, 7]] = keys[3].min() / 2  # two equal smallest: a tie at N = 1
+    keys[4] = 0.5  # every key tied
+    for n in range(1, 13):
+        want = np.zeros(keys.shape, bool)
+        np.put_along_axis(want, np.argpartition(keys, n - 1, axis=-1)[:, :n], True, axis=-1)
+        got = consensus._smallest(keys, n)
+        np.testing.assert_array_equal(got, want)
+        assert (got.sum(axis=1) == n).all()
+
+
+class _Alone:
+    """A sample's `SubsetConsensus` without its class's `batch`: the evaluation scores it one
+    sample at a time."""
+
+    def __init__(self, sub):
+        self.best_of_n, self.estimate, self.prefix = sub.best_of_n, sub.estimate, sub.prefix
+
+
+def test_the_evaluation_batched_equals_one_sample_at_a_time():
+    """Every row of the table, consensus's exact and drawn N alike and their SE columns, is the
+    same whether the evaluation scores consensus through `ConsensusBatch` or sample by sample
+    (a class that offers no `batch`); a record without pairwise IoUs keeps the pool's."""
+    rng = np.random.default_rng(21)
+    recs = _random_records(rng, 25, 12)
+    recs[4].masks, recs[4].mask_iou = [], []  # scored over the pool
+    settings = settings_of([1, 2, 3, 4, 6, 12], ["consensus", "first"], consensus_draws=64,
+                           consensus_pilot=16, consensus_se=0.01, bootstrap=50)
+
+    def alone(record, seed, draws):
+        sub = consensus.SubsetConsensus.of(record, seed, draws)
+        return None if sub is None else _Alone(sub)
+
+    slow = dataclasses.replace(selection.CONSENSUS, within=alone)
+    loop = dataclasses.replace(settings, selectors=(slow, selection.FIRST), primary=slow)
+    batched, one_by_one = evaluate(recs, settings), evaluate(recs, loop)
+    assert not batched.exact.all() and batched.exact.any()
+    pd.testing.assert_frame_equal(batched, one_by_one)

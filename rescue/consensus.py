@@ -45,11 +45,13 @@ def candidate_ious(record: SampleRecord) -> tuple[np.ndarray, np.ndarray] | None
     if not record.masks or len(record.mask_iou) != len(record.masks):
         return None
     pos = {d: k for k, d in enumerate(record.masks)}
-    idx = np.array([pos.get(c.mask_key, -1) if c.ok else -1 for c in record.candidates])
+    idx = np.array([pos.get(c.mask_key, -1) if c.ok else -1 for c in record.candidates],
+                   dtype=np.intp)
     ok = idx >= 0
     pair = np.asarray(record.mask_iou, dtype=float)
-    out = np.zeros((len(idx), len(idx)))
-    out[np.ix_(ok, ok)] = pair[np.ix_(idx[ok], idx[ok])]
+    out = pair[idx[:, None], idx]  # -1 (no mask) wraps around: cleared next
+    out[~ok] = 0
+    out[:, ~ok] = 0
     return out, ok
 
 
@@ -129,12 +131,13 @@ def closed_form(ious: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray | None:
         return np.full(ok.shape, 1 / m)
     diag = np.diagonal(ious, axis1=-2, axis2=-1)[..., :, None]
     s = (ious + diag) - diag  # s[i, j]: i's votes within {i, j}, less its own IoU, over 1 other
-    win = (s >= np.maximum(s, np.swapaxes(s, -1, -2)) - TIE_TOLERANCE).astype(float)
-    both = win / (win + np.swapaxes(win, -1, -2))
-    mine, theirs = ok[..., :, None], ok[..., None, :]
-    pair = np.where(mine & theirs, both, np.where(mine, 1.0, np.where(theirs, 0.0, 0.5)))
-    pair *= ~np.eye(m, dtype=bool)  # no pair of a candidate with itself
-    return pair.sum(axis=-1) / comb(m, 2)
+    # i wins {i, j} (both with masks) unless j scores more than the tolerance above it
+    win = (s >= np.swapaxes(s, -1, -2) - TIE_TOLERANCE) & ok[..., None, :] & ~np.eye(m, dtype=bool)
+    wins = np.count_nonzero(win, axis=-1)
+    ties = np.count_nonzero(win & np.swapaxes(win, -1, -2), axis=-1)
+    bad = m - np.count_nonzero(ok, axis=-1)[..., None]  # pairs with a candidate without a mask
+    total = np.where(ok, wins - 0.5 * ties + bad, 0.5 * (bad - 1))
+    return total / comb(m, 2)
 
 
 def best_of_n_within(ious: np.ndarray, ok: np.ndarray, n: int, *, draws: int,

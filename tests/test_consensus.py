@@ -327,3 +327,28 @@ def test_the_evaluation_batched_equals_one_sample_at_a_time():
     batched, one_by_one = evaluate(recs, settings), evaluate(recs, loop)
     assert not batched.exact.all() and batched.exact.any()
     pd.testing.assert_frame_equal(batched, one_by_one)
+
+
+def test_candidate_ious_gather_each_candidates_mask_and_zero_those_without():
+    """The (M, M) IoUs equal the pairwise IoUs of the candidates' masks, looked up one by one;
+    a candidate without a mask (failed, or its key missing) has none and 0 everywhere."""
+    rng = np.random.default_rng(9)
+    for trial in range(20):
+        d = int(rng.integers(1, 6))
+        keys = [f"k{j}" for j in range(d)]
+        a = np.triu(rng.random((d, d)).round(6), 1)
+        pair = a + a.T + np.eye(d)
+        cands = []
+        for k in range(int(rng.integers(0, 9))):
+            kind = rng.integers(4)
+            cands.append(CandidateRecord(index=k, failed_stage="execute") if kind == 0 else
+                         CandidateRecord(index=k, mask_key="gone") if kind == 1 else
+                         CandidateRecord(index=k, mask_key=keys[int(rng.integers(d))]))
+        ious, ok = consensus.candidate_ious(_rec(f"s{trial}", cands, keys, pair.tolist()))
+        want_ok = [c.ok and c.mask_key in keys for c in cands]
+        assert ok.tolist() == want_ok and ious.shape == (len(cands), len(cands))
+        for i, ci in enumerate(cands):
+            for j, cj in enumerate(cands):
+                want = (pair[keys.index(ci.mask_key), keys.index(cj.mask_key)]
+                        if want_ok[i] and want_ok[j] else 0.0)
+                assert ious[i, j] == want

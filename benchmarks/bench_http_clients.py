@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--logprobs-at", default="answer", choices=("stream", "answer"),
                     help="verifier.logprobs_at: answer (two-step) or stream (every token)")
     ap.add_argument("--continuation-latency", type=float, default=0.05)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. "
+                    "verifier.max_concurrency=64")
     args = ap.parse_args()
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -130,7 +132,7 @@ def measure(args: argparse.Namespace, max_n: int, in_flight: int, samples: int,
     tmp = tempfile.TemporaryDirectory()
     overrides = ["experiment=http_synthetic", f"dataset.num_samples={args.samples}",
                  f"seed={args.seed}", f"max_n={max_n}", f"verifier.logprobs_at={args.logprobs_at}",
-                 f"paths.cache_dir={tmp.name}"]  # compose sets no hydra runtime to resolve
+                 f"paths.cache_dir={tmp.name}", *args.overrides]  # compose: no hydra runtime
     if loop:
         overrides += ["planner.max_concurrency=1", "planner.max_hypotheses_per_request=1",
                       "executor.max_concurrency=1", "executor.max_prompts_per_request=1",

@@ -34,6 +34,7 @@ from rescue.datasets.base import Dataset, SampleError
 from rescue.failures import CallFailure, RunAborted, StageGuard, TransportError, classify
 from rescue.hypothesis import Hypothesis, Prompt, contiguous_runs
 from rescue.mask_store import MaskStore
+from rescue.priority import set_rank
 from rescue.progress import StageBars
 from rescue.protocols import Executor, Planner, Segmentation, Verdict, Verifier
 from rescue.records import SampleRecord
@@ -406,7 +407,8 @@ class Pipeline:
         self._bars = StageBars(enabled=self.progress, samples=len(sample_ids))
         out: list[SampleRecord] = []
 
-        async def one(sid: str) -> None:
+        async def one(rank: int, sid: str) -> None:
+            set_rank(rank)  # this task's requests go before later samples' (own context)
             async with sem:
                 try:
                     sample = await asyncio.to_thread(dataset.load, sid)
@@ -438,7 +440,7 @@ class Pipeline:
                 out.append(rec)
 
         try:
-            await asyncio.gather(*(one(s) for s in sample_ids))
+            await asyncio.gather(*(one(i, s) for i, s in enumerate(sample_ids)))
         finally:
             self._bars.close()
         return sorted(out, key=lambda r: r.sample_id)

@@ -21,6 +21,7 @@ import orjson
 
 from rescue.failures import RETRYABLE_4XX, TransportError
 from rescue.models.transport import Dropped, Fault, HttpClient, StatusError, Timeout, Unreachable
+from rescue.priority import PrioritySemaphore
 
 T = TypeVar("T")
 
@@ -169,8 +170,8 @@ def describe(exc: BaseException) -> str:
 
 
 class Endpoint:
-    """One served model as the client sees it: at most `max_concurrency` requests in flight,
-    retries with backoff, and counters.
+    """One served model as the client sees it: at most `max_concurrency` requests in flight
+    (the earliest sample's first: rescue.priority), retries with backoff, and counters.
 
     The semaphore is created per event loop, so one client object survives several
     `asyncio.run` calls (tests, notebooks) without binding to a dead loop.
@@ -186,17 +187,17 @@ class Endpoint:
         self.max_concurrency = int(max_concurrency)
         self.retry = RetryPolicy.from_config(retry)
         self._rng = rng or random.Random()
-        self._sem: asyncio.Semaphore | None = None
+        self._sem: PrioritySemaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._counts = {"calls": 0, "requests": 0, "retries": 0, "failures": 0, "ok": 0,
                         "max_in_flight": 0}
         self._seconds = 0.0
 
-    def _semaphore(self) -> asyncio.Semaphore:
+    def _semaphore(self) -> PrioritySemaphore:
         loop = asyncio.get_running_loop()
         if self._sem is None or self._sem_loop is not loop:
-            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._sem = PrioritySemaphore(self.max_concurrency)
             self._sem_loop = loop
         return self._sem
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from rescue.priority import PrioritySemaphore
+
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 
@@ -31,7 +33,9 @@ def cores() -> int:
 
 
 class WorkerPool:
-    """A lazily started ThreadPoolExecutor with `workers` threads (default: the cores)."""
+    """A lazily started ThreadPoolExecutor with `workers` threads (default: the cores). Work
+    is handed to it earliest sample first (rescue.priority): the executor's own queue is FIFO,
+    so at most `workers` items are queued in it at once."""
 
     def __init__(self, name: str, workers: int | None = None):
         self.name = name
@@ -39,11 +43,19 @@ class WorkerPool:
         if self.workers < 1:
             raise ValueError(f"{name}: workers must be >= 1, got {workers}")
         self._pool: ThreadPoolExecutor | None = None
+        self._gate: tuple[asyncio.AbstractEventLoop, PrioritySemaphore] | None = None
+
+    def _slots(self) -> PrioritySemaphore:
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, PrioritySemaphore(self.workers))
+        return self._gate[1]
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        async with self._slots():
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -7,7 +7,8 @@ stand-in servers, with the client's CPU per sample (issue 16).
 The real clients (OpenAI planner and verifier, SAM client) with their shipped configs
 (experiment=http_synthetic: qwen3vl_8b_instruct, sam3, qwen3vl_32b_thinking) run the pipeline
 on the synthetic dataset against servers of fixed latency and slots, each in its own process:
-the vLLM stand-in (planner 0.2 s, 16 slots; verifier 0.5 s, 32 slots, its reasoning padded to
+the vLLM stand-in (planner 0.2 s, 16 slots; verifier 0.5 s, 32 slots, its images left undecoded
+as a real server's would be decoded on its own machine, its reasoning padded to
 --reasoning-words; with --logprobs-at stream it sends top-20 logprobs on every token as vLLM
 does, with answer (the default) a one-token continuation of 0.05 s follows each reply) and the SAM
 server with a latency backend (0.1 s, --max-in-flight 4 slots). The capacity bound of a run is
@@ -90,7 +91,8 @@ def main() -> None:
                           "--planner-latency", str(lp), "--verifier-latency", str(lv),
                           "--planner-capacity", str(cp), "--verifier-capacity", str(cv),
                           "--reasoning-words", str(args.reasoning_words),
-                          "--continuation-latency", str(args.continuation_latency)],
+                          "--continuation-latency", str(args.continuation_latency),
+                          "--opaque-verifier-images"],
                          cwd=REPO / "tests", env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", "servers.sam_server", "--backend",

@@ -210,6 +210,30 @@ def test_verifier_scores_from_logprobs_after_the_reasoning(stand, samples, place
     assert len(images) == 2 and images[0]["image_url"]["url"].startswith("data:image/png")
 
 
+def test_an_opaque_images_model_sees_url_digests_and_decodes_nothing(stand, samples):
+    """The benchmarks' verifier mode: each image stands for its URL's SHA-256, two views stay
+    two images, and the stand-in's decoder is never used."""
+    import hashlib
+
+    seen = []
+
+    def judge(req):
+        seen.append(req.images)
+        return 0.8
+
+    si, url = stand(models={"verifier": VerifierScript(judge)},
+                    opaque_images=frozenset({"verifier"}))
+    sample = samples[0]
+    v = run(_verifier(url).verify(sample, sample.target))
+    assert v.ok and v.score == pytest.approx(0.8, abs=1e-6)
+    (body,) = si.chat_requests()
+    urls = [p["image_url"]["url"] for p in body["messages"][-1]["content"]
+            if p["type"] == "image_url"]
+    assert len(urls) == 2 and len(seen) == 1
+    assert [bytes(img) for img in seen[0]] == [hashlib.sha256(u.encode()).digest() for u in urls]
+    assert not si._images._memo  # nothing decoded
+
+
 def test_verifier_ignores_yes_and_no_inside_the_reasoning(stand, samples):
     # the stand-in's reasoning says "Maybe yes, maybe no"; the answer token comes after it
     _, url = stand(models={"verifier": VerifierScript(lambda r: 0.1)},

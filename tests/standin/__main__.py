@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--verifier-capacity", type=int, default=32)
     p.add_argument("--reasoning-words", type=int, default=0,
                    help="pad the verifier's reasoning to this many words (a thinking model's)")
+    p.add_argument("--opaque-verifier-images", action="store_true",
+                   help="never decode the verifier's images (the hash judge reads their URLs)")
     args = p.parse_args()
     ds = SyntheticDataset(num_samples=args.num_samples, seed=args.seed, height=args.height,
                           width=args.width)
@@ -52,6 +54,8 @@ def main() -> None:
                        args.verifier_model: VerifierScript(judge, reasoning=reasoning)},
                       reasoning_placement=args.reasoning_placement, latency_s=latency,
                       continuation_latency_s=args.continuation_latency,
+                      opaque_images=frozenset([args.verifier_model] if
+                                              args.opaque_verifier_images else []),
                       capacity={args.planner_model: args.planner_capacity,
                                 args.verifier_model: args.verifier_capacity})
     uvicorn.run(standin.app(), host="127.0.0.1", port=args.port, log_level="warning")

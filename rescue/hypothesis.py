@@ -6,6 +6,7 @@ Parsing a model's text into a `Hypothesis` lives with the model's client
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -60,9 +61,10 @@ class Prompt:
             point_labels=tuple(d.get("point_labels", ())),
         ).canonical()
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Short content hash of the canonical prompt."""
+        """Short content hash of the canonical prompt (computed once: a prompt is immutable and
+        its key is asked for at every stage, dedupe, cache and scoring)."""
         blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

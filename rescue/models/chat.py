@@ -118,7 +118,8 @@ class ImageEncoding:
             pil.save(buf, format="PNG")
             mime = "image/png"
         else:
-            pil.convert("RGB").save(buf, format="JPEG", quality=int(self.quality))
+            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # convert would copy it
+            rgb.save(buf, format="JPEG", quality=int(self.quality))
             mime = "image/jpeg"
         return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 

@@ -73,6 +73,19 @@ def _outline(shape: tuple[int, int], style: OverlayStyle) -> int:
     return max(2, round(0.004 * max(shape)))
 
 
+def _tinted(px: np.ndarray, style: OverlayStyle) -> np.ndarray:
+    """float32 pixels blended towards the tint colour by `alpha` (this order of float32
+    operations: the views' bytes are the verifier's cache keys)."""
+    return (1.0 - style.alpha) * px + style.alpha * np.array(style.color, dtype=np.float32)
+
+
+def _rounded(px: np.ndarray) -> np.ndarray:
+    """float32 pixels rounded (half up) to uint8. A uint8 pixel left untinted comes back as it
+    was (v + 0.5 truncates to v, 255.5 clips to 255), which is why `draw_overlay` converts only
+    the masked pixels of a uint8 image: the same bytes for a fraction of the work."""
+    return np.clip(px + 0.5, 0, 255).astype(np.uint8)
+
+
 def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle, *,
                  halo: RGB | None = None) -> np.ndarray:
     """The image with `mask` tinted and outlined; a copy, (H, W, 3) uint8. `halo`: the outline
@@ -81,10 +94,15 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, style: OverlayStyle, *,
     m = np.asarray(mask, dtype=bool)
     if m.shape != image.shape[:2]:
         raise ValueError(f"mask shape {m.shape} != image shape {image.shape[:2]}")
-    out = image.astype(np.float32)
-    color = np.array(style.color, dtype=np.float32)
-    out[m] = (1.0 - style.alpha) * out[m] + style.alpha * color
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if image.dtype == np.uint8:  # tint only the masked pixels: elsewhere the formula is exact
+        out = np.array(image, order="C")
+        px = out.reshape(m.size, -1)  # a view: pixels in the order of m's flat indices
+        at = np.flatnonzero(m)  # integer indices: several times faster than out[m]
+        px[at] = _rounded(_tinted(px.take(at, axis=0).astype(np.float32), style))
+    else:
+        out = image.astype(np.float32)
+        out[m] = _tinted(out[m], style)
+        out = _rounded(out)
     if m.any():
         contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_NONE)
@@ -132,12 +150,16 @@ def draw_contrasting(image: np.ndarray, mask: np.ndarray,
 
 def crop_box(mask: np.ndarray, style: OverlayStyle) -> tuple[int, int, int, int] | None:
     """(x1, y1, x2, y2) of the zoom view: the mask's box grown by `crop_context`, or None for an
-    empty mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    empty mask. The box comes from the mask's row and column projections (`any`), several
+    times faster than listing every pixel with `np.nonzero`."""
+    m = np.asarray(mask)
+    rows = m.any(axis=1)
+    if not rows.any():
         return None
-    h, w = mask.shape
-    x1, x2, y1, y2 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    cols = m.any(axis=0)
+    h, w = m.shape
+    y1, y2 = int(rows.argmax()), h - int(rows[::-1].argmax())
+    x1, x2 = int(cols.argmax()), w - int(cols[::-1].argmax())
     side = max(x2 - x1, y2 - y1)
     pad = style.crop_context * side
     cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0

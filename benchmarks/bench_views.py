@@ -10,8 +10,9 @@ verifier's (conf/verifier/qwen3vl_32b_thinking.yaml: overlay and crop, JPEG q90)
 runs over every mask in alternating rounds, old then new; CPU is this process's CPU time (OpenCV's
 own threads included), wall the elapsed time, both per mask, the minimum over rounds (the
 median in brackets), so load from others sharing the cores inflates them least. Then the whole
-`view_urls` with OpenCV's default threads and with `cv2.setNumThreads(1)`, one call at a time
-and in a WorkerPool of the cores with every mask submitted at once (as the verifier does).
+`view_urls`, one call at a time, and in a WorkerPool of the cores with every mask submitted at
+once (as the verifier does), with OpenCV's default threads and serial as the verifier's pool
+makes it (`views.serial_opencv`).
 Prints a table; asserts nothing (tests/test_views.py checks the bytes).
 """
 
@@ -37,7 +38,13 @@ import reference_views as ref  # noqa: E402
 
 from rescue.datasets.synthetic import SyntheticDataset  # noqa: E402
 from rescue.models.chat import ImageEncoding  # noqa: E402
-from rescue.models.views import OverlayStyle, crop_box, draw_overlay, render_views  # noqa: E402
+from rescue.models.views import (  # noqa: E402
+    OverlayStyle,
+    crop_box,
+    draw_overlay,
+    render_views,
+    serial_opencv,
+)
 from rescue.models.workers import WorkerPool, cores  # noqa: E402
 
 STYLE = OverlayStyle.from_config({"views": ["overlay", "crop"], "color": [255, 0, 0],
@@ -95,9 +102,10 @@ def compare(name: str, jobs: dict[str, Callable[[], object]], count: int, rounds
               f" {base_cpu / cpu:6.2f}x")
 
 
-def in_pool(fn: Callable[..., object], items: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def in_pool(fn: Callable[..., object], items: list[tuple[np.ndarray, np.ndarray]],
+            initializer: Callable[[], None] | None = None) -> None:
     async def go() -> None:
-        pool = WorkerPool("views-bench")
+        pool = WorkerPool("views-bench", initializer=initializer)
         try:
             await asyncio.gather(*(pool.run(fn, *it) for it in items))
         finally:
@@ -159,9 +167,8 @@ def main() -> None:
         compare("view_urls", {"old": each(old_urls, items), "new": each(new_urls, items)},
                 n, args.rounds, "old")
 
-        def one_thread(job: Callable[[], object]) -> Callable[[], object]:
+        def serial(job: Callable[[], object]) -> Callable[[], object]:
             def run() -> None:
-                cv2.setNumThreads(1)
                 try:
                     job()
                 finally:
@@ -169,14 +176,15 @@ def main() -> None:
             return run
 
         compare("pool", {"old": lambda: in_pool(old_urls, items),
-                         "new": lambda: in_pool(new_urls, items),
-                         "new, cv2 1 thread": one_thread(lambda: in_pool(new_urls, items))},
+                         "new, cv2 default threads": lambda: in_pool(new_urls, items),
+                         "new, serial_opencv": serial(lambda: in_pool(new_urls, items,
+                                                                      serial_opencv))},
                 n, args.rounds, "old")
     finally:
         cv2.setNumThreads(threads)
-    print("view_urls: one mask at a time; pool: every mask at once in a WorkerPool of "
-          f"{cores()} threads. At max_n 64 (~57 distinct masks a sample) multiply by 57 for "
-          "the client CPU a sample.")
+    print("view_urls: one mask at a time (OpenCV's default threads); pool: every mask at once "
+          f"in a WorkerPool of {cores()} threads. At max_n 64 (~57 distinct masks a sample) "
+          "multiply by 57 for the client CPU a sample.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 feed the verifier's cache keys. Each test compares the shipped code with the formulas it
 replaced (tests/reference_views.py) on random and edge-case images and masks."""
 
+import cv2
 import numpy as np
 import pytest
 from reference_views import crop_box as ref_crop_box
@@ -11,7 +12,13 @@ from reference_views import view_urls as ref_view_urls
 
 from rescue.datasets.synthetic import SyntheticDataset
 from rescue.models.chat import ImageEncoding
-from rescue.models.views import OverlayStyle, crop_box, draw_overlay, render_views
+from rescue.models.views import (
+    OverlayStyle,
+    crop_box,
+    draw_overlay,
+    render_views,
+    serial_opencv,
+)
 
 COLORS = [(255, 0, 0), (0, 0, 0), (255, 255, 255), (17, 200, 99), (128, 127, 1)]
 
@@ -141,3 +148,29 @@ def test_data_url_of_grey_and_rgba_equals_the_old_encoding():
         for enc in (ImageEncoding(), ImageEncoding(format="png")):
             assert enc.data_url(img) == ref_data_url(enc, img)
     assert ImageEncoding().data_url(img).startswith("data:image/jpeg;base64,/9j/")
+
+
+def test_serial_opencv_changes_no_view_and_no_synthetic_sample():
+    """`serial_opencv` is process-wide: what else the client draws with OpenCV (the synthetic
+    dataset) must not change either. Compared against 4 OpenCV threads (parallel on any
+    machine, however few its cores)."""
+    enc = ImageEncoding()
+    style = OverlayStyle.from_config({"views": ["overlay", "crop"]})
+    candidates = _candidates()
+
+    def drawn():
+        ds = SyntheticDataset(num_samples=4, seed=0)
+        samples = [ds.load(sid) for sid in ds.sample_ids()]
+        return ([(s.image.tobytes(), s.gt.tobytes()) for s in samples],
+                [tuple(enc.data_url(v) for _, v in render_views(i, m, style))
+                 for i, m in candidates])
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        parallel = drawn()
+        serial_opencv()
+        assert cv2.getNumThreads() == 1
+        assert drawn() == parallel
+    finally:
+        cv2.setNumThreads(before)

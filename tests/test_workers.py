@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import cv2
 import numpy as np
 import orjson
 
@@ -65,6 +66,41 @@ def test_the_memo_keeps_the_most_recent_and_the_pool_the_cores():
     assert (memo.hits, memo.misses) == (3, 1)
     assert WorkerPool("p").workers == cores() >= 1
     assert WorkerPool("p", 3).workers == 3
+
+
+def test_the_pool_runs_its_initializer_in_each_thread_before_any_work():
+    started: list[str] = []
+    pool = WorkerPool("init", 2, initializer=lambda: started.append(
+        threading.current_thread().name))
+
+    def work() -> bool:
+        return threading.current_thread().name in started
+
+    async def go():
+        return await asyncio.gather(*(pool.run(work) for _ in range(8)))
+
+    try:
+        seen = asyncio.run(go())
+    finally:
+        pool.close()
+    assert 1 <= len(started) <= 2 and all(n.startswith("init") for n in started)
+    assert seen == [True] * 8  # each job ran after its own thread's initializer
+
+
+def test_the_verifiers_pool_makes_opencv_serial():
+    """The verifier's pool threads turn OpenCV's own threads off (`views.serial_opencv`:
+    process-wide; the pool already fills the cores)."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(4)
+    v = OpenAIVerifier("m", "http://127.0.0.1:9/v1", "{views} {query}?",
+                       overlay={"views": ["overlay", "crop"]})
+    try:
+        assert cv2.getNumThreads() == 4  # constructing a verifier changes nothing
+        asyncio.run(v.views(_sample(), _mask(2)))
+        assert cv2.getNumThreads() == 1
+    finally:
+        v.pool.close()
+        cv2.setNumThreads(before)
 
 
 # --- untrusted answers are parsed in the pool (issue 14, defect 6) ----------------------------

@@ -28,6 +28,7 @@ from rescue.models.views import (
     describe_marks,
     draw_marks,
     render_views,
+    serial_opencv,
 )
 from rescue.models.workers import Memo, WorkerPool
 from rescue.protocols import Verdict
@@ -138,7 +139,7 @@ class OpenAIVerifier:
         self.chat = ChatEndpoint("verifier", model, base_url, api_key=api_key,
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
-        self.pool = WorkerPool("verifier-work", workers)
+        self.pool = WorkerPool("verifier-work", workers, initializer=serial_opencv)
         self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
 
     @property

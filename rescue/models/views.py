@@ -170,6 +170,19 @@ def crop_box(mask: np.ndarray, style: OverlayStyle) -> tuple[int, int, int, int]
     return bx1, by1, bx2, by2
 
 
+def serial_opencv() -> None:
+    """OpenCV runs each call on its calling thread: `cv2.setNumThreads(1)`, which is
+    process-wide, not per thread. The verifier's WorkerPool runs this as each of its threads
+    starts (so only a process with a real verifier changes it, when its pool first starts). That
+    pool already spreads the views over the cores; OpenCV's own pool on top (the zoom's resize is
+    its one parallel call here) only oversubscribes them: measured on 2 cores
+    (benchmarks/bench_views.py), a view's resize takes ~1.2 ms of CPU serial against ~1.6 ms
+    with OpenCV's 2 threads, every mask's views in the pool ~10% less CPU, the wall equal.
+    Results do not change: OpenCV's parallel loops split rows that are computed
+    independently (tests/test_views.py checks the bytes)."""
+    cv2.setNumThreads(1)
+
+
 def render_views(image: np.ndarray, mask: np.ndarray,
                  style: OverlayStyle) -> list[tuple[str, np.ndarray]]:
     """The configured views, in order. An empty mask has no crop view (the full overlay is

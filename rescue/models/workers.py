@@ -6,7 +6,8 @@ request in flight. PIL's encoders and OpenCV's drawing release the GIL, so threa
 parallel; more threads than cores would only queue. Parsing a model's answer is pure Python and
 holds the GIL, but in a thread it yields to the loop at every switch interval, so a hostile
 answer (up to a second of parsing) delays the other requests by milliseconds, not by the whole
-parse. Each client owns its pool (no global state) and closes it with the client.
+parse. Each client owns its pool (no global state, OpenCV's thread count aside: the verifier's
+pool makes OpenCV serial, `views.serial_opencv`) and closes it with the client.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ def cores() -> int:
 class WorkerPool:
     """A lazily started ThreadPoolExecutor with `workers` threads (default: the cores). Work
     is handed to it earliest sample first (rescue.priority): the executor's own queue is FIFO,
-    so at most `workers` items are queued in it at once."""
+    so at most `workers` items are queued in it at once. `initializer` runs in each thread as
+    it starts (the verifier's: `views.serial_opencv`)."""
 
-    def __init__(self, name: str, workers: int | None = None):
+    def __init__(self, name: str, workers: int | None = None,
+                 initializer: Callable[[], None] | None = None):
         self.name = name
         self.workers = int(workers or cores())
         if self.workers < 1:
             raise ValueError(f"{name}: workers must be >= 1, got {workers}")
+        self.initializer = initializer
         self._pool: ThreadPoolExecutor | None = None
         self._gate: tuple[asyncio.AbstractEventLoop, PrioritySemaphore] | None = None
 
@@ -53,7 +57,8 @@ class WorkerPool:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name,
+                                            initializer=self.initializer)
         async with self._slots():
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 

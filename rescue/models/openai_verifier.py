@@ -178,7 +178,7 @@ class OpenAIVerifier:
         """`view_urls` of a mask, drawn in the worker pool once per (image, mask) however many
         calls show it."""
         m = np.asarray(mask, bool)
-        key = (sample.sample_id, _digest(sample.image), _digest(np.packbits(m)), m.shape)
+        key = (sample.sample_id, sample.image_sha256, _digest(np.packbits(m)), m.shape)
         urls = self._views.get(key)
         if urls is None:
             urls = await self.pool.run(self.view_urls, sample.image, m)

@@ -8,7 +8,7 @@ The real clients (OpenAI planner and verifier, SAM client) with their shipped co
 (experiment=http_synthetic: qwen3vl_8b_instruct, sam3, qwen3vl_32b_thinking) run the pipeline
 on the synthetic dataset against servers of fixed latency and slots, each in its own process:
 the vLLM stand-in (planner 0.2 s, 16 slots; verifier 0.5 s, 32 slots, its images left undecoded
-as a real server's would be decoded on its own machine, its reasoning padded to
+(a real server decodes them on its own machine), its reasoning padded to
 --reasoning-words; with --logprobs-at stream it sends top-20 logprobs on every token as vLLM
 does, with answer (the default) a one-token continuation of 0.05 s follows each reply) and the SAM
 server with a latency backend (0.1 s, --max-in-flight 4 slots). The capacity bound of a run is

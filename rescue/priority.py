@@ -75,3 +75,21 @@ class PrioritySemaphore:
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
+
+
+class Slots:
+    """`value` slots of a `PrioritySemaphore`, one semaphore per event loop: a semaphore is
+    bound to the loop it first waits on, and a client object outlives several `asyncio.run`
+    calls (tests, notebooks). Call it for the running loop's."""
+
+    def __init__(self, value: int):
+        if value < 1:
+            raise ValueError(f"a semaphore needs >= 1 slot, got {value}")
+        self.value = int(value)
+        self._bound: tuple[asyncio.AbstractEventLoop, PrioritySemaphore] | None = None
+
+    def __call__(self) -> PrioritySemaphore:
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            self._bound = (loop, PrioritySemaphore(self.value))
+        return self._bound[1]

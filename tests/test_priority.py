@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from rescue.priority import PrioritySemaphore, current, set_rank
+from rescue.priority import PrioritySemaphore, Slots, current, set_rank
 
 
 def test_waiters_acquire_by_rank_then_arrival():
@@ -97,6 +97,20 @@ def test_a_rank_stays_in_its_task_and_reaches_its_children():
 def test_a_semaphore_needs_a_slot():
     with pytest.raises(ValueError, match=">= 1 slot"):
         PrioritySemaphore(0)
+    with pytest.raises(ValueError, match=">= 1 slot"):
+        Slots(0)
+
+
+def test_slots_are_one_semaphore_per_event_loop():
+    slots = Slots(1)
+
+    async def twice() -> PrioritySemaphore:
+        assert slots() is slots()
+        async with slots():  # a semaphore left held by a dead loop does not bind the next
+            return slots()
+
+    first, second = asyncio.run(twice()), asyncio.run(twice())
+    assert first is not second
 
 
 def test_an_endpoint_and_a_worker_pool_serve_the_earliest_sample_first():

@@ -20,6 +20,7 @@ from rescue import masks
 from rescue.cost import Cost, with_cost
 from rescue.hypothesis import Prompt
 from rescue.models.grounding import MIN_BOX_PX
+from rescue.priority import Slots
 from rescue.protocols import Segmentation
 from rescue.sample import Box, Sample
 
@@ -308,22 +309,15 @@ class ClassicalExecutor:
         self.slack = float(slack)
         self.colour_prior = bool(colour_prior)
         self.max_concurrency = int(max_concurrency)
-        self._sem: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._slots = Slots(self.max_concurrency)
 
     def identity(self) -> Mapping[str, Any]:
         return {"backend": "grabcut", "iterations": self.iterations, "max_side": self.max_side,
                 "context": self.context, "slack": self.slack, "colour_prior": self.colour_prior,
                 "opencv": cv2.__version__}
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        # one per event loop: a semaphore is bound to the loop it first waits on
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem[0] is not loop:
-            self._sem = (loop, asyncio.Semaphore(self.max_concurrency))
-        return self._sem[1]
-
     async def _one(self, image: np.ndarray, prompt: Prompt) -> Segmentation:
-        async with self._semaphore():
+        async with self._slots():
             try:
                 return await asyncio.to_thread(grabcut_segment, image, prompt,
                                                self.iterations, self.max_side, self.context,

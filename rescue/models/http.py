@@ -21,7 +21,7 @@ import orjson
 
 from rescue.failures import RETRYABLE_4XX, TransportError
 from rescue.models.transport import Dropped, Fault, HttpClient, StatusError, Timeout, Unreachable
-from rescue.priority import PrioritySemaphore
+from rescue.priority import Slots
 
 T = TypeVar("T")
 
@@ -173,7 +173,7 @@ class Endpoint:
     """One served model as the client sees it: at most `max_concurrency` requests in flight
     (the earliest sample's first: rescue.priority), retries with backoff, and counters.
 
-    The semaphore is created per event loop, so one client object survives several
+    Its slots are made per event loop (`Slots`), so one client object survives several
     `asyncio.run` calls (tests, notebooks) without binding to a dead loop.
     """
 
@@ -187,19 +187,11 @@ class Endpoint:
         self.max_concurrency = int(max_concurrency)
         self.retry = RetryPolicy.from_config(retry)
         self._rng = rng or random.Random()
-        self._sem: PrioritySemaphore | None = None
-        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self._slots = Slots(self.max_concurrency)
         self._in_flight = 0
         self._counts = {"calls": 0, "requests": 0, "retries": 0, "failures": 0, "ok": 0,
                         "max_in_flight": 0}
         self._seconds = 0.0
-
-    def _semaphore(self) -> PrioritySemaphore:
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem_loop is not loop:
-            self._sem = PrioritySemaphore(self.max_concurrency)
-            self._sem_loop = loop
-        return self._sem
 
     def count(self, key: str, k: int = 1) -> None:
         self._counts[key] = self._counts.get(key, 0) + k
@@ -225,7 +217,7 @@ class Endpoint:
 
     async def _request(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One attempt of `call`: under the concurrency limit, counted and timed."""
-        async with self._semaphore():
+        async with self._slots():
             self._counts["requests"] += 1
             self._in_flight += 1
             self._counts["max_in_flight"] = max(self._counts["max_in_flight"], self._in_flight)

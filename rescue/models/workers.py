@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from rescue.priority import PrioritySemaphore
+from rescue.priority import Slots
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -47,13 +47,7 @@ class WorkerPool:
             raise ValueError(f"{name}: workers must be >= 1, got {workers}")
         self.initializer = initializer
         self._pool: ThreadPoolExecutor | None = None
-        self._gate: tuple[asyncio.AbstractEventLoop, PrioritySemaphore] | None = None
-
-    def _slots(self) -> PrioritySemaphore:
-        loop = asyncio.get_running_loop()
-        if self._gate is None or self._gate[0] is not loop:
-            self._gate = (loop, PrioritySemaphore(self.workers))
-        return self._gate[1]
+        self._slots = Slots(self.workers)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pool is None:

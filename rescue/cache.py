@@ -6,9 +6,10 @@ as one JSON line appended to a segment file owned by the writing process:
     <root>/<stage>/<writer>.jsonl      {"k": <key>, "v": <value>, "what": <description>}
     <root>/<stage>/claims              <key> <writer>.jsonl <offset> <length>   (writers' log)
 
-Why segments: one O_APPEND write per entry is atomic for practical purposes, a killed writer can
-only tear its own last line (skipped on read), and several processes (a Hydra multirun, SLURM
-array jobs) share one directory because no two write the same file. Readers pick up entries
+Why segments: one O_APPEND write per model request (all its answers) is atomic for practical
+purposes, a killed writer can only tear its own last lines (skipped on read), and several
+processes (a Hydra multirun, SLURM array jobs) share one directory because no two write the
+same file. Readers pick up entries
 other processes append while they run by tailing segments on a miss; readers never lock. A
 write takes the stage's lock for one check-and-append, so the first answer stored for a key is
 the only one, and the one its writer goes on with (`put` returns it). Many small entries live in
@@ -31,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def make_key(fields: Mapping[str, Any]) -> str:
 
 _KEY_PREFIX = b'{"k":"'
 _KEY_END = len(_KEY_PREFIX) + 64
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (opened O_APPEND): one system call unless the kernel takes
+    only part of it (a full disk, a huge batch), then the rest follows."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _key_of(line: bytes) -> str | None:
@@ -168,50 +177,76 @@ class Cache:
     # -- writing -----------------------------------------------------------------------------
     def put(self, stage: str, key: str, value: Any, what: str = "") -> Any:
         """Store `value` under `key` unless another writer stored it first; return the value
-        the cache serves for `key` from now on: the first answer wins, for its writer too.
+        the cache serves for `key` from now on (`put_many` of one entry)."""
+        return self.put_many(stage, [(key, value, what)])[0]
+
+    def put_many(self, stage: str, entries: Sequence[tuple[str, Any, str]]) -> list[Any]:
+        """Store each `(key, value, what)` unless another writer stored its key first; return
+        the values the cache serves for those keys from now on: the first answer wins, for
+        its writer too.
+
+        The new entries go to the segment in one append, so the answers of one model request
+        (the n hypotheses of a plan call) survive a kill together or not at all: a resumed run
+        then asks for the same requests an uninterrupted one did, and each answer's share of
+        its request's cost (the prompt, paid by the request's first child) is the same.
 
         Two jobs computing one key with a non-deterministic model (real vLLM is not bitwise
         reproducible) must not each keep their own answer: the loser's records would describe
         what no reader is ever served. So every writer, under the stage's lock (`flock` on
         `<stage>/.lock`), reads the stage's claims log (`<stage>/claims`: one line per key
-        stored, naming its segment line) from where it last stopped, and appends its entry
-        and its claim only when no claim names the key. A write costs one short read of that
+        stored, naming its segment line) from where it last stopped, and appends its entries
+        and their claims only for keys no claim names. A write costs one short read of that
         log, not a look at every segment. Where the file system refuses `flock` (Lustre
         without `-o flock`) writes go on unlocked, with a warning: two racing writers may then
         both store a key, and readers take the first segment's, as before.
         """
         if self.offline:
             raise RuntimeError("offline cache is read-only")
-        line = (json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
-                           allow_nan=False) + "\n").encode()
+        lines = [(json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
+                             allow_nan=False) + "\n").encode() for key, value, what in entries]
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{self.writer}.jsonl"
         seg = self._segments(stage)
+        out: list[Any] = [value for _, value, _ in entries]
+        new: dict[str, int] = {}  # key -> its position in `entries`, for keys stored now
         with self._stage_lock(folder):
-            first = self._claims(stage, seg).get(key) or seg.entries.get(key)
-            if first is not None:
-                won = self._read(stage, first)
+            claims = self._claims(stage, seg)
+            for i, (key, _, _) in enumerate(entries):
+                if key in new:  # asked twice in one call: the first one wins here too
+                    out[i] = out[new[key]]
+                    continue
+                first = claims.get(key) or seg.entries.get(key)
+                won = self._read(stage, first) if first is not None else None
                 if won is not None:
                     self.counts[f"{stage}.lost"] += 1
                     seg.entries[key] = first
-                    return won
+                    out[i] = won
+                else:
+                    new[key] = i
+            if not new:
+                return out
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                os.write(fd, line)
+                _append(fd, b"".join(lines[i] for i in new.values()))
                 end = os.fstat(fd).st_size  # this process is the segment's only writer
             finally:
                 os.close(fd)
-            where = (name, end - len(line), len(line) - 1)
+            where: dict[str, tuple[str, int, int]] = {}
+            offset = end - sum(len(lines[i]) for i in new.values())
+            for key, i in new.items():
+                where[key] = (name, offset, len(lines[i]) - 1)
+                offset += len(lines[i])
             claim = os.open(folder / CLAIMS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                os.write(claim, f"{key} {where[0]} {where[1]} {where[2]}\n".encode())
+                _append(claim, "".join(f"{k} {w[0]} {w[1]} {w[2]}\n"
+                                       for k, w in where.items()).encode())
             finally:
                 os.close(claim)
-        seg.entries[key] = where
+        seg.entries.update(where)
         seg.offsets[name] = end  # all of this segment is indexed: a rescan skips it
-        self.counts[f"{stage}.write"] += 1
-        return value
+        self.counts[f"{stage}.write"] += len(new)
+        return out
 
     @contextlib.contextmanager
     def _stage_lock(self, folder: Path) -> Iterator[None]:

@@ -9,6 +9,8 @@ analysis tools read masks back with no model identity and no prompt.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from rescue import masks
@@ -31,9 +33,16 @@ class MaskStore:
     def put(self, digest: str, rle: masks.Rle) -> None:
         """Keep `rle` under `digest` unless it is kept already (content-addressed: a second
         copy written by a racing process is the same mask)."""
-        key = _key(digest)
-        if not self.cache.offline and not self.cache.has(STAGE, key):
-            self.cache.put(STAGE, key, {"digest": digest, "rle": dict(rle)}, digest)
+        self.put_many({digest: rle})
+
+    def put_many(self, rles: Mapping[str, masks.Rle]) -> None:
+        """`put` for each digest -> mask of `rles`, in one cache append."""
+        if self.cache.offline:
+            return
+        new = [(key, {"digest": d, "rle": dict(rle)}, d) for d, rle in rles.items()
+               if not self.cache.has(STAGE, key := _key(d))]
+        if new:
+            self.cache.put_many(STAGE, new)
 
     def get(self, digest: str) -> np.ndarray | None:
         """The mask, or None when the store does not hold it."""

@@ -240,9 +240,12 @@ class Pipeline:
         return out
 
     def _store(self, spec: CachedCall[T, V], answers: Iterable[tuple[T, V]]) -> dict[T, V]:
-        """Cache each answer and return it as read back from the cache, so a fresh run and a
+        """Cache the answers of one request together (`Cache.put_many`: a kill keeps all or
+        none of them) and return each as read back from the cache, so a fresh run and a
         resumed one continue from the same bits."""
-        out: dict[T, V] = {}
+        items: list[T] = []
+        values: list[Any] = []
+        loaded: list[V] = []
         for item, v in answers:
             self.stats.add_cost(spec.stage, [v], spent=True)
             value = _storable(spec.dump(v))
@@ -253,11 +256,17 @@ class Pipeline:
                     raise
                 value = spec.dump(spec.salvage(v, exc))
                 back = spec.load(value)
-            won = self.cache.put(spec.stage, spec.key(item), value, spec.label(item))
-            # another job stored this key first: go on with its answer, the one every reader
-            # of the cache is served, so this run's records describe what the cache holds
-            out[item] = back if won is value else spec.load(won)
-        return out
+            items.append(item)
+            values.append(value)
+            loaded.append(back)
+        if not items:
+            return {}
+        won = self.cache.put_many(spec.stage, [(spec.key(item), value, spec.label(item))
+                                               for item, value in zip(items, values, strict=True)])
+        # another job stored a key first: go on with its answer, the one every reader of the
+        # cache is served, so this run's records describe what the cache holds
+        return {item: back if w is value else spec.load(w)
+                for item, value, back, w in zip(items, values, loaded, won, strict=True)}
 
     # -- the three stages ---------------------------------------------------------------------
     def _plans(self, sample: Sample) -> CachedCall[int, Hypothesis]:
@@ -380,8 +389,7 @@ class Pipeline:
         self._bars.grow("execute", len(unique_prompts))
         segs = await self._cached(self._executions(sample), list(unique_prompts.values()))
         found = scoring.check_masks(sample, dict(zip(unique_prompts, segs, strict=True)))
-        for d, rle in found.rles.items():
-            self.masks.put(d, rle)
+        self.masks.put_many(found.rles)
         self.truths[sample.sample_id] = SampleTruth.of(sample, found.rles)
         with_mask = sum(1 for h in valid if h.prompt.key in found.digest_of)
         digests = list(found.decoded)

@@ -121,6 +121,27 @@ def test_put_returns_the_stored_answer_and_a_late_writer_gets_the_first(tmp_path
     assert late.stats() == {"plan.hit": 1, "plan.lost": 1}
 
 
+def test_put_many_appends_one_requests_answers_at_once(tmp_path, monkeypatch):
+    from rescue import cache as cache_mod
+
+    early, late = Cache(tmp_path), Cache(tmp_path, rescan_interval=1e9)
+    assert len(late) == 0
+    early.put("plan", "k1", {"v": "early"})
+    writes: list[bytes] = []
+    real = cache_mod._append
+    monkeypatch.setattr(cache_mod, "_append", lambda fd, data: (writes.append(data),
+                                                                real(fd, data)))
+    got = late.put_many("plan", [("k0", {"v": 0}, "a"), ("k1", {"v": 1}, "b"),
+                                 ("k2", {"v": 2}, "c"), ("k0", {"v": 9}, "a again")])
+    assert got == [{"v": 0}, {"v": "early"}, {"v": 2}, {"v": 0}]
+    assert len(writes) == 2  # the segment's lines, then their claims: one append each
+    assert writes[0].count(b"\n") == 2 and writes[1].count(b"\n") == 2
+    fresh = Cache(tmp_path)
+    assert [fresh.get("plan", k) for k in ("k0", "k1", "k2")] == [{"v": 0}, {"v": "early"},
+                                                                   {"v": 2}]
+    assert late.stats() == {"plan.lost": 1, "plan.write": 2}
+
+
 def test_memory_holds_an_index_and_values_are_read_back_from_disk(tmp_path):
     c = Cache(tmp_path)
     c.put("verify", "k" * 64, {"reasoning": "long " * 1000})

@@ -285,3 +285,44 @@ def test_a_job_that_loses_a_race_goes_on_with_the_answer_the_cache_serves(tmp_pa
                      max_n=4, progress=False)
     assert [dumps(r) for r in asyncio.run(fresh.run(OneSample(), ["a", "b"]))] == \
         [dumps(r) for r in first]
+
+
+class Killed(BaseException):
+    """A SIGKILL, in-process: nothing catches it and nothing is written after it."""
+
+
+def test_a_kill_at_any_cache_write_resumes_to_the_uninterrupted_records(tmp_path, monkeypatch):
+    """The prompt of a request is paid by its first child: had a kill kept only some answers
+    of a plan request, the resumed run would ask for the rest in a new request and charge its
+    prompt to another hypothesis. Killing before every cache append in turn, the resumed run's
+    records always equal the uninterrupted run's."""
+    from rescue import cache as cache_mod
+    from rescue.models.simulated import SimulatedPlanner
+
+    real = cache_mod._append
+    appends: list[int] = []
+
+    def counting(fd, data):
+        appends.append(len(data))
+        real(fd, data)
+
+    monkeypatch.setattr(cache_mod, "_append", counting)
+    reference, _ = _run(tmp_path / "reference", SimulatedPlanner(), BoxExecutor(),
+                        AreaVerifier(), max_n=8)
+    assert len(appends) >= 8  # segment and claims, per stage and sample: many kill points
+    for k in range(len(appends)):
+        calls = [0]
+
+        def dying(fd, data, calls=calls, k=k):
+            calls[0] += 1
+            if calls[0] > k:
+                raise Killed
+            real(fd, data)
+
+        monkeypatch.setattr(cache_mod, "_append", dying)
+        with pytest.raises(Killed):
+            _run(tmp_path / f"killed{k}", SimulatedPlanner(), BoxExecutor(), AreaVerifier(), 8)
+        monkeypatch.setattr(cache_mod, "_append", real)
+        resumed, _ = _run(tmp_path / f"killed{k}", SimulatedPlanner(), BoxExecutor(),
+                          AreaVerifier(), 8)
+        assert [dumps(r) for r in resumed] == [dumps(r) for r in reference], f"killed at {k}"

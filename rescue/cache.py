@@ -31,6 +31,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,29 @@ class _Segments:
     claims_offset: int = 0
 
 
+@dataclass
+class _Files:
+    """This process's open files of one stage, kept open between writes (a write is then a
+    lock, a read of the claims log and two appends: no open, stat or mkdir)."""
+
+    lock: int
+    segment: int  # this writer's own segment, O_APPEND
+    claims: int  # the claims log, O_APPEND
+    claims_in: int  # the claims log, for reading
+    end: int  # the segment's size: this process is its only writer
+
+    def close(self) -> None:
+        for fd in (self.lock, self.segment, self.claims, self.claims_in):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _close_all(files: dict[str, _Files]) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()
+
+
 class Cache:
     """A shared, append-only store of stage results.
 
@@ -105,10 +129,21 @@ class Cache:
         self.root = Path(root)
         self.offline = offline
         self.rescan_interval = rescan_interval
-        self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stages: dict[str, _Segments] = {}
         self.counts: Counter[str] = Counter()
         self._unlocked_warned = False
+        self._files: dict[str, _Files] = {}
+        weakref.finalize(self, _close_all, self._files)
+        self._new_writer()
+
+    def _new_writer(self) -> None:
+        self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._pid = os.getpid()
+        _close_all(self._files)
+
+    def close(self) -> None:
+        """Close the files kept open for writing (they reopen on the next write)."""
+        _close_all(self._files)
 
     # -- reading -----------------------------------------------------------------------------
     def _scan(self, stage: str) -> _Segments:
@@ -204,14 +239,12 @@ class Cache:
             raise RuntimeError("offline cache is read-only")
         lines = [(json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
                              allow_nan=False) + "\n").encode() for key, value, what in entries]
-        folder = self.root / stage
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{self.writer}.jsonl"
+        files = self._open(stage)
         seg = self._segments(stage)
         out: list[Any] = [value for _, value, _ in entries]
         new: dict[str, int] = {}  # key -> its position in `entries`, for keys stored now
-        with self._stage_lock(folder):
-            claims = self._claims(stage, seg)
+        with self._stage_lock(files.lock, stage):
+            claims = self._claims(files.claims_in, seg)
             for i, (key, _, _) in enumerate(entries):
                 if key in new:  # asked twice in one call: the first one wins here too
                     out[i] = out[new[key]]
@@ -226,60 +259,81 @@ class Cache:
                     new[key] = i
             if not new:
                 return out
-            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                _append(fd, b"".join(lines[i] for i in new.values()))
-                end = os.fstat(fd).st_size  # this process is the segment's only writer
-            finally:
-                os.close(fd)
             where: dict[str, tuple[str, int, int]] = {}
-            offset = end - sum(len(lines[i]) for i in new.values())
+            offset = files.end
             for key, i in new.items():
-                where[key] = (name, offset, len(lines[i]) - 1)
+                where[key] = (self.writer + ".jsonl", offset, len(lines[i]) - 1)
                 offset += len(lines[i])
-            claim = os.open(folder / CLAIMS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                _append(claim, "".join(f"{k} {w[0]} {w[1]} {w[2]}\n"
-                                       for k, w in where.items()).encode())
-            finally:
-                os.close(claim)
+                _append(files.segment, b"".join(lines[i] for i in new.values()))
+                files.end = offset
+                _append(files.claims, "".join(f"{k} {w[0]} {w[1]} {w[2]}\n"
+                                              for k, w in where.items()).encode())
+            except BaseException:
+                self._files.pop(stage).close()  # the segment's size is unknown: reopen it
+                raise
         seg.entries.update(where)
-        seg.offsets[name] = end  # all of this segment is indexed: a rescan skips it
+        seg.offsets[self.writer + ".jsonl"] = files.end  # all of it indexed: a rescan skips it
         self.counts[f"{stage}.write"] += len(new)
         return out
 
-    @contextlib.contextmanager
-    def _stage_lock(self, folder: Path) -> Iterator[None]:
-        fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
+    def _open(self, stage: str) -> _Files:
+        """The stage's open files; a forked child gets its own segment (and writer name)."""
+        if os.getpid() != self._pid:
+            self._new_writer()
+        files = self._files.get(stage)
+        if files is None:
+            folder = self.root / stage
+            folder.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            opened: list[int] = []
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                if not self._unlocked_warned:
-                    log.warning("cache %s: the file system refuses flock (%s); writes go on "
-                                "unlocked, so racing jobs may each store one key", folder, exc)
-                    self._unlocked_warned = True
+                for path, mode in ((".lock", os.O_WRONLY | os.O_CREAT),
+                                   (f"{self.writer}.jsonl", flags), (CLAIMS, flags),
+                                   (CLAIMS, os.O_RDONLY)):
+                    opened.append(os.open(folder / path, mode, 0o644))
+            except BaseException:
+                for fd in opened:
+                    os.close(fd)
+                raise
+            files = _Files(*opened, end=os.fstat(opened[1]).st_size)
+            self._files[stage] = files
+        return files
+
+    @contextlib.contextmanager
+    def _stage_lock(self, fd: int, stage: str) -> Iterator[None]:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if not self._unlocked_warned:
+                log.warning("cache %s: the file system refuses flock (%s); writes go on "
+                            "unlocked, so racing jobs may each store one key",
+                            self.root / stage, exc)
+                self._unlocked_warned = True
+        try:
             yield
         finally:
-            os.close(fd)  # releases the lock
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _claims(self, stage: str, seg: _Segments) -> dict[str, tuple[str, int, int]]:
+    def _claims(self, fd: int, seg: _Segments) -> dict[str, tuple[str, int, int]]:
         """The claims appended since this process last read them, added to `seg.claims`."""
-        try:
-            with open(self.root / stage / CLAIMS, "rb") as f:
-                f.seek(seg.claims_offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return seg.claims
+        parts = []
+        while True:
+            chunk = os.pread(fd, 1 << 20, seg.claims_offset + sum(len(p) for p in parts))
+            parts.append(chunk)
+            if len(chunk) < 1 << 20:
+                break
+        chunk = b"".join(parts)
         end = chunk.rfind(b"\n") + 1  # whole lines only
         for raw in chunk[:end].splitlines():
-            parts = raw.split(b" ")
-            if len(parts) == 4:
+            fields = raw.split(b" ")
+            if len(fields) == 4:
                 try:
-                    where = (parts[1].decode(), int(parts[2]), int(parts[3]))
+                    where = (fields[1].decode(), int(fields[2]), int(fields[3]))
                 except ValueError:
                     continue  # a line torn by a crash: its writer's entry is in its segment
-                seg.claims.setdefault(parts[0].decode(), where)
+                seg.claims.setdefault(fields[0].decode(), where)
         seg.claims_offset += end
         return seg.claims
 

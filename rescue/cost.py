@@ -46,17 +46,20 @@ class Cost:
 
     def __add__(self, other: Cost) -> Cost:
         # seconds kept to the microsecond, as stored: a sum is then the same in any order
-        kw: dict[str, Any] = {f.name: getattr(self, f.name) + getattr(other, f.name)
-                              for f in fields(self) if f.type == "int"}
-        kw.update({f.name: round(getattr(self, f.name) + getattr(other, f.name), 6)
-                   for f in fields(self) if f.type == "float"})
+        kw: dict[str, Any] = {k: getattr(self, k) + getattr(other, k) for k in _INTS}
+        for k in _FLOATS:
+            kw[k] = round(getattr(self, k) + getattr(other, k), 6)
         return Cost(**kw, simulated=self.simulated or other.simulated,
                     estimated=self.estimated or other.estimated)
 
     def to_json(self) -> dict[str, Any]:
         """Only what is set, so an answer's meta stays short."""
-        return {k: (round(v, 6) if isinstance(v, float) else v)
-                for k, v in asdict(self).items() if v}
+        out: dict[str, Any] = {}
+        for k in _FIELDS:
+            v = getattr(self, k)
+            if v:
+                out[k] = round(v, 6) if isinstance(v, float) else v
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> Cost:
@@ -77,7 +80,11 @@ class Cost:
 
 
 _COST_FIELDS = {f.name: f.type for f in fields(Cost)}
-"""`Cost`'s field names and types, read once (a study reads thousands of costs)."""
+"""`Cost`'s field names and types, read once (a study reads thousands of costs, and a run adds
+one up per answer)."""
+_FIELDS = tuple(_COST_FIELDS)
+_INTS = tuple(k for k, t in _COST_FIELDS.items() if t == "int")
+_FLOATS = tuple(k for k, t in _COST_FIELDS.items() if t == "float")
 
 
 def total(costs: Sequence[Cost]) -> Cost:

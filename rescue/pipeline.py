@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import orjson
 
 from rescue import arena, cost, listwise, records, scoring
 from rescue.cache import Cache, CacheMiss, make_key
@@ -122,10 +123,20 @@ def _plain(obj: Any) -> Any:
     return obj.tolist() if isinstance(obj, np.generic | np.ndarray) else str(obj)
 
 
+_ORJSON_OPTS = (orjson.OPT_PASSTHROUGH_DATACLASS
+                | orjson.OPT_PASSTHROUGH_DATETIME)
+
+
 def _storable(value: Any) -> Any:
     """A model's answer as the cache stores it, standard JSON (numpy numbers plain, NaN and inf
-    null), so a fresh run continues from exactly what a resumed one reads back."""
-    return records.json_safe(json.loads(json.dumps(value, default=_plain)))
+    null), so a fresh run continues from exactly what a resumed one reads back. orjson does it
+    in one pass (it writes NaN and inf as null); what it refuses (a lone surrogate in a
+    model's text, an integer past 64 bits, a key that is not a string) takes the standard
+    library's way (the one difference left: an Enum is stored as its value, not its str)."""
+    try:
+        return orjson.loads(orjson.dumps(value, default=_plain, option=_ORJSON_OPTS))
+    except (orjson.JSONEncodeError, orjson.JSONDecodeError):
+        return records.json_safe(json.loads(json.dumps(value, default=_plain)))
 
 
 class Pipeline:

@@ -81,6 +81,27 @@ def test_several_processes_share_one_directory(tmp_path):
     assert len(list((tmp_path / "execute").glob("*.jsonl"))) == 4
 
 
+def _child_writes(cache, key):
+    cache.put("plan", key, {"by": "child"})
+
+
+def test_a_forked_child_writes_its_own_segment_not_its_parents_open_one(tmp_path):
+    c = Cache(tmp_path)
+    c.put("plan", "parent-0", {"by": "parent"})  # the parent's files are open now
+    child = mp.get_context("fork").Process(target=_child_writes, args=(c, "child-0"))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    c.put("plan", "parent-1", {"by": "parent"})
+    assert len(list((tmp_path / "plan").glob("*.jsonl"))) == 2
+    fresh = Cache(tmp_path)
+    assert [fresh.get("plan", k) for k in ("parent-0", "child-0", "parent-1")] == \
+        [{"by": "parent"}, {"by": "child"}, {"by": "parent"}]
+    c.close()
+    c.put("plan", "parent-2", {"by": "parent"})  # closed files reopen on the next write
+    assert Cache(tmp_path).get("plan", "parent-2") == {"by": "parent"}
+
+
 def _racer(root, start, keys, out):
     """A non-deterministic writer: a fresh random answer for every key, the same keys as the
     other racers, all released at once."""

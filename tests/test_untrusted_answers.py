@@ -171,3 +171,32 @@ def test_records_of_a_newer_version_still_read():
          "candidates": [{"index": 0, "iou": 0.5, "another_new_field": [1]}]}
     r = SampleRecord.from_json(d)
     assert r.candidates[0].iou == 0.5 and not hasattr(r, "field_from_the_future")
+
+
+def test_an_answer_is_stored_as_the_standard_library_would_write_it():
+    """`_storable` takes orjson's one pass, and the standard library's way where orjson
+    refuses: either gives the same plain values (NaN and inf null, numpy plain, tuples lists,
+    non-string keys strings, unknown objects their str)."""
+    import dataclasses
+    import datetime
+    import json
+
+    from rescue import records
+    from rescue.pipeline import _plain, _storable
+
+    @dataclasses.dataclass
+    class Opaque:
+        x: int = 1
+
+    answer = {"nan": float("nan"), "inf": [1, 2.5, float("-inf")], "tuple": (1, (2, 3)),
+              "f32": np.float32(0.1), "f64": np.float64(0.1), "i64": np.int64(7),
+              "array": np.array([np.nan, 1.5], np.float32), "bool": np.bool_(True),
+              "surrogate": "\ud800 lone", "int_key": {1: 2}, "big": 2 ** 70, "text": "ü",
+              "neg_zero": -0.0, "tiny": 1e-7, "opaque": Opaque(),
+              "when": datetime.datetime(2026, 12, 7), "none": None}
+    reference = records.json_safe(json.loads(json.dumps(answer, default=_plain)))
+    got = _storable(answer)
+    assert json.dumps(got) == json.dumps(reference)
+    assert got["nan"] is None and got["surrogate"] == "\ud800 lone" and got["big"] == 2 ** 70
+    for key, value in answer.items():  # each one alone: the fast path where orjson takes it
+        assert json.dumps(_storable({key: value})) == json.dumps({key: reference[key]}), key

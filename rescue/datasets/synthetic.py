@@ -12,6 +12,7 @@ keeps only those whose intended set is the only one that matches, with margins (
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,17 +72,19 @@ class SceneObject:
     shape: str
     colour: str
     visible: np.ndarray  # (H, W) bool: the pixels of this object left after occlusion
+    # area, centroid and box are computed once: the query generators ask for them in nested
+    # loops over every pair of objects (most of a scene's CPU when they were recomputed)
 
-    @property
+    @functools.cached_property
     def area(self) -> int:
         return int(self.visible.sum())
 
-    @property
+    @functools.cached_property
     def centroid(self) -> tuple[float, float]:
         ys, xs = np.nonzero(self.visible)
         return float(xs.mean()), float(ys.mean())
 
-    @property
+    @functools.cached_property
     def box(self) -> Box:
         b = masks.bbox(self.visible)
         assert b is not None  # MIN_VISIBLE guarantees pixels

@@ -66,7 +66,8 @@ async def _generate(cfg: DictConfig, models: Models, dataset: Dataset, ids: list
                                            settings.consensus_draws))
         partial = RunDir(out_dir).partial_records_file
         partial.unlink(missing_ok=True)
-        recs = await pipe.run(dataset, ids, partial=partial)
+        partial.touch()  # there from the start: a run stopped before any sample finished
+        recs = await pipe.run(dataset, ids, partial=partial)  # leaves it empty, not absent
         return recs, pipe, models.endpoint_stats()
 
 

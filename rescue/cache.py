@@ -9,11 +9,11 @@ as one JSON line appended to a segment file owned by the writing process:
 Why segments: one O_APPEND write per model request (all its answers) is atomic for practical
 purposes, a killed writer can only tear its own last lines (skipped on read), and several
 processes (a Hydra multirun, SLURM array jobs) share one directory because no two write the
-same file. Readers pick up entries
-other processes append while they run by tailing segments on a miss; readers never lock. A
-write takes the stage's lock for one check-and-append, so the first answer stored for a key is
-the only one, and the one its writer goes on with (`put` returns it). Many small entries live in
-few files, which network file systems prefer to one file per mask.
+same file. Readers pick up entries other processes append while they run by tailing segments
+on a miss; readers never lock. A write takes the stage's lock for one check-and-append, so the
+first answer stored for a key is the only one, and the one its writer goes on with (`put`
+returns it). Many small entries live in few files, which network file systems prefer to one
+file per mask.
 
 Memory holds an index, not the values: key -> (segment, offset, length), about 100 bytes an
 entry, so a job of a large sweep can open a cache of millions of entries (verdicts carry a
@@ -259,10 +259,11 @@ class Cache:
                     new[key] = i
             if not new:
                 return out
+            name = f"{self.writer}.jsonl"
             where: dict[str, tuple[str, int, int]] = {}
             offset = files.end
             for key, i in new.items():
-                where[key] = (self.writer + ".jsonl", offset, len(lines[i]) - 1)
+                where[key] = (name, offset, len(lines[i]) - 1)
                 offset += len(lines[i])
             try:
                 _append(files.segment, b"".join(lines[i] for i in new.values()))
@@ -273,7 +274,7 @@ class Cache:
                 self._files.pop(stage).close()  # the segment's size is unknown: reopen it
                 raise
         seg.entries.update(where)
-        seg.offsets[self.writer + ".jsonl"] = files.end  # all of it indexed: a rescan skips it
+        seg.offsets[name] = files.end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += len(new)
         return out
 
@@ -318,11 +319,12 @@ class Cache:
 
     def _claims(self, fd: int, seg: _Segments) -> dict[str, tuple[str, int, int]]:
         """The claims appended since this process last read them, added to `seg.claims`."""
-        parts = []
+        parts, at = [], seg.claims_offset
         while True:
-            chunk = os.pread(fd, 1 << 20, seg.claims_offset + sum(len(p) for p in parts))
-            parts.append(chunk)
-            if len(chunk) < 1 << 20:
+            part = os.pread(fd, 1 << 20, at)
+            parts.append(part)
+            at += len(part)
+            if len(part) < 1 << 20:
                 break
         chunk = b"".join(parts)
         end = chunk.rfind(b"\n") + 1  # whole lines only

@@ -30,13 +30,9 @@ class MaskStore:
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
 
-    def put(self, digest: str, rle: masks.Rle) -> None:
-        """Keep `rle` under `digest` unless it is kept already (content-addressed: a second
-        copy written by a racing process is the same mask)."""
-        self.put_many({digest: rle})
-
     def put_many(self, rles: Mapping[str, masks.Rle]) -> None:
-        """`put` for each digest -> mask of `rles`, in one cache append."""
+        """Keep each digest -> mask of `rles` not kept already, in one cache append
+        (content-addressed: a second copy written by a racing process is the same mask)."""
         if self.cache.offline:
             return
         new = [(key, {"digest": d, "rle": dict(rle)}, d) for d, rle in rles.items()

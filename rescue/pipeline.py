@@ -135,7 +135,7 @@ def _storable(value: Any) -> Any:
     library's way (the one difference left: an Enum is stored as its value, not its str)."""
     try:
         return orjson.loads(orjson.dumps(value, default=_plain, option=_ORJSON_OPTS))
-    except (orjson.JSONEncodeError, orjson.JSONDecodeError):
+    except orjson.JSONEncodeError:
         return records.json_safe(json.loads(json.dumps(value, default=_plain)))
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from rescue.errors import UserError
 
 STAGES = ("plan", "execute", "verify")
@@ -54,10 +56,31 @@ class CacheMiss(UserError, LookupError):
         self.stage, self.what, self.key = stage, what, key
 
 
+def canonical_json(value: Any) -> str:
+    """The JSON a key hashes: sorted keys, no whitespace, anything else as its str."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A value already in `canonical_json`, for a part every key of a run repeats (a model's
+    identity: its prompts and sampling, a few kB): serialised once, not once a key."""
+
+    json: str
+
+    @classmethod
+    def of(cls, value: Any) -> Canonical:
+        return cls(canonical_json(value))
+
+
 def make_key(fields: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of `fields` (sorted keys, no whitespace)."""
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """sha256 of the canonical JSON of `fields` (sorted keys, no whitespace). A `Canonical`
+    value is spliced in as it is: the blob, and so the key, is the same as for its value."""
+    if not all(isinstance(k, str) for k in fields):
+        raise TypeError(f"cache key fields are named by strings, got {sorted(map(repr, fields))}")
+    parts = [f"{json.dumps(k)}:{v.json if isinstance(v, Canonical) else canonical_json(v)}"
+             for k, v in sorted(fields.items())]
+    return hashlib.sha256(("{" + ",".join(parts) + "}").encode()).hexdigest()
 
 
 _KEY_PREFIX = b'{"k":"'
@@ -72,12 +95,30 @@ def _append(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _line(entry: Mapping[str, Any]) -> bytes:
+    """A segment line: compact JSON, UTF-8, NaN and inf as null (values come normalised so,
+    `pipeline._storable`: a writer goes on with what its readers get). What orjson cannot
+    write (a lone surrogate in a model's text, an integer past 64 bits) the standard library
+    writes, escaped."""
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        return (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def _loads(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:  # escaped lone surrogates, integers past 64 bits
+        return json.loads(line)
+
+
 def _key_of(line: bytes) -> str | None:
     """The key of a segment line without parsing its value (lines start {"k":"<64 hex>")."""
     if line.startswith(_KEY_PREFIX) and line[_KEY_END:_KEY_END + 1] == b'"':
         return line[len(_KEY_PREFIX):_KEY_END].decode("ascii", "replace")
     try:
-        return str(json.loads(line)["k"])
+        return str(_loads(line)["k"])
     except (ValueError, KeyError, TypeError):
         return None  # a line torn by a crash in the middle of a file
 
@@ -182,7 +223,7 @@ class Cache:
         try:
             with open(self.root / stage / name, "rb") as f:
                 line = os.pread(f.fileno(), length, offset)
-            return json.loads(line)["v"]
+            return _loads(line)["v"]
         except (OSError, ValueError, KeyError, TypeError):
             return None  # a corrupt line reads as a miss: the answer is computed again
 
@@ -237,8 +278,7 @@ class Cache:
         """
         if self.offline:
             raise RuntimeError("offline cache is read-only")
-        lines = [(json.dumps({"k": key, "v": value, "what": what}, separators=(",", ":"),
-                             allow_nan=False) + "\n").encode() for key, value, what in entries]
+        lines = [_line({"k": key, "v": value, "what": what}) for key, value, what in entries]
         files = self._open(stage)
         seg = self._segments(stage)
         out: list[Any] = [value for _, value, _ in entries]

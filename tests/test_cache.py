@@ -1,11 +1,12 @@
 """The cache: keys, torn lines, several writers, offline misses."""
 
+import hashlib
 import json
 import multiprocessing as mp
 
 import pytest
 
-from rescue.cache import Cache, CacheMiss, make_key
+from rescue.cache import Cache, CacheMiss, Canonical, make_key
 
 
 def test_key_is_canonical_and_sensitive():
@@ -13,6 +14,43 @@ def test_key_is_canonical_and_sensitive():
     assert a == make_key({"index": 3, "model": {"t": 0.7, "name": "q"}})
     assert a != make_key({"index": 4, "model": {"name": "q", "t": 0.7}})
     assert a != make_key({"index": 3, "model": {"name": "q", "t": 0.8}})
+
+
+def _value(rng, depth=0):
+    kinds = ["int", "float", "str", "bool", "none", "path"] + (["list", "dict"] if depth < 3
+                                                               else [])
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.randint(-10**20, 10**20)
+    if kind == "float":
+        return rng.choice([0.1, 1e16, -2.5e-7, 0.7, float(rng.random())])
+    if kind == "str":
+        return "".join(rng.choice("aZ é\"\\\n😀{},:") for _ in range(rng.randint(0, 6)))
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "none":
+        return None
+    if kind == "path":  # not JSON: keys take its str
+        import pathlib
+        return pathlib.Path("/tmp/x")
+    if kind == "list":
+        return [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {f"k{rng.randint(0, 9)}é": _value(rng, depth + 1)
+            for _ in range(rng.randint(0, 3))}
+
+
+def test_a_canonical_part_gives_the_key_of_its_value():
+    import random
+    rng = random.Random(0)
+    for _ in range(500):
+        fields = {f"f{rng.randint(0, 20)}": _value(rng) for _ in range(rng.randint(1, 5))}
+        plain = make_key(fields)
+        assert plain == hashlib.sha256(json.dumps(
+            fields, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+        for name in fields:
+            assert make_key({**fields, name: Canonical.of(fields[name])}) == plain
+    with pytest.raises(TypeError, match="named by strings"):
+        make_key({1: "x"})
 
 
 def test_put_get_roundtrip_across_instances(tmp_path):
@@ -228,3 +266,13 @@ def test_a_file_system_without_flock_still_takes_writes(tmp_path, monkeypatch, c
         assert c.put("verify", f"k{i}", {"i": i}) == {"i": i}
     assert Cache(tmp_path).get("verify", "k2") == {"i": 2}
     assert sum("refuses flock" in r.message for r in caplog.records) == 1  # warned once
+
+
+def test_values_orjson_cannot_write_are_stored_and_read_back(tmp_path):
+    odd = {"text": "a lone \ud800 surrogate", "big": 2**70, "plain": "é 😀", "x": [1.5, None]}
+    Cache(tmp_path).put_many("verify", [("k" * 64, odd, "odd"), ("j" * 64, {"t": "é"}, "é")])
+    fresh = Cache(tmp_path)
+    assert fresh.get("verify", "k" * 64) == odd
+    assert fresh.get("verify", "j" * 64) == {"t": "é"}
+    seg = next((tmp_path / "verify").glob("*.jsonl")).read_bytes()
+    assert "é".encode() in seg and b"\\ud800" in seg  # UTF-8 where it can, escaped where not

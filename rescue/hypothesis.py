@@ -34,6 +34,10 @@ class Prompt:
     point_labels: tuple[int, ...] = ()
 
     def canonical(self) -> Prompt:
+        return self._canonical
+
+    @functools.cached_property
+    def _canonical(self) -> Prompt:  # once: dedupe, the cache key and scoring all ask for it
         text = " ".join(self.text.split()).lower() if self.text else None
         box = tuple(_round(v) for v in self.box) if self.box is not None else None
         points = tuple((_round(x), _round(y)) for x, y in self.points)

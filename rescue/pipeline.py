@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from rescue import arena, cost, listwise, records, scoring
-from rescue.cache import Cache, CacheMiss, make_key
+from rescue.cache import Cache, CacheMiss, Canonical, make_key
 from rescue.cost import Cost
 from rescue.datasets.base import Dataset, SampleError
 from rescue.failures import CallFailure, RunAborted, StageGuard, TransportError, classify
@@ -73,9 +73,9 @@ class CallStats:
     spent: dict[str, Cost] = field(default_factory=dict)
 
     def add_cost(self, stage: str, answers: Iterable[Any], *, spent: bool) -> None:
+        added = cost.total([Cost.of(getattr(a, "meta", None)) for a in answers])
         for totals in (self.cost, self.spent) if spent else (self.cost,):
-            totals[stage] = cost.total([totals.get(stage, Cost()),
-                                        *(Cost.of(getattr(a, "meta", None)) for a in answers)])
+            totals[stage] = totals.get(stage, Cost()) + added
 
     @property
     def failures(self) -> Counter[str]:
@@ -159,6 +159,7 @@ class Pipeline:
         self._bars = StageBars(enabled=False, samples=0)  # `run` replaces it
         self._ids = {"planner": dict(planner.identity()), "executor": dict(executor.identity()),
                      "verifier": dict(verifier.identity())}
+        self._id_json = {role: Canonical.of(ident) for role, ident in self._ids.items()}
 
     @property
     def guard(self) -> StageGuard:
@@ -175,7 +176,8 @@ class Pipeline:
 
     # -- cache keys: everything that can change an answer ------------------------------------
     def _key(self, role: str, model: Any, sample: Sample, **fields: Any) -> str:
-        base = {"role": role, "model": self._ids[role], "image": sample.image_sha256, **fields}
+        base = {"role": role, "model": self._id_json[role], "image": sample.image_sha256,
+                **fields}
         if model.simulated:  # a simulator reads the truth: the truth is an input
             base["truth"] = sample.truth_sha256
         return make_key(base)

@@ -185,3 +185,42 @@ def test_a_hostile_verifier_answer_is_parsed_off_the_event_loop():
     ((name, begin, end),) = seen
     assert name.startswith("verifier-work") and name != loop_thread
     assert end > begin
+
+
+def test_a_short_verifier_answer_is_read_on_the_loop_and_a_long_one_in_the_pool():
+    """A pool trip costs the loop more than reading a few kB: short replies are read inline;
+    past `INLINE_SIZE` the reply goes to the pool, however it is measured (text or logprobs)."""
+    from rescue.models import workers
+
+    verifier = OpenAIVerifier("m", "http://127.0.0.1:9/v1", "{views} {query}?",
+                              logprobs=False)
+    short, long = "Looks right. Yes", "x " * workers.INLINE_SIZE + "Yes"
+    for text in (short, long):
+        body = replies.decode(orjson.dumps({"choices": [{
+            "index": 0, "message": {"content": text}, "finish_reason": "stop"}]}))
+        assert body.choices[0].size == len(text)
+    entry = {"token": "a", "logprob": -0.1, "top_logprobs": []}
+    many = replies.decode(orjson.dumps({"choices": [{
+        "index": 0, "message": {"content": "Yes"}, "finish_reason": "stop",
+        "logprobs": {"content": [entry] * 100}}]}))
+    assert many.choices[0].size == 3 + 200 * 100 > workers.INLINE_SIZE
+    real, threads = verifier._read, []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    verifier._read = spy
+
+    async def go(text):
+        async def create(what, **kwargs):
+            return _reply([text])
+
+        verifier.chat.create = create
+        return threading.current_thread().name, await verifier.verify(_sample(), _mask(4))
+
+    loop_thread, verdict = asyncio.run(go(short))
+    assert verdict.score == 1.0 and threads == [loop_thread]
+    asyncio.run(go(long))
+    verifier.pool.close()
+    assert len(threads) == 2 and threads[1].startswith("verifier-work")

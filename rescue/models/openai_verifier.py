@@ -30,7 +30,7 @@ from rescue.models.views import (
     render_views,
     serial_opencv,
 )
-from rescue.models.workers import Memo, WorkerPool
+from rescue.models.workers import INLINE_SIZE, Memo, WorkerPool
 from rescue.protocols import Verdict
 from rescue.sample import Sample
 from rescue.text import first_unencodable, replaced
@@ -69,6 +69,11 @@ def continuation_prefix(reply: answers.Reply, at: int) -> str:
     if reply.placement == "none":
         return head
     return f"{answers.THINK_START}\n{reply.reasoning}\n{answers.THINK_END}\n\n{head}"
+
+
+def _size(choice: Any) -> int:
+    """`replies.Choice.size`; an SDK choice (tests, re-scoring) counts as long."""
+    return int(getattr(choice, "size", INLINE_SIZE + 1))
 
 
 def _digest(a: np.ndarray) -> bytes:
@@ -244,8 +249,9 @@ class OpenAIVerifier:
         replies = [resp]
         if not resp.choices:
             v = Verdict(score=None, source="", error="verify:no_choice server returned none")
-        else:  # untrusted text, parsed in the pool: a hostile answer must not stall the loop
-            v = await self.pool.run(self.read, resp.choices[0], options)
+        else:  # untrusted text: a long (or hostile) one is parsed in the pool
+            choice = resp.choices[0]
+            v = await self.pool.parse(_size(choice), self.read, choice, options)
             if self.logprobs_at == "answer" and v.source == "parsed":
                 v = await self._continue(what, messages, resp.choices[0], v, options, replies)
         usage = cost.Usage.of({"usage": summed_usage(replies)})
@@ -258,7 +264,7 @@ class OpenAIVerifier:
                         replies: list[ChatReply]) -> Verdict:
         """`parsed` scored from the logprobs of one token continuing its reply just before the
         answer; `parsed` itself (meta `continuation` says why) when that cannot be read."""
-        prefix = await self.pool.run(self.answer_prefix, choice)
+        prefix = await self.pool.parse(_size(choice), self.answer_prefix, choice)
         if prefix is None:
             return replace(parsed, meta={**parsed.meta, "continuation": "no answer position"})
         resp = await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))

@@ -70,6 +70,16 @@ class Choice:
     finish_reason: str | None
     logprobs: Mapping[str, Any] | None = None  # the server's JSON ({"content": [...]})
 
+    @property
+    def size(self) -> int:
+        """About how much a reader of this choice scans: its characters, and a logprob entry
+        (20 alternatives) as 200 of them. What decides whether it is read on the event loop
+        (`workers.WorkerPool.parse`)."""
+        m = self.message
+        chars = sum(len(t) for t in (m.content, m.reasoning, m.reasoning_content) if t)
+        content = (self.logprobs or {}).get("content")
+        return chars + 200 * (len(content) if isinstance(content, list) else 0)
+
     def tokens(self) -> Tokens:
         """The generated tokens with their logprobs (empty without logprobs)."""
         content = (self.logprobs or {}).get("content") or []

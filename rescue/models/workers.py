@@ -33,6 +33,10 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+INLINE_SIZE = 16_384
+"""Text a worker pool's `parse` reads on the calling thread: at most a millisecond's work."""
+
+
 class WorkerPool:
     """A lazily started ThreadPoolExecutor with `workers` threads (default: the cores). Work
     is handed to it earliest sample first (rescue.priority): the executor's own queue is FIFO,
@@ -55,6 +59,15 @@ class WorkerPool:
                                             initializer=self.initializer)
         async with self._slots():
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def parse(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` reading untrusted text of about `size` characters: on the calling
+        thread up to `INLINE_SIZE` (a trip to the pool and back costs the loop more than
+        reading a short reply: a two-step verdict's reply of a few kB takes ~0.1 ms), in the
+        pool beyond it (a long or hostile answer must not stall the loop)."""
+        if size <= INLINE_SIZE:
+            return fn(*args)
+        return await self.run(fn, *args)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -6,8 +6,9 @@ request in flight. PIL's encoders and OpenCV's drawing release the GIL, so threa
 parallel; more threads than cores would only queue. Parsing a model's answer is pure Python and
 holds the GIL, but in a thread it yields to the loop at every switch interval, so a hostile
 answer (up to a second of parsing) delays the other requests by milliseconds, not by the whole
-parse. Each client owns its pool (no global state, OpenCV's thread count aside: the verifier's
-pool makes OpenCV serial, `views.serial_opencv`) and closes it with the client.
+parse; a short one (`INLINE_SIZE`) is read on the loop, where it costs less than the trip.
+Each client owns its pool (no global state, OpenCV's thread count aside: the verifier's pool
+makes OpenCV serial, `views.serial_opencv`) and closes it with the client.
 """
 
 from __future__ import annotations

@@ -38,14 +38,15 @@ def first_unencodable(value: Any) -> str | None:
     on the event loop for every request costs tens of milliseconds."""
     if isinstance(value, str):
         return None if value.startswith(_DATA_URL) else unencodable(value)
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            why = first_unencodable(k) or first_unencodable(v)
-            if why is not None:
-                return why
-    elif isinstance(value, list | tuple):
+    if isinstance(value, list | tuple):
         for v in value:
             why = first_unencodable(v)
+            if why is not None:
+                return why
+    elif isinstance(value, dict) or (value is not None and not isinstance(value, int | float)
+                                     and isinstance(value, Mapping)):  # the ABC check last
+        for k, v in value.items():
+            why = first_unencodable(k) or first_unencodable(v)
             if why is not None:
                 return why
     return None

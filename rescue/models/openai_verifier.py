@@ -72,7 +72,8 @@ def continuation_prefix(reply: answers.Reply, at: int) -> str:
 
 
 def _size(choice: Any) -> int:
-    """`replies.Choice.size`; an SDK choice (tests, re-scoring) counts as long."""
+    """`replies.Choice.size`; a choice that does not measure itself (a test's fake) counts as
+    long, so it is read in the pool as before."""
     return int(getattr(choice, "size", INLINE_SIZE + 1))
 
 
@@ -253,7 +254,7 @@ class OpenAIVerifier:
             choice = resp.choices[0]
             v = await self.pool.parse(_size(choice), self.read, choice, options)
             if self.logprobs_at == "answer" and v.source == "parsed":
-                v = await self._continue(what, messages, resp.choices[0], v, options, replies)
+                v = await self._continue(what, messages, choice, v, options, replies)
         usage = cost.Usage.of({"usage": summed_usage(replies)})
         spent = cost.request_costs(usage, [None], [0], time.perf_counter() - t0)[0]
         spent = replace(spent, calls=len(replies))  # a continued two-step verdict made two

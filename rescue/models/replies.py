@@ -77,13 +77,15 @@ class Choice:
         (`workers.WorkerPool.parse`)."""
         m = self.message
         chars = sum(len(t) for t in (m.content, m.reasoning, m.reasoning_content) if t)
-        content = (self.logprobs or {}).get("content")
-        return chars + 200 * (len(content) if isinstance(content, list) else 0)
+        return chars + 200 * len(self._entries())
 
     def tokens(self) -> Tokens:
         """The generated tokens with their logprobs (empty without logprobs)."""
-        content = (self.logprobs or {}).get("content") or []
-        return Tokens(content if isinstance(content, list) else [])
+        return Tokens(self._entries())
+
+    def _entries(self) -> list[Any]:
+        content = (self.logprobs or {}).get("content")
+        return content if isinstance(content, list) else []
 
 
 @dataclass(frozen=True)

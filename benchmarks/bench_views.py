@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import os
 import statistics
 import sys
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone, uninstalled
@@ -72,6 +75,13 @@ def candidates(samples: int, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def new_urls(image: np.ndarray, mask: np.ndarray) -> tuple[str, ...]:
     """`OpenAIVerifier.view_urls`."""
     return tuple(ENC.data_url(img) for _, img in render_views(image, mask, STYLE))
+
+
+def pil_as_is(image: np.ndarray) -> str:
+    """The RGB JPEG path before OpenCV encoded it: PIL's save, no conversion (same bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=ENC.quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def old_urls(image: np.ndarray, mask: np.ndarray) -> tuple[str, ...]:
@@ -154,11 +164,15 @@ def main() -> None:
                                                         [(m, STYLE) for _, m in items])},
             n, args.rounds, "old: np.nonzero")
     per_view = len(views) / n  # the encoding rows: both views of a mask, per mask
-    compare("encode", {"old: convert('RGB')": each(ref.data_url, [(ENC, v) for v in views]),
-                       "new: RGB as is": each(ENC.data_url, [(v,) for v in views])},
-            n, args.rounds, "old: convert('RGB')")
-    print(f"{'':<11} ({per_view:.0f} views a mask, both encoded)")
     try:
+        serial_opencv()  # as in the verifier's pool: OpenCV's encoder would split its colour
+        compare("encode", {  # conversion over 2 threads, PIL's has none
+            "old: convert('RGB')": each(ref.data_url, [(ENC, v) for v in views]),
+            "PIL, RGB as is": each(pil_as_is, [(v,) for v in views]),
+            "new: OpenCV's encoder": each(ENC.data_url, [(v,) for v in views])},
+            n, args.rounds, "old: convert('RGB')")
+        print(f"{'':<11} ({per_view:.0f} views a mask, both encoded; OpenCV serial)")
+        cv2.setNumThreads(threads)
         compare("resize", {f"cv2 {threads} threads": each(resize, [(c,) for c in crops]),
                            "cv2 1 thread": lambda: (cv2.setNumThreads(1),
                                                     [resize(c) for c in crops],

@@ -150,6 +150,18 @@ def test_data_url_of_grey_and_rgba_equals_the_old_encoding():
     assert ImageEncoding().data_url(img).startswith("data:image/jpeg;base64,/9j/")
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (301, 2, 3), (64, 64, 3)])
+def test_jpeg_of_odd_sizes_strides_and_qualities_equals_pil(shape):
+    """The RGB fast path (OpenCV's encoder) writes PIL's bytes whatever the size (partial
+    MCUs), the quality and the array's layout (a flipped view is not contiguous)."""
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    for q in (1, 50, 90, 100):
+        enc = ImageEncoding(quality=q)
+        for arr in (img, img[:, ::-1], img[::-1]):
+            assert enc.data_url(arr) == ref_data_url(enc, np.ascontiguousarray(arr))
+
+
 def test_serial_opencv_changes_no_view_and_no_synthetic_sample():
     """`serial_opencv` is process-wide: what else the client draws with OpenCV (the synthetic
     dataset) must not change either. Compared against 4 OpenCV threads (parallel on any

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import orjson
 from PIL import Image
@@ -109,19 +110,35 @@ class ImageEncoding:
         return max(1, round(width * s)), max(1, round(height * s))
 
     def data_url(self, image: np.ndarray) -> str:
-        pil = Image.fromarray(np.ascontiguousarray(image))
-        w, h = self.sent_size(pil.width, pil.height)
-        if (w, h) != (pil.width, pil.height):
-            pil = pil.resize((w, h), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
+        a = np.ascontiguousarray(image)
+        w, h = self.sent_size(a.shape[1], a.shape[0])
+        if (w, h) != (a.shape[1], a.shape[0]):
+            a = np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BICUBIC))
         if self.format == "png":
-            pil.save(buf, format="PNG")
-            mime = "image/png"
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            data, mime = buf.getvalue(), "image/png"
         else:
-            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # convert would copy it
-            rgb.save(buf, format="JPEG", quality=int(self.quality))
-            mime = "image/jpeg"
-        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            data, mime = jpeg(a, int(self.quality)), "image/jpeg"
+        return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def jpeg(image: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of `image`. An RGB uint8 array, every view a verifier sees, goes through
+    OpenCV's libjpeg-turbo: the bytes PIL writes (its defaults, 4:2:0, no optimisation;
+    tests/test_views.py checks them against PIL's) for about a quarter less CPU, most of it
+    the copy into a PIL image (benchmarks/bench_views.py). Grey and RGBA images are converted
+    to RGB by PIL and encoded by it."""
+    a = np.ascontiguousarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:  # pragma: no cover - OpenCV raises on what it cannot encode
+            raise ValueError(f"JPEG encoding of a {a.shape} image failed")
+        return buf.tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(a).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def error_message(resp: Response) -> str:

@@ -119,17 +119,17 @@ class ImageEncoding:
             Image.fromarray(a).save(buf, format="PNG")
             data, mime = buf.getvalue(), "image/png"
         else:
-            data, mime = jpeg(a, int(self.quality)), "image/jpeg"
+            data, mime = _jpeg(a, int(self.quality)), "image/jpeg"
         return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-def jpeg(image: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of `image`. An RGB uint8 array, every view a verifier sees, goes through
-    OpenCV's libjpeg-turbo: the bytes PIL writes (its defaults, 4:2:0, no optimisation;
-    tests/test_views.py checks them against PIL's) for about a quarter less CPU, most of it
-    the copy into a PIL image (benchmarks/bench_views.py). Grey and RGBA images are converted
-    to RGB by PIL and encoded by it."""
-    a = np.ascontiguousarray(image)
+def _jpeg(a: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of the C-contiguous array `a` (`data_url` makes it so). An RGB uint8
+    array, every view a verifier sees, goes through OpenCV's libjpeg-turbo: the bytes PIL
+    writes (its defaults, 4:2:0, no optimisation; tests/test_views.py checks them against
+    PIL's) for about a quarter less CPU, most of it the copy into a PIL image
+    (benchmarks/bench_views.py). Grey and RGBA images are converted to RGB by PIL and
+    encoded by it."""
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -283,8 +283,8 @@ class Cache:
         seg = self._segments(stage)
         out: list[Any] = [value for _, value, _ in entries]
         new: dict[str, int] = {}  # key -> its position in `entries`, for keys stored now
-        with self._stage_lock(files.lock, stage):
-            claims = self._claims(files.claims_in, seg)
+        with self._stage_lock(files.lock, stage) as locked:
+            claims, whole = self._claims(files.claims_in, seg)
             for i, (key, _, _) in enumerate(entries):
                 if key in new:  # asked twice in one call: the first one wins here too
                     out[i] = out[new[key]]
@@ -308,11 +308,14 @@ class Cache:
             try:
                 _append(files.segment, b"".join(lines[i] for i in new.values()))
                 files.end = offset
-                _append(files.claims, "".join(f"{k} {w[0]} {w[1]} {w[2]}\n"
-                                              for k, w in where.items()).encode())
+                log = "".join(f"{k} {w[0]} {w[1]} {w[2]}\n" for k, w in where.items()).encode()
+                _append(files.claims, log)
             except BaseException:
                 self._files.pop(stage).close()  # the segment's size is unknown: reopen it
                 raise
+            if locked and whole:  # the log ended where it was read and no one else wrote:
+                seg.claims.update(where)  # these claims need no reading back
+                seg.claims_offset += len(log)
         seg.entries.update(where)
         seg.offsets[name] = files.end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += len(new)
@@ -342,7 +345,8 @@ class Cache:
         return files
 
     @contextlib.contextmanager
-    def _stage_lock(self, fd: int, stage: str) -> Iterator[None]:
+    def _stage_lock(self, fd: int, stage: str) -> Iterator[bool]:
+        """Hold the stage's lock; yields whether it is held (False where flock is refused)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
@@ -351,14 +355,18 @@ class Cache:
                             "unlocked, so racing jobs may each store one key",
                             self.root / stage, exc)
                 self._unlocked_warned = True
+            locked = False
+        else:
+            locked = True
         try:
-            yield
+            yield locked
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _claims(self, fd: int, seg: _Segments) -> dict[str, tuple[str, int, int]]:
-        """The claims appended since this process last read them, added to `seg.claims`."""
+    def _claims(self, fd: int, seg: _Segments) -> tuple[dict[str, tuple[str, int, int]], bool]:
+        """The claims appended since this process last read them, added to `seg.claims`, and
+        whether the log ends on a whole line (no crashed writer's torn tail)."""
         parts, at = [], seg.claims_offset
         while True:
             part = os.pread(fd, 1 << 20, at)
@@ -377,7 +385,7 @@ class Cache:
                     continue  # a line torn by a crash: its writer's entry is in its segment
                 seg.claims.setdefault(fields[0].decode(), where)
         seg.claims_offset += end
-        return seg.claims
+        return seg.claims, end == len(chunk)
 
     def stats(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))

@@ -139,6 +139,16 @@ def _storable(value: Any) -> Any:
         return records.json_safe(json.loads(json.dumps(value, default=_plain)))
 
 
+def _storable_all(values: list[Any]) -> list[Any]:
+    """`_storable` of each value, in one orjson pass for the answers of one request; where
+    orjson refuses one of them, each takes its own way (the result does not depend on which
+    answers share a request)."""
+    try:
+        return orjson.loads(orjson.dumps(values, default=_plain, option=_ORJSON_OPTS))
+    except orjson.JSONEncodeError:
+        return [_storable(v) for v in values]
+
+
 class Pipeline:
     """Runs the three stages for a set of samples and returns one `SampleRecord` each."""
 
@@ -256,12 +266,15 @@ class Pipeline:
         """Cache the answers of one request together (`Cache.put_many`: a kill keeps all or
         none of them) and return each as read back from the cache, so a fresh run and a
         resumed one continue from the same bits."""
+        pairs = list(answers)
+        if not pairs:
+            return {}
+        self.stats.add_cost(spec.stage, [v for _, v in pairs], spent=True)
         items: list[T] = []
         values: list[Any] = []
         loaded: list[V] = []
-        for item, v in answers:
-            self.stats.add_cost(spec.stage, [v], spent=True)
-            value = _storable(spec.dump(v))
+        for (item, v), value in zip(pairs, _storable_all([spec.dump(v) for _, v in pairs]),
+                                    strict=True):
             try:
                 back = spec.load(value)
             except (TypeError, ValueError) as exc:  # e.g. a NaN coordinate, stored as null
@@ -272,8 +285,6 @@ class Pipeline:
             items.append(item)
             values.append(value)
             loaded.append(back)
-        if not items:
-            return {}
         won = self.cache.put_many(spec.stage, [(spec.key(item), value, spec.label(item))
                                                for item, value in zip(items, values, strict=True)])
         # another job stored a key first: go on with its answer, the one every reader of the

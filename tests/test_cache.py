@@ -253,6 +253,45 @@ def test_a_write_reads_the_claims_log_not_every_segment(tmp_path, monkeypatch):
     assert c.put("plan", "other-3", {"w": "late"}) == {"w": 3}  # the claim names the winner
 
 
+def test_a_writers_own_claims_are_known_without_reading_them_back(tmp_path, monkeypatch):
+    a, b = Cache(tmp_path), Cache(tmp_path)
+    parsed: list[int] = []
+    real = Cache._claims
+
+    def counting(self, fd, seg):
+        before = seg.claims_offset
+        out = real(self, fd, seg)
+        parsed.append(seg.claims_offset - before)
+        return out
+
+    monkeypatch.setattr(Cache, "_claims", counting)
+    for i in range(3):
+        a.put("plan", f"a{i}", i)
+    assert parsed == [0, 0, 0]  # a's own claims were never read back
+    b.put("plan", "b0", "b")  # another writer's claim in between ...
+    assert a.put("plan", "b0", "late") == "b"  # ... is read: its answer wins
+    assert parsed[-1] > 0 and len(a._stages["plan"].claims) == 4
+    assert a.put("plan", "a1", "again") == 1  # and a's own claims still name its answers
+    claims_log = (tmp_path / "plan" / "claims").read_bytes()
+    assert a._stages["plan"].claims_offset == len(claims_log)
+
+
+def test_without_flock_a_writer_reads_its_own_claims_back(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    c = Cache(tmp_path)
+    c.put("plan", "k0", 0)
+    c.put("plan", "k1", 1)  # unlocked, another writer may have appended: the log is re-read
+    log = (tmp_path / "plan" / "claims").read_bytes()
+    assert c._stages["plan"].claims_offset == log.index(b"\n") + 1 < len(log)
+    assert set(c._stages["plan"].claims) == {"k0"}  # k1's claim is read at the next write
+
+
 def test_a_file_system_without_flock_still_takes_writes(tmp_path, monkeypatch, caplog):
     import errno
     import fcntl

@@ -8,7 +8,7 @@ neither rewarded nor punished there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,26 @@ def iou_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
     intersection = int(np.count_nonzero(pred & target))
     union = int(np.count_nonzero((pred | target) & valid))
     return intersection, union
+
+
+def iou_counts_many(preds: Iterable[np.ndarray], gt: np.ndarray) -> list[tuple[int, int]]:
+    """`iou_counts` of each prediction against one ground truth, whose target and valid pixels
+    are found once (a sample's distinct masks, up to max_n of them). The union is counted as
+    |pred ∩ valid| + |target| − |pred ∩ target| (the target lies inside the valid pixels)."""
+    gt = np.asarray(gt)
+    target = gt == 1
+    n_target = int(np.count_nonzero(target))
+    invalid = gt == IGNORE
+    valid = None if not invalid.any() else ~invalid
+    out = []
+    for pred in preds:
+        pred = np.asarray(pred, dtype=bool)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}")
+        inter = int(np.count_nonzero(pred & target))
+        covered = int(np.count_nonzero(pred if valid is None else pred & valid))
+        out.append((inter, covered + n_target - inter))
+    return out
 
 
 def iou(intersection: float, union: float) -> float:

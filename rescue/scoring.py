@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 
 from rescue import consensus, masks
 from rescue.hypothesis import Hypothesis
-from rescue.metrics import iou, iou_counts
+from rescue.metrics import iou, iou_counts_many
 from rescue.protocols import Segmentation, Verdict
 from rescue.records import CandidateRecord, SampleRecord
 from rescue.sample import Sample
@@ -88,7 +88,8 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
     """The record of one sample: every hypothesis index keeps its candidate, duplicates
     included (best-of-N stays unbiased); a candidate without a mask is an empty prediction."""
     target_area = int(sample.target.sum())
-    counts = {d: iou_counts(m, sample.gt) for d, m in found.decoded.items()}
+    counts = dict(zip(found.decoded, iou_counts_many(found.decoded.values(), sample.gt),
+                      strict=True))
     order = list(dict.fromkeys(found.digest_of[h.prompt.key] for h in hyps
                                if h.valid and h.prompt.key in found.digest_of))
     pair = pair_iou([found.rles[d] for d in order])
@@ -119,7 +120,7 @@ def score_sample(sample: Sample, hyps: Sequence[Hypothesis], found: SampleMasks,
         if d is None:
             c.failed_stage, c.error = "execute", seg.error or "execute:no_mask"
             continue
-        c.mask_key, c.area = d, int(found.decoded[d].sum())
+        c.mask_key, c.area = d, int(np.count_nonzero(found.decoded[d]))
         c.duplicate_of = first_index.setdefault(d, h.index)
         if c.duplicate_of == h.index:
             c.duplicate_of = None

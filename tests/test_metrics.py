@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rescue.metrics import ciou, giou, iou, iou_counts
+from rescue.metrics import ciou, giou, iou, iou_counts, iou_counts_many
 from rescue.sample import IGNORE
 
 
@@ -98,3 +98,26 @@ def test_ciou_all_empty_is_one_and_giou_of_nothing_is_an_error():
     assert ciou([0, 0], [0, 0]) == 1.0
     with pytest.raises(ValueError):
         giou([])
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_many_predictions_count_as_pixel_by_pixel_enumeration(ignore):
+    rng = np.random.default_rng(7)
+    gt = (rng.random((9, 11)) < 0.4).astype(np.uint8)
+    if ignore:
+        gt[rng.random(gt.shape) < 0.2] = IGNORE
+    preds = [rng.random(gt.shape) < p for p in (0.0, 0.1, 0.5, 0.9, 1.0)] + [gt == 1]
+    brute = []
+    for pred in preds:  # each pixel on its own, LISA's rules spelled out
+        inter = union = 0
+        for y in range(gt.shape[0]):
+            for x in range(gt.shape[1]):
+                if gt[y, x] == IGNORE:
+                    continue
+                inter += bool(pred[y, x] and gt[y, x] == 1)
+                union += bool(pred[y, x] or gt[y, x] == 1)
+        brute.append((inter, union))
+    assert iou_counts_many(preds, gt) == brute == [iou_counts(p, gt) for p in preds]
+    assert iou_counts_many([], gt) == []
+    with pytest.raises(ValueError, match="shape"):
+        iou_counts_many([np.zeros((2, 2), bool)], gt)

@@ -19,6 +19,7 @@ directly (aiohttp would look them up again on every request, in a worker thread)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,4 +156,8 @@ def _abandon(session: aiohttp.ClientSession) -> None:
     connector = session.connector
     session.detach()
     if connector is not None and not connector.closed:
-        connector._close()  # close()'s synchronous part; the awaitable rest needs the loop
+        # close()'s synchronous part (the awaitable rest needs the loop); where that loop has
+        # closed too (the garbage collector came late) the transports cannot schedule their
+        # close, and their sockets go with them
+        with contextlib.suppress(RuntimeError):
+            connector._close()

@@ -66,11 +66,16 @@ class Prompt:
         ).canonical()
 
     @functools.cached_property
+    def canonical_json(self) -> str:
+        """`to_json` as sorted, compact JSON, once: what `key` hashes, and the execute stage's
+        cache key splices in (`cache.Canonical`)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @functools.cached_property
     def key(self) -> str:
         """Short content hash of the canonical prompt (computed once: a prompt is immutable and
         its key is asked for at every stage, dedupe, cache and scoring)."""
-        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hashlib.sha256(self.canonical_json.encode()).hexdigest()[:16]
 
     @property
     def empty(self) -> bool:

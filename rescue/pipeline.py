@@ -196,7 +196,8 @@ class Pipeline:
         return self._key("planner", self.planner, sample, query=sample.query, index=index)
 
     def execute_key(self, sample: Sample, prompt: Prompt) -> str:
-        return self._key("executor", self.executor, sample, prompt=prompt.to_json())
+        return self._key("executor", self.executor, sample,
+                         prompt=Canonical(prompt.canonical_json))
 
     def verify_key(self, sample: Sample, mask_digest: str) -> str:
         return self._key("verifier", self.verifier, sample, query=sample.query, mask=mask_digest)

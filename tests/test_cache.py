@@ -315,3 +315,13 @@ def test_values_orjson_cannot_write_are_stored_and_read_back(tmp_path):
     assert fresh.get("verify", "j" * 64) == {"t": "é"}
     seg = next((tmp_path / "verify").glob("*.jsonl")).read_bytes()
     assert "é".encode() in seg and b"\\ud800" in seg  # UTF-8 where it can, escaped where not
+
+
+def test_a_prompts_canonical_json_spliced_into_a_key_gives_the_key_of_its_json():
+    from rescue.hypothesis import Prompt
+
+    for p in (Prompt(text="A  Red Car"), Prompt(box=(1.234, 2, 3.5, 4.25)),
+              Prompt(points=((1, 2.005), (3, 4)), point_labels=(1, 0)),
+              Prompt(text="é ü \u2028", box=(0, 0, 1e-7, 1e17))):
+        assert make_key({"prompt": Canonical(p.canonical_json), "q": "x"}) == make_key(
+            {"prompt": p.to_json(), "q": "x"}), p

@@ -1,6 +1,7 @@
 """Two-step verdict vs in-stream logprobs against a real vLLM server: tokens, response bytes and
-client CPU per verdict for `verifier.logprobs_at` stream and answer, measured in one run
-(issue 16 item 2).
+client CPU per verdict for `verifier.logprobs_at` stream and answer (its continuation naming the
+images by uuid, the default, or sending them again: `verifier.continuation_images`), measured in
+one run (issue 16 item 2).
 
     .venv-vllm/bin/python benchmarks/bench_verdict_logprobs.py [--url URL --model NAME]
         [--verdicts 24] [--top-logprobs 20] [--max-tokens 1024] [--min-tokens 0 300]
@@ -12,8 +13,8 @@ that tier serves it (`--reasoning-parser deepseek_r1`), with `--max-logprobs 20`
 `--enable-prompt-tokens-details`, so usage reports the prompt tokens the prefix cache served.
 
 The real OpenAIVerifier of the shipped config (qwen3vl_32b_thinking, one overlay view) scores
-the same synthetic masks with the same seeds in both modes, one request at a time, the modes
-taking turns to go first (the second finds the prompt in the prefix cache); one uncounted
+the same synthetic masks with the same seeds in every mode, one request at a time, the modes
+taking turns to go first (the later ones find the prompt in the prefix cache); one uncounted
 verdict per mode first warms the client up. Per verdict: requests, prompt tokens (and the part
 the prefix cache served, where reported), completion tokens, response body bytes, and client
 CPU: `time.process_time` around the whole verdict (`ask`: the request encoded, sent, the replies
@@ -44,7 +45,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODES = ("stream", "answer")
+MODES = {"stream": ["verifier.logprobs_at=stream"],
+         "answer": ["verifier.logprobs_at=answer", "verifier.continuation_images=uuid"],
+         "answer, resend": ["verifier.logprobs_at=answer",
+                            "verifier.continuation_images=resend"]}
+"""Each mode's overrides: `answer` is the shipped default."""
 
 
 @dataclass
@@ -76,9 +81,9 @@ def verifiers(url: str, model: str, args: argparse.Namespace, min_tokens: int):
     if min_tokens:
         base.append(f"++verifier.sampling.extra={{min_tokens: {min_tokens}}}")
     out = {}
-    for mode in MODES:
+    for mode, overrides in MODES.items():
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[*base, f"verifier.logprobs_at={mode}"])
+            cfg = compose(config_name="config", overrides=[*base, *overrides])
         out[mode] = instantiate(cfg.verifier)
     ds = instantiate(cfg.dataset)
     return [ds.load(i) for i in ds.sample_ids()], out
@@ -144,7 +149,8 @@ async def measure(samples: list[Any], vs: dict[str, Any], n: int, reps: int,
         for k in range(n):
             sample = samples[k % len(samples)]
             messages = vs["stream"].render(sample, mask(sample.image.shape, k))
-            for mode in (MODES if k % 2 == 0 else MODES[::-1]):
+            modes = list(MODES)
+            for mode in modes[k % len(modes):] + modes[:k % len(modes)]:
                 v, row = vs[mode], rows[mode]
                 v.seed = k
                 n0, s0, c0 = len(seen), server_cpu(pid), time.process_time()
@@ -205,15 +211,22 @@ def report(rows: dict[str, Row], min_tokens: int, args: argparse.Namespace,
     both = [(x, y) for x, y in zip(s.scores, a.scores, strict=True)
             if x is not None and y is not None]
     diff = [abs(x - y) for x, y in both]
+    r = rows["answer, resend"]
+    print(f"| answer, resend / answer | | {mean(r.requests) / mean(a.requests):.2f} | "
+          f"{mean(r.prompt) / mean(a.prompt):.2f} | "
+          f"{mean(r.completion) / mean(a.completion):.2f} | | "
+          f"{mean(r.bytes) / mean(a.bytes):.2f} | {mean(r.cpu) / mean(a.cpu):.2f} | |")
     if served:
         fe = {m: mean([c[0] for c in r.server_cpu]) for m, r in rows.items()}
         en = {m: mean([c[1] for c in r.server_cpu]) for m, r in rows.items()}
-        print(f"server CPU ms/verdict (10 ms ticks, summed over the run): API server stream "
-              f"{fe['stream'] * 1e3:.1f}, answer {fe['answer'] * 1e3:.1f}; engine core "
-              f"stream {en['stream'] * 1e3:.1f}, answer {en['answer'] * 1e3:.1f}")
+        print("server CPU ms/verdict (10 ms ticks, summed over the run): API server "
+              + ", ".join(f"{m} {fe[m] * 1e3:.1f}" for m in rows) + "; engine core "
+              + ", ".join(f"{m} {en[m] * 1e3:.1f}" for m in rows))
     print(f"per verdict; the same first reply in both modes {same}/{n}; scored from logprobs "
           f"in both {len(both)}: |score difference| mean {mean(diff):.3f}, max "
-          f"{max(diff, default=float('nan')):.3f}")
+          f"{max(diff, default=float('nan')):.3f}; answer by uuid and resending the images: "
+          f"the same score in {sum(x == y for x, y in zip(a.scores, r.scores, strict=True))}"
+          f"/{n}")
 
 
 def serve_tiny(root: Path):

@@ -189,6 +189,9 @@ def test_rejection_hints_name_the_setting():
         payload=payload)
     assert "every call" in probe.rejection(400, "something else", role="planner",
                                            payload=payload)
+    assert "verifier.continuation_images=resend" in probe.rejection(
+        400, "Unrecognized key 'uuid' in messages[0].content[0]", role="verifier",
+        payload=payload)
     assert probe.context_problem(100, 900, 1000, role="verifier", images=2) is None
     assert "at most 900" in probe.context_problem(100, 901, 1000, role="verifier", images=2)
     assert probe.context_problem(None, 10**6, 1000, role="verifier", images=0) is None

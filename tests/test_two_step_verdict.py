@@ -5,12 +5,16 @@ in-stream score, sends no logprobs for the reasoning, and falls back to the pars
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 from standin import REASONING_PLACEMENTS, StandIn, VerifierScript, serve
+from standin.server import MediaCache
 
 from rescue.datasets.synthetic import SyntheticDataset
 from rescue.models import answers
+from rescue.models.chat import images_by_uuid, media_uuid
 from rescue.models.openai_verifier import OpenAIVerifier, answer_offset, continuation_prefix
 
 PROMPT = {"name": "t", "user": "{views}\nRequest: {query}\nyes or no?"}
@@ -56,7 +60,10 @@ def test_two_step_gives_the_in_stream_score_without_logprobs_for_the_reasoning(s
     assert not first.get("logprobs") and "top_logprobs" not in first
     assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
     assert second["max_tokens"] == 1 and second["logprobs"] is True
-    assert second["messages"][:-1] == first["messages"]
+    (image,) = [p for p in first["messages"][0]["content"] if p["type"] == "image_url"]
+    assert image["uuid"] == media_uuid(image["image_url"]["url"])  # named by its bytes
+    assert second["messages"][:-1] == images_by_uuid(first["messages"])  # ... and named again
+    assert "data:image" not in json.dumps(second)  # not sent twice
     prefix = second["messages"][-1]
     assert prefix["role"] == "assistant" and prefix["content"].endswith("</think>\n\n")
     assert two.meta["answer_token"] == 0 and two.meta["continuation"] == "read"
@@ -105,3 +112,69 @@ def test_the_continuation_drops_min_tokens_and_keeps_the_rest_of_the_sampling():
     body = v.chat.body(v.continuation([{"role": "user", "content": "q"}], "<think>\nr"))
     assert "min_tokens" not in body and body["stop"] == ["x"] and body["max_tokens"] == 1
     assert v.chat.body(v.payload([]))["min_tokens"] == 64
+
+
+def _verdicts(sample, masks, media=None, **kw):
+    """Two-step verdicts of `masks` in turn on one stand-in (its `media` cache), the bodies and
+    the verifier's stats."""
+    si = StandIn({"v": VerifierScript(lambda r: 0.8)}, **({"media": media} if media else {}))
+    srv = serve(si)
+    try:
+        v = OpenAIVerifier("v", srv.url + "/v1", PROMPT, overlay={"views": ["overlay"]}, **kw)
+
+        async def go():
+            try:
+                return [await v.verify(sample, m) for m in masks]
+            finally:
+                await v.aclose()
+
+        return asyncio.run(go()), si.chat_requests(), v.stats()
+    finally:
+        srv.stop()
+
+
+def _box(sample):
+    h, w = sample.target.shape
+    box = sample.target & False
+    box[h // 4: h // 2, w // 4: w // 2] = True
+    return box
+
+
+def _has_data(body):
+    return "data:image" in json.dumps(body["messages"])
+
+
+def test_resend_sends_the_images_again_and_names_none(sample):
+    (named,), _, _ = _verdicts(sample, [sample.target])
+    (resent,), (first, second), stats = _verdicts(sample, [sample.target],
+                                                  continuation_images="resend")
+    assert resent.score == pytest.approx(named.score, abs=1e-12) and resent.source == "logprobs"
+    assert second["messages"][:-1] == first["messages"] and _has_data(second)
+    assert "uuid" not in json.dumps(first) and "continuations_resent" not in stats
+    with pytest.raises(ValueError, match="continuation_images"):
+        OpenAIVerifier("v", "http://127.0.0.1:9/v1", PROMPT, continuation_images="never")
+
+
+def test_an_image_the_server_does_not_hold_is_sent_again_for_that_request_only(sample):
+    (held,), _, _ = _verdicts(sample, [sample.target])
+    other = _box(sample)
+    (missed, later), bodies, stats = _verdicts(sample, [sample.target, other],
+                                               media=MediaCache(api_servers=2))  # round-robin
+    assert missed.score == pytest.approx(held.score, abs=1e-12) and missed.source == "logprobs"
+    # per verdict: the reply, the continuation by uuid (refused: a 400, not recorded), resent
+    assert [_has_data(b) for b in bodies] == [True, True, True, True]
+    assert all("uuid" in json.dumps(b) for b in bodies)  # a cache miss keeps uuids on
+    assert later.source == "logprobs" and stats["continuations_resent"] == {"cache_miss": 2}
+    assert stats["requests"] == 6 and stats["failures"] == 2  # the endpoint counts refusals
+
+
+def test_a_server_refusing_images_by_uuid_turns_them_off_for_the_run(sample, caplog):
+    other = _box(sample)
+    with caplog.at_level(logging.WARNING, logger="rescue.models.openai_verifier"):
+        (first, second), bodies, stats = _verdicts(sample, [sample.target, other],
+                                                   media=MediaCache(size=0))  # no processor cache
+    assert first.source == second.source == "logprobs"
+    assert stats["continuations_resent"] == {"refused": 1} and stats["requests"] == 5
+    assert "uuid" in json.dumps(bodies[0]) and "uuid" not in json.dumps(bodies[2:])
+    assert sum("refused a continuation naming its images by uuid" in r.message
+               for r in caplog.records) == 1

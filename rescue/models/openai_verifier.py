@@ -9,6 +9,7 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -18,8 +19,16 @@ import numpy as np
 
 from rescue import cost
 from rescue.models import answers
-from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
-from rescue.models.http import RetryPolicy
+from rescue.models.chat import (
+    ChatEndpoint,
+    ImageEncoding,
+    PromptTemplate,
+    Sampling,
+    images_by_uuid,
+    media_uuid,
+    named_images,
+)
+from rescue.models.http import EndpointError, RetryPolicy
 from rescue.models.replies import ChatReply, Choice, summed_usage
 from rescue.models.views import (
     OverlayStyle,
@@ -50,6 +59,18 @@ Only a reply whose text has a verdict is continued: in-stream also scores a verd
 finds in the token stream where the text parser finds none (on the tiny random model's noise;
 a real thinking model's text and tokens agree). `stream` keeps the identity (cache keys) of
 verdicts cached before the default changed."""
+
+
+CONTINUATION_IMAGES = ("uuid", "resend")
+"""How a two-step verdict's continuation carries the reply's images: `uuid` (the default) names
+them by the uuid the first request gave each (`chat.named_images`), and vLLM takes them from its
+multimodal processor cache, so they are neither sent nor decoded and processed a second time;
+`resend` sends them again, for servers that know no uuids. A continuation refused by uuid is sent
+again with its images: a cache miss (an evicted image, another API-server process) for that
+request only, any other refusal for the rest of the run (logged once). Either way the model reads
+the same prompt: no cache key depends on it."""
+
+log = logging.getLogger(__name__)
 
 
 def answer_offset(answer: str, scale: str) -> int | None:
@@ -109,7 +130,7 @@ class OpenAIVerifier:
                  retry: Mapping[str, Any] | RetryPolicy | None = None,
                  preflight_timeout_s: float = 10.0, call_shape: str = "pointwise",
                  top_k: int = 4, workers: int | None = None, view_memo: int = 256,
-                 logprobs_at: str = "answer"):
+                 logprobs_at: str = "answer", continuation_images: str = "uuid"):
         if scale not in SCALES:
             raise ValueError(f"verifier.scale must be one of {SCALES}, got {scale!r}")
         if call_shape not in CALL_SHAPES:
@@ -126,6 +147,11 @@ class OpenAIVerifier:
             raise ValueError(f"verifier.logprobs_at must be one of {LOGPROBS_AT}, got "
                              f"{logprobs_at!r}")
         self.logprobs_at = logprobs_at if logprobs else "stream"
+        if continuation_images not in CONTINUATION_IMAGES:
+            raise ValueError(f"verifier.continuation_images must be one of "
+                             f"{CONTINUATION_IMAGES}, got {continuation_images!r}")
+        self.continuation_images = continuation_images
+        self._resend = continuation_images == "resend"  # True too once a server refused uuids
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -147,6 +173,8 @@ class OpenAIVerifier:
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
         self.pool = WorkerPool("verifier-work", workers, initializer=serial_opencv)
         self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
+        self._uuids: Memo[str, str] = Memo(4 * view_memo)  # a view's data URL -> media_uuid
+        self._resent: dict[str, int] = {}
 
     @property
     def base_url(self) -> str:
@@ -187,9 +215,29 @@ class OpenAIVerifier:
         key = (sample.sample_id, sample.image_sha256, _digest(np.packbits(m)), m.shape)
         urls = self._views.get(key)
         if urls is None:
-            urls = await self.pool.run(self.view_urls, sample.image, m)
+            urls, uuids = await self.pool.run(self._named_views, sample.image, m)
             self._views.put(key, urls)
+            for url, uuid in zip(urls, uuids, strict=True):
+                self._uuids.put(url, uuid)
         return urls
+
+    def _named_views(self, image: np.ndarray, mask: np.ndarray
+                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """`view_urls` and their `media_uuid`s, both computed in the pool."""
+        urls = self.view_urls(image, mask)
+        return urls, tuple(media_uuid(u) for u in urls)
+
+    def _uuid_of(self, url: str) -> str:
+        """A view's uuid: from `views` where it drew the view, else hashed now (listwise marks,
+        tests)."""
+        uuid = self._uuids.get(url)
+        return media_uuid(url) if uuid is None else uuid
+
+    @property
+    def names_images(self) -> bool:
+        """Whether requests give their images uuids now: two-step verdicts continued by uuid
+        (`CONTINUATION_IMAGES`), until a server refuses them."""
+        return self.logprobs_at == "answer" and not self._resend
 
     def render(self, sample: Sample, mask: np.ndarray) -> list[dict[str, Any]]:
         """The chat messages for one candidate (overlay drawn, images encoded)."""
@@ -246,6 +294,9 @@ class OpenAIVerifier:
         if why is not None:  # not sent, and permanent: the same text fails on every rerun
             return Verdict(score=None, source="", error=f"verify:bad_text {why}"), []
         t0 = time.perf_counter()
+        named = self.names_images
+        if named:
+            messages = named_images(messages, self._uuid_of)
         resp = await self.chat.create(what, **self.payload(messages))
         replies = [resp]
         if not resp.choices:
@@ -254,21 +305,21 @@ class OpenAIVerifier:
             choice = resp.choices[0]
             v = await self.pool.parse(_size(choice), self.read, choice, options)
             if self.logprobs_at == "answer" and v.source == "parsed":
-                v = await self._continue(what, messages, choice, v, options, replies)
+                v = await self._continue(what, messages, choice, v, options, replies, named)
         usage = cost.Usage.of({"usage": summed_usage(replies)})
         spent = cost.request_costs(usage, [None], [0], time.perf_counter() - t0)[0]
         spent = replace(spent, calls=len(replies))  # a continued two-step verdict made two
         return replace(v, meta=cost.with_cost(v.meta, spent)), replies
 
     async def _continue(self, what: str, messages: list[dict[str, Any]], choice: Any,
-                        parsed: Verdict, options: int,
-                        replies: list[ChatReply]) -> Verdict:
+                        parsed: Verdict, options: int, replies: list[ChatReply],
+                        named: bool = False) -> Verdict:
         """`parsed` scored from the logprobs of one token continuing its reply just before the
         answer; `parsed` itself (meta `continuation` says why) when that cannot be read."""
         prefix = await self.pool.parse(_size(choice), self.answer_prefix, choice)
         if prefix is None:
             return replace(parsed, meta={**parsed.meta, "continuation": "no answer position"})
-        resp = await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
+        resp = await self._continuation_reply(what, messages, prefix, named)
         replies.append(resp)
         tokens = _token_logprobs(resp.choices[0]) if resp.choices else []
         meta = {**parsed.meta, "continuation": "read"}
@@ -276,6 +327,33 @@ class OpenAIVerifier:
         if score is None:
             return replace(parsed, meta={**meta, "continuation": "no usable logprobs"})
         return replace(parsed, score=score, source="logprobs", meta=meta)
+
+    async def _continuation_reply(self, what: str, messages: list[dict[str, Any]],
+                                  prefix: str, named: bool) -> ChatReply:
+        """The continuation's reply: its images named by uuid where the first request
+        (`messages`) `named` them, sent again where the server refuses that
+        (`CONTINUATION_IMAGES`)."""
+        if named and not self._resend:
+            try:
+                return await self.chat.create(f"{what} answer", **self.continuation(
+                    images_by_uuid(messages), prefix))
+            except EndpointError as exc:
+                if exc.status is None or not 400 <= exc.status < 500 or exc.status == 429:
+                    raise
+                self._refused_uuid(exc)
+        return await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
+
+    def _refused_uuid(self, exc: EndpointError) -> None:
+        """Count a continuation refused by uuid; anything but a cache miss turns uuids off."""
+        miss = "cache miss" in str(exc).lower()
+        reason = "cache_miss" if miss else "refused"
+        self._resent[reason] = self._resent.get(reason, 0) + 1
+        if not miss and not self._resend:
+            self._resend = True
+            log.warning("verifier: %s refused a continuation naming its images by uuid (%s); "
+                        "continuations send their images again from now on "
+                        "(verifier.continuation_images=resend skips the try)",
+                        self.chat.base_url, exc)
 
     def answer_prefix(self, choice: Any) -> str | None:
         """The reply up to its verdict (`continuation_prefix`), None when it has no answer
@@ -416,7 +494,8 @@ class OpenAIVerifier:
             messages = await self.pool.run(self.render_marks, sample, [mask] * self.top_k)
         else:
             messages = self._messages(sample, await self.views(sample, mask))
-        payload = self.payload(messages)
+        payload = self.payload(named_images(messages, self._uuid_of) if self.names_images
+                               else messages)
         if self.logprobs_at == "answer":  # the continuation's top_logprobs must pass too
             payload.update(logprobs=True, top_logprobs=self.top_logprobs)
         return await self.chat.preflight(payload)
@@ -426,4 +505,8 @@ class OpenAIVerifier:
         self.pool.close()
 
     def stats(self) -> dict[str, Any]:
-        return self.chat.stats()
+        """The endpoint's counters; `continuations_resent` by why (uuid cache miss, refusal)."""
+        out = self.chat.stats()
+        if self._resent:
+            out["continuations_resent"] = dict(self._resent)
+        return out

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("uuid",), "this server takes no image uuids: set {role}.continuation_images=resend"),
     (("logprobs",), "lower {role}.top_logprobs to the server's limit, or restart vLLM with "
                     "--max-logprobs {top_logprobs}"),
     (("image(s) may be provided", "limit-mm-per-prompt"),

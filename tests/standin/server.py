@@ -187,6 +187,67 @@ class DecodedImages:
         return img
 
 
+class MediaCache:
+    """vLLM's multimodal processor cache as a client sees it (captured from vLLM 0.32, CPU
+    build): an image part carrying a `uuid` is kept under it, and a later part with
+    `"image_url": null` and that uuid is served from it. A uuid not held is a 400 "Cache miss
+    for image at index i but data is not provided.", as after an eviction, or with
+    `api_servers` > 1 (vLLM --api-server-count: requests go round the processes, each with its
+    own cache). `size` 0 is a server without the cache (--mm-processor-cache-gb 0): every
+    such part is a 400 from the HF processor, handed no image."""
+
+    def __init__(self, size: int = 1024, api_servers: int = 1):
+        self.size = size
+        self._lock = threading.Lock()
+        self._caches: list[OrderedDict[str, str]] = [OrderedDict() for _ in range(api_servers)]
+        self._turn = 0
+
+    def resolve(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """`body` with every image named by uuid alone given its URL back, or the 400's message
+        of the first one not held."""
+        with self._lock:
+            cache = self._caches[self._turn % len(self._caches)]
+            self._turn += 1
+            index, out = 0, []
+            for m in body.get("messages") or []:
+                content = m.get("content")
+                if not isinstance(content, list):
+                    out.append(m)
+                    continue
+                parts = []
+                for part in content:
+                    if isinstance(part, Mapping) and part.get("type") == "image_url":
+                        part, missing = self._resolve_part(cache, part, index)
+                        if missing is not None:
+                            return body, missing
+                        index += 1
+                    parts.append(part)
+                out.append({**m, "content": parts})
+        return {**body, "messages": out}, None
+
+    def _resolve_part(self, cache: OrderedDict[str, str], part: Mapping[str, Any], index: int
+                      ) -> tuple[Mapping[str, Any], str | None]:
+        uuid_, data = part.get("uuid"), part.get("image_url")
+        if data is None and uuid_ is None:
+            return part, (f"multi_modal_data['image'][{index}] is empty but "
+                          f"multi_modal_uuids['image'][{index}] is missing.")
+        if data is None and self.size == 0:
+            return part, ("Failed to apply Qwen3VLProcessor on data={'text': "
+                          "'<|vision_start|><|image_pad|><|vision_end|>', 'images': [None]}")
+        if data is None:
+            url = cache.get(str(uuid_))
+            if url is None:
+                return part, f"Cache miss for image at index {index} but data is not provided."
+            cache.move_to_end(str(uuid_))
+            return {"type": "image_url", "image_url": {"url": url}}, None
+        if uuid_ is not None and self.size > 0:
+            cache[str(uuid_)] = data["url"]
+            cache.move_to_end(str(uuid_))
+            while len(cache) > self.size:
+                cache.popitem(last=False)
+        return part, None
+
+
 def opaque_image(url: str) -> np.ndarray:
     """An image left undecoded: the SHA-256 of its URL, as 32 bytes (one per image all the
     same, so counts and prompt lengths are unchanged, and a hash judge still tells images
@@ -263,6 +324,7 @@ class StandIn:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _images: DecodedImages = field(default_factory=DecodedImages)
+    media: MediaCache = field(default_factory=MediaCache)  # images named by uuid
 
     def __post_init__(self) -> None:
         if self.reasoning_placement not in REASONING_PLACEMENTS:
@@ -336,6 +398,9 @@ class StandIn:
                 await asyncio.sleep(self.faults.sleep_s)  # "timeout": the client gives up first
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            received, (body, missing) = body, self.media.resolve(body)
+            if missing is not None:
+                return _error(400, missing, "BadRequestError")
             model = body.get("model")
             if model in self.latency_s:  # a server of fixed latency and slots (benchmarks)
                 cont = bool(body.get("continue_final_message"))
@@ -370,7 +435,7 @@ class StandIn:
                 return refusal
             resp = await asyncio.to_thread(self._complete, body)
             with self._lock:
-                self.requests.append(body)
+                self.requests.append(received)  # as sent: images named by uuid stay so
                 self.usages.append({"model": body.get("model"), **resp["usage"]})
             return JSONResponse(resp)
 

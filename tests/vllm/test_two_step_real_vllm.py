@@ -42,6 +42,7 @@ import pytest
 from vllm_harness import ROOT, VERIFIER_MAX_LOGPROBS, Servers
 
 import rescue.models.chat as chat_module
+import rescue.models.openai_verifier as verifier_module
 from rescue.models.answers import THINK_START
 from rescue.models.replies import Tokens, decode
 
@@ -60,14 +61,15 @@ SCORE_TOL = 0.25 * (math.exp(2 * LOGPROB_TOL) - 1)
 move by at most twice that, the score by at most a quarter of exp of it minus one (0.16)."""
 
 
-def _verifier(servers: Servers, at: str):
+def _verifier(servers: Servers, at: str, *more: str):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     overrides = ["experiment=http_synthetic", "dataset.num_samples=1",
                  f"verifier.base_url={servers.verifier.api}", "verifier.sampling.max_tokens=48",
                  "verifier.overlay.views=[overlay]",
-                 f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}", f"verifier.logprobs_at={at}"]
+                 f"verifier.top_logprobs={VERIFIER_MAX_LOGPROBS}", f"verifier.logprobs_at={at}",
+                 *more]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     ds = instantiate(cfg.dataset)
@@ -266,3 +268,72 @@ def test_a_continuation_at_the_in_stream_context_lists_the_in_stream_logprobs(
     print(f"\nin-stream contexts continued: {met} met ({scored} at the answer token), max "
           f"|d logprob| {worst_lp:.2g}, max |d score| {worst_score:.2g}")
 
+
+
+def test_a_continuation_naming_its_images_by_uuid_reads_what_resending_them_reads(
+        servers: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`verifier.continuation_images`: by uuid (the default), vLLM's processor cache serves the
+    continuation's images, which it neither receives nor processes again; the verdict is the
+    one `resend` gets. A uuid the server does not hold (renamed here, as after an eviction)
+    gets vLLM's own 400, and the continuation is sent again with its images."""
+    sample, named = _verifier(servers, "answer")
+    _, resend = _verifier(servers, "answer", "verifier.continuation_images=resend")
+    assert named.continuation_images == "uuid" and resend.continuation_images == "resend"
+    masks = _masks(sample.gt.shape)
+    sent: list[dict[str, Any]] = []
+    body = chat_module.ChatEndpoint.body
+    monkeypatch.setattr(chat_module.ChatEndpoint, "body",
+                        lambda self, kwargs: sent.append(body(self, kwargs)) or sent[-1])
+
+    async def verdicts(v, seeds):
+        out = []
+        for k in seeds:  # one request at a time: a batch of one, the same numerics
+            v.seed = k
+            messages = await asyncio.to_thread(v.render, sample, masks[k % len(masks)])
+            n0 = len(sent)
+            verdict, replies = await v.ask("verify", messages)
+            out.append((verdict, replies, sent[n0:]))
+        return out
+
+    async def go():
+        try:
+            return (await verdicts(named, range(SEEDS)), await verdicts(resend, range(SEEDS)))
+        finally:
+            await named.aclose()
+            await resend.aclose()
+
+    by_uuid, again = asyncio.run(go())
+    continued = 0
+    for (v, replies, bodies), (w, w_replies, w_bodies) in zip(by_uuid, again, strict=True):
+        assert (v.score, v.source, v.error) == (w.score, w.source, w.error), (v, w)
+        assert [r.prompt_tokens for r in replies] == [r.prompt_tokens for r in w_replies]
+        assert "uuid" in json.dumps(bodies[0]) and "uuid" not in json.dumps(w_bodies)
+        if len(replies) == 2:
+            continued += 1
+            assert len(bodies) == 2 and "data:image" not in json.dumps(bodies[1])
+            assert "data:image" in json.dumps(w_bodies[1])
+    assert continued and "continuations_resent" not in named.stats()
+
+    # a uuid vLLM never saw: its 400, then the continuation with its images, the same verdict
+    by_uuid_images = verifier_module.images_by_uuid
+    monkeypatch.setattr(verifier_module, "images_by_uuid", lambda messages: [
+        {**m, "content": [{**p, "uuid": p["uuid"] + "-gone"} if "uuid" in p else p
+                          for p in m["content"]]} if isinstance(m.get("content"), list) else m
+        for m in by_uuid_images(messages)])
+    _, missing = _verifier(servers, "answer")
+
+    async def go_missing():
+        try:
+            return await verdicts(missing, range(SEEDS))
+        finally:
+            await missing.aclose()
+
+    missed = asyncio.run(go_missing())
+    for (v, replies, bodies), (w, _, _) in zip(missed, again, strict=True):
+        assert (v.score, v.source, v.error) == (w.score, w.source, w.error), (v, w)
+        if len(replies) == 2:  # the refused continuation, then the one that carried the images
+            assert len(bodies) == 3 and "data:image" in json.dumps(bodies[2])
+    assert missing.stats()["continuations_resent"] == {"cache_miss": continued}
+    assert missing.names_images  # a cache miss is no reason to stop naming images
+    print(f"\ncontinuations by uuid: {continued} of {SEEDS} verdicts continued, each the "
+          f"verdict resending gets; {continued} unknown uuids resent after vLLM's cache miss")

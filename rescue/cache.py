@@ -308,14 +308,23 @@ class Cache:
             try:
                 _append(files.segment, b"".join(lines[i] for i in new.values()))
                 files.end = offset
-                log = "".join(f"{k} {w[0]} {w[1]} {w[2]}\n" for k, w in where.items()).encode()
-                _append(files.claims, log)
+                claims_log = "".join(f"{k} {w[0]} {w[1]} {w[2]}\n"
+                                     for k, w in where.items()).encode()
+                if not whole:  # end a crashed writer's torn line, or it swallows the first claim
+                    claims_log = b"\n" + claims_log
+                _append(files.claims, claims_log)
+                # where the log ended where it was read and no one else wrote since (the lock
+                # held, and its size says so: a flock that locks one host only, NFS local_lock,
+                # does not exclude another host's appends) these claims need no reading back
+                own = (locked and whole and os.fstat(files.claims).st_size
+                       == seg.claims_offset + len(claims_log))
             except BaseException:
                 self._files.pop(stage).close()  # the segment's size is unknown: reopen it
                 raise
-            if locked and whole:  # the log ended where it was read and no one else wrote:
-                seg.claims.update(where)  # these claims need no reading back
-                seg.claims_offset += len(log)
+            if own:
+                for key, w in where.items():
+                    seg.claims.setdefault(key, w)  # as reading them back would
+                seg.claims_offset += len(claims_log)
         seg.entries.update(where)
         seg.offsets[name] = files.end  # all of this segment is indexed: a rescan skips it
         self.counts[f"{stage}.write"] += len(new)

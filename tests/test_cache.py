@@ -276,6 +276,44 @@ def test_a_writers_own_claims_are_known_without_reading_them_back(tmp_path, monk
     assert a._stages["plan"].claims_offset == len(claims_log)
 
 
+def test_a_torn_claims_tail_does_not_swallow_the_next_writers_first_claim(tmp_path):
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "claims").write_bytes(b"deadbeef host-1.jsonl 0")  # a crash's tail
+    late = Cache(tmp_path, rescan_interval=1e9)
+    assert len(late) == 0  # indexed now: it learns of k1 from the claims log only
+    early = Cache(tmp_path)
+    early.put("plan", "k1", "early")
+    assert early._stages["plan"].claims_offset == 0  # not its own log's end: read it back
+    assert late.put("plan", "k1", "late") == "early"  # k1's claim survived the torn line
+    assert Cache(tmp_path).get("plan", "k1") == "early"
+
+
+def test_a_claim_another_host_appended_meanwhile_is_read_back(tmp_path, monkeypatch):
+    """A flock that locks one host only (NFS local_lock) does not keep another host's claims
+    out between a writer's read of the log and its own append: the log's size tells."""
+    from rescue import cache as cache_mod
+
+    c = Cache(tmp_path)
+    c.put("plan", "k0", 0)
+    foreign = b"f" * 64 + b" other-host.jsonl 0 10\n"
+    real = cache_mod._append
+
+    def racing(fd, data):
+        if data.endswith(b"\n") and b".jsonl " in data:  # the claims append
+            real(fd, foreign)
+        real(fd, data)
+
+    monkeypatch.setattr(cache_mod, "_append", racing)
+    c.put("plan", "k1", 1)
+    monkeypatch.setattr(cache_mod, "_append", real)
+    log = (tmp_path / "plan" / "claims").read_bytes()
+    seg = c._stages["plan"]
+    assert seg.claims_offset < len(log) and "f" * 64 not in seg.claims
+    c.put("plan", "k2", 2)
+    assert "f" * 64 in seg.claims
+    assert seg.claims_offset == len((tmp_path / "plan" / "claims").read_bytes())
+
+
 def test_without_flock_a_writer_reads_its_own_claims_back(tmp_path, monkeypatch):
     import errno
     import fcntl

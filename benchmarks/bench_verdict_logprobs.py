@@ -15,16 +15,19 @@ that tier serves it (`--reasoning-parser deepseek_r1`), with `--max-logprobs 20`
 The real OpenAIVerifier of the shipped config (qwen3vl_32b_thinking, one overlay view) scores
 the same synthetic masks with the same seeds in every mode, one request at a time, the modes
 taking turns to go first (the later ones find the prompt in the prefix cache); one uncounted
-verdict per mode first warms the client up. Per verdict: requests, prompt tokens (and the part
-the prefix cache served, where reported), completion tokens, response body bytes, and client
-CPU: `time.process_time` around the whole verdict (`ask`: the request encoded, sent, the replies
-decoded and read; the views are drawn beforehand, not counted) and around the reading alone
-(the bodies decoded and scored again offline, as the client does). `--min-tokens N`
-(sampling.extra min_tokens; the continuation drops it) makes replies at least N tokens long, as
-a thinking model's are; a tiny random model's reasoning is otherwise tens of tokens, and its
-long answers are mostly ambiguous noise, so fewer of them are scored or continued. With the
-tiny server, also its CPU per verdict (/proc: the API server process, where logprobs become
-JSON, and the engine core). Prints a table per --min-tokens; asserts nothing.
+verdict per mode first warms the client up. Naming the images by uuid makes the uuid their
+prefix-cache identity, so `answer` shares no cached prompt blocks with the other two modes
+(which share theirs): compare the cached prompt tokens the table lists per mode. Per verdict:
+requests, prompt tokens (and the part the prefix cache served, where reported), completion
+tokens, response body bytes, and client CPU: `time.process_time` around the whole verdict
+(`ask`: the request encoded, sent, the replies decoded and read; the views are drawn beforehand,
+not counted) and around the reading alone (the bodies decoded and scored again offline, as the
+client does). `--min-tokens N` (sampling.extra min_tokens; the continuation drops it) makes
+replies at least N tokens long, as a thinking model's are; a tiny random model's reasoning is
+otherwise tens of tokens, and its long answers are mostly ambiguous noise, so fewer of them are
+scored or continued. With the tiny server, also its CPU per verdict (/proc: the API server
+process, where logprobs become JSON, and the engine core). Prints a table per --min-tokens;
+asserts nothing.
 """
 
 from __future__ import annotations

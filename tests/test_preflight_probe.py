@@ -78,6 +78,8 @@ def test_a_healthy_server_passes_and_is_probed_once_with_the_runs_payload(serve)
     assert plan["n"] == 16 and plan["seed"] == 0           # the run's first request
     assert verify["logprobs"] is True and verify["top_logprobs"] == 20
     assert probe.count_images(verify["messages"]) == 2     # overlay + crop, as the run sends
+    images = [p for p in verify["messages"][-1]["content"] if p["type"] == "image_url"]
+    assert all(p["uuid"].startswith("rescue-") for p in images)  # named, as the run's are
 
 
 def test_no_sample_means_no_probe(serve):

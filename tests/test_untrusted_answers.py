@@ -200,3 +200,10 @@ def test_an_answer_is_stored_as_the_standard_library_would_write_it():
     assert got["nan"] is None and got["surrogate"] == "\ud800 lone" and got["big"] == 2 ** 70
     for key, value in answer.items():  # each one alone: the fast path where orjson takes it
         assert json.dumps(_storable({key: value})) == json.dumps({key: reference[key]}), key
+    # a request's answers together: one pass, or each its own way where orjson refuses one
+    from rescue.pipeline import _storable_all
+
+    answers = [{key: value} for key, value in answer.items()]
+    assert json.dumps(_storable_all(answers)) == json.dumps([_storable(a) for a in answers])
+    plain = [a for a in answers if not {"surrogate", "big", "int_key"} & set(a)]
+    assert json.dumps(_storable_all(plain)) == json.dumps([_storable(a) for a in plain])

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -158,39 +157,6 @@ def error_message(resp: Response) -> str:
 
 def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-def media_uuid(url: str) -> str:
-    """The name an image goes by in vLLM's multimodal caches (a content part's `uuid`): a hash
-    of its data URL, so two different images never share one, whatever drew them."""
-    return hashlib.sha256(url.encode()).hexdigest()[:32]
-
-
-def named_images(messages: list[dict[str, Any]],
-                 uuid_of: Callable[[str], str] = media_uuid) -> list[dict[str, Any]]:
-    """`messages` with a `uuid` on every image part. vLLM then keys the image's processed
-    form by it, and a later request may name the image by its uuid alone (`images_by_uuid`)."""
-    return [_map_images(m, lambda part: {**part, "uuid": uuid_of(part["image_url"]["url"])})
-            for m in messages]
-
-
-def images_by_uuid(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`named_images` messages with every image part reduced to its uuid (`"image_url": null`):
-    the server takes the image from its processor cache instead of decoding and processing it
-    again, and the body no longer carries its bytes. vLLM answers 400 "Cache miss for image
-    ... but data is not provided" for a uuid it does not hold (evicted, or another API-server
-    process served the first request): send `messages` then."""
-    return [_map_images(m, lambda part: {"type": "image_url", "image_url": None,
-                                         "uuid": part["uuid"]}) for m in messages]
-
-
-def _map_images(message: dict[str, Any], f: Callable[[dict[str, Any]], dict[str, Any]]
-                ) -> dict[str, Any]:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    return {**message, "content": [f(p) if isinstance(p, dict) and p.get("type") == "image_url"
-                                   else p for p in content]}
 
 
 def text_part(text: str) -> dict[str, Any]:

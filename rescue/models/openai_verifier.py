@@ -9,7 +9,6 @@ instead. The reasoning text is kept in the Verdict, so the cache holds it for an
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -19,16 +18,9 @@ import numpy as np
 
 from rescue import cost
 from rescue.models import answers
-from rescue.models.chat import (
-    ChatEndpoint,
-    ImageEncoding,
-    PromptTemplate,
-    Sampling,
-    images_by_uuid,
-    media_uuid,
-    named_images,
-)
+from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import EndpointError, RetryPolicy
+from rescue.models.image_names import ImageNames, images_by_uuid, media_uuid, refused
 from rescue.models.replies import ChatReply, Choice, summed_usage
 from rescue.models.views import (
     OverlayStyle,
@@ -59,18 +51,6 @@ Only a reply whose text has a verdict is continued: in-stream also scores a verd
 finds in the token stream where the text parser finds none (on the tiny random model's noise;
 a real thinking model's text and tokens agree). `stream` keeps the identity (cache keys) of
 verdicts cached before the default changed."""
-
-
-CONTINUATION_IMAGES = ("uuid", "resend")
-"""How a two-step verdict's continuation carries the reply's images: `uuid` (the default) names
-them by the uuid the first request gave each (`chat.named_images`), and vLLM takes them from its
-multimodal processor cache, so they are neither sent nor decoded and processed a second time;
-`resend` sends them again, for servers that know no uuids. A continuation refused by uuid is sent
-again with its images: a cache miss (an evicted image, another API-server process) for that
-request only, any other refusal for the rest of the run (logged once). Either way the model reads
-the same prompt: no cache key depends on it."""
-
-log = logging.getLogger(__name__)
 
 
 def answer_offset(answer: str, scale: str) -> int | None:
@@ -147,11 +127,6 @@ class OpenAIVerifier:
             raise ValueError(f"verifier.logprobs_at must be one of {LOGPROBS_AT}, got "
                              f"{logprobs_at!r}")
         self.logprobs_at = logprobs_at if logprobs else "stream"
-        if continuation_images not in CONTINUATION_IMAGES:
-            raise ValueError(f"verifier.continuation_images must be one of "
-                             f"{CONTINUATION_IMAGES}, got {continuation_images!r}")
-        self.continuation_images = continuation_images
-        self._resend = continuation_images == "resend"  # True too once a server refused uuids
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -173,8 +148,8 @@ class OpenAIVerifier:
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
         self.pool = WorkerPool("verifier-work", workers, initializer=serial_opencv)
         self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
-        self._uuids: Memo[str, str] = Memo(4 * view_memo)  # a view's data URL -> media_uuid
-        self._resent: dict[str, int] = {}
+        self.names = ImageNames(continuation_images, base_url,
+                                view_memo * max(1, len(self.overlay.views)))
 
     @property
     def base_url(self) -> str:
@@ -215,29 +190,24 @@ class OpenAIVerifier:
         key = (sample.sample_id, sample.image_sha256, _digest(np.packbits(m)), m.shape)
         urls = self._views.get(key)
         if urls is None:
-            urls, uuids = await self.pool.run(self._named_views, sample.image, m)
+            urls, uuids = await self.pool.run(self._named_views, sample.image, m,
+                                              self.names_images)
             self._views.put(key, urls)
-            for url, uuid in zip(urls, uuids, strict=True):
-                self._uuids.put(url, uuid)
+            if uuids:
+                self.names.remember(urls, uuids)
         return urls
 
-    def _named_views(self, image: np.ndarray, mask: np.ndarray
+    def _named_views(self, image: np.ndarray, mask: np.ndarray, named: bool
                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """`view_urls` and their `media_uuid`s, both computed in the pool."""
+        """`view_urls`, and their `media_uuid`s where images are `named` (in the pool too)."""
         urls = self.view_urls(image, mask)
-        return urls, tuple(media_uuid(u) for u in urls)
-
-    def _uuid_of(self, url: str) -> str:
-        """A view's uuid: from `views` where it drew the view, else hashed now (listwise marks,
-        tests)."""
-        uuid = self._uuids.get(url)
-        return media_uuid(url) if uuid is None else uuid
+        return urls, (tuple(media_uuid(u) for u in urls) if named else ())
 
     @property
     def names_images(self) -> bool:
         """Whether requests give their images uuids now: two-step verdicts continued by uuid
-        (`CONTINUATION_IMAGES`), until a server refuses them."""
-        return self.logprobs_at == "answer" and not self._resend
+        (`rescue.models.image_names`), until the server shows it takes none."""
+        return self.logprobs_at == "answer" and self.names.on
 
     def render(self, sample: Sample, mask: np.ndarray) -> list[dict[str, Any]]:
         """The chat messages for one candidate (overlay drawn, images encoded)."""
@@ -295,9 +265,15 @@ class OpenAIVerifier:
             return Verdict(score=None, source="", error=f"verify:bad_text {why}"), []
         t0 = time.perf_counter()
         named = self.names_images
-        if named:
-            messages = named_images(messages, self._uuid_of)
-        resp = await self.chat.create(what, **self.payload(messages))
+        sent = self.names.name(messages) if named else messages
+        try:
+            resp = await self.chat.create(what, **self.payload(sent))
+        except EndpointError as exc:
+            if not (named and refused(exc)):
+                raise
+            resp = await self.chat.create(what, **self.payload(messages))  # without uuids
+            self.names.sent_again(exc, "request")
+            sent, named = messages, False
         replies = [resp]
         if not resp.choices:
             v = Verdict(score=None, source="", error="verify:no_choice server returned none")
@@ -305,7 +281,7 @@ class OpenAIVerifier:
             choice = resp.choices[0]
             v = await self.pool.parse(_size(choice), self.read, choice, options)
             if self.logprobs_at == "answer" and v.source == "parsed":
-                v = await self._continue(what, messages, choice, v, options, replies, named)
+                v = await self._continue(what, sent, choice, v, options, replies, named)
         usage = cost.Usage.of({"usage": summed_usage(replies)})
         spent = cost.request_costs(usage, [None], [0], time.perf_counter() - t0)[0]
         spent = replace(spent, calls=len(replies))  # a continued two-step verdict made two
@@ -313,7 +289,7 @@ class OpenAIVerifier:
 
     async def _continue(self, what: str, messages: list[dict[str, Any]], choice: Any,
                         parsed: Verdict, options: int, replies: list[ChatReply],
-                        named: bool = False) -> Verdict:
+                        named: bool) -> Verdict:
         """`parsed` scored from the logprobs of one token continuing its reply just before the
         answer; `parsed` itself (meta `continuation` says why) when that cannot be read."""
         prefix = await self.pool.parse(_size(choice), self.answer_prefix, choice)
@@ -332,28 +308,20 @@ class OpenAIVerifier:
                                   prefix: str, named: bool) -> ChatReply:
         """The continuation's reply: its images named by uuid where the first request
         (`messages`) `named` them, sent again where the server refuses that
-        (`CONTINUATION_IMAGES`)."""
-        if named and not self._resend:
+        (`rescue.models.image_names`); the error of the request with images otherwise."""
+        if named and self.names.on:
+            self.names.tries += 1
             try:
                 return await self.chat.create(f"{what} answer", **self.continuation(
                     images_by_uuid(messages), prefix))
             except EndpointError as exc:
-                if exc.status is None or not 400 <= exc.status < 500 or exc.status == 429:
+                if not refused(exc):
                     raise
-                self._refused_uuid(exc)
+                resp = await self.chat.create(f"{what} answer",
+                                              **self.continuation(messages, prefix))
+                self.names.sent_again(exc, "continuation")
+                return resp
         return await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
-
-    def _refused_uuid(self, exc: EndpointError) -> None:
-        """Count a continuation refused by uuid; anything but a cache miss turns uuids off."""
-        miss = "cache miss" in str(exc).lower()
-        reason = "cache_miss" if miss else "refused"
-        self._resent[reason] = self._resent.get(reason, 0) + 1
-        if not miss and not self._resend:
-            self._resend = True
-            log.warning("verifier: %s refused a continuation naming its images by uuid (%s); "
-                        "continuations send their images again from now on "
-                        "(verifier.continuation_images=resend skips the try)",
-                        self.chat.base_url, exc)
 
     def answer_prefix(self, choice: Any) -> str | None:
         """The reply up to its verdict (`continuation_prefix`), None when it has no answer
@@ -494,8 +462,7 @@ class OpenAIVerifier:
             messages = await self.pool.run(self.render_marks, sample, [mask] * self.top_k)
         else:
             messages = self._messages(sample, await self.views(sample, mask))
-        payload = self.payload(named_images(messages, self._uuid_of) if self.names_images
-                               else messages)
+        payload = self.payload(self.names.name(messages) if self.names_images else messages)
         if self.logprobs_at == "answer":  # the continuation's top_logprobs must pass too
             payload.update(logprobs=True, top_logprobs=self.top_logprobs)
         return await self.chat.preflight(payload)
@@ -505,8 +472,6 @@ class OpenAIVerifier:
         self.pool.close()
 
     def stats(self) -> dict[str, Any]:
-        """The endpoint's counters; `continuations_resent` by why (uuid cache miss, refusal)."""
-        out = self.chat.stats()
-        if self._resent:
-            out["continuations_resent"] = dict(self._resent)
-        return out
+        """The endpoint's counters (a request refused and sent again counts twice, once as a
+        failure) and, where any was, the requests sent again without naming their images."""
+        return {**self.chat.stats(), **self.names.stats()}

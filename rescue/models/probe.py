@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("uuid",), "this server takes no image uuids: set {role}.continuation_images=resend"),
     (("logprobs",), "lower {role}.top_logprobs to the server's limit, or restart vLLM with "
                     "--max-logprobs {top_logprobs}"),
     (("image(s) may be provided", "limit-mm-per-prompt"),
@@ -26,6 +25,7 @@ _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("response_format", "json_schema", "structured", "guided", "grammar", "xgrammar"),
      "this server cannot honour the structured output: set {role}.structured_output=false or "
      "serve with a structured-outputs backend"),
+    (("uuid",), "this server takes no image uuids: set {role}.continuation_images=resend"),
 )
 
 

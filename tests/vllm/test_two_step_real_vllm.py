@@ -234,7 +234,6 @@ def test_two_step_verdict_matches_in_stream_logprobs_on_the_real_verifier(
               f"{mean(name, 2):.0f}, client CPU/verdict {mean(name, 3) * 1e3:.2f} ms")
 
 
-
 def test_a_continuation_at_the_in_stream_context_lists_the_in_stream_logprobs(
         servers: Servers) -> None:
     """What the two-step relies on, at contexts the tiny model does reach: an in-stream reply's
@@ -278,7 +277,7 @@ def test_a_continuation_naming_its_images_by_uuid_reads_what_resending_them_read
     gets vLLM's own 400, and the continuation is sent again with its images."""
     sample, named = _verifier(servers, "answer")
     _, resend = _verifier(servers, "answer", "verifier.continuation_images=resend")
-    assert named.continuation_images == "uuid" and resend.continuation_images == "resend"
+    assert named.names.mode == "uuid" and resend.names.mode == "resend"
     masks = _masks(sample.gt.shape)
     sent: list[dict[str, Any]] = []
     body = chat_module.ChatEndpoint.body
@@ -302,6 +301,8 @@ def test_a_continuation_naming_its_images_by_uuid_reads_what_resending_them_read
             await named.aclose()
             await resend.aclose()
 
+    # exact: a verdict's requests are the same tokens in every run (uuid or not), and a prompt
+    # served from the prefix cache reuses the KV an identical prefill computed
     by_uuid, again = asyncio.run(go())
     continued = 0
     for (v, replies, bodies), (w, w_replies, w_bodies) in zip(by_uuid, again, strict=True):
@@ -312,7 +313,7 @@ def test_a_continuation_naming_its_images_by_uuid_reads_what_resending_them_read
             continued += 1
             assert len(bodies) == 2 and "data:image" not in json.dumps(bodies[1])
             assert "data:image" in json.dumps(w_bodies[1])
-    assert continued and "continuations_resent" not in named.stats()
+    assert continued and "images_by_uuid" not in named.stats()
 
     # a uuid vLLM never saw: its 400, then the continuation with its images, the same verdict
     by_uuid_images = verifier_module.images_by_uuid
@@ -333,7 +334,8 @@ def test_a_continuation_naming_its_images_by_uuid_reads_what_resending_them_read
         assert (v.score, v.source, v.error) == (w.score, w.source, w.error), (v, w)
         if len(replies) == 2:  # the refused continuation, then the one that carried the images
             assert len(bodies) == 3 and "data:image" in json.dumps(bodies[2])
-    assert missing.stats()["continuations_resent"] == {"cache_miss": continued}
+    assert missing.stats()["images_by_uuid"]["sent_again"] == {
+        "continuation_cache_miss": continued}
     assert missing.names_images  # a cache miss is no reason to stop naming images
     print(f"\ncontinuations by uuid: {continued} of {SEEDS} verdicts continued, each the "
           f"verdict resending gets; {continued} unknown uuids resent after vLLM's cache miss")

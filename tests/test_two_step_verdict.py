@@ -300,3 +300,15 @@ def test_cache_misses_on_most_continuations_turn_naming_off(sample, caplog):
     assert not names["on"] and names["continuations"] == MISSES_CHECKED_AFTER
     assert names["sent_again"]["continuation_cache_miss"] > MISSES_CHECKED_AFTER // 2
     assert sum("missed its processor cache" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_verdicts_uuids_are_hashed_in_the_pool_with_its_views(sample, monkeypatch):
+    from rescue.models import image_names
+
+    def on_the_loop(url):
+        raise AssertionError("a view hashed on the event loop")
+
+    monkeypatch.setattr(image_names, "media_uuid", on_the_loop)  # what named_images would call
+    (v,), (first, _), _ = _verdicts(sample, [sample.target])
+    (image,) = [p for p in first["messages"][0]["content"] if p["type"] == "image_url"]
+    assert v.source == "logprobs" and image["uuid"] == media_uuid(image["image_url"]["url"])

@@ -21,11 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rescue.models.http import EndpointError
-from rescue.models.workers import Memo
 
 CONTINUATION_IMAGES = ("uuid", "resend")
 MISSES_CHECKED_AFTER = 16
@@ -40,12 +39,18 @@ def media_uuid(url: str) -> str:
 
 
 def named_images(messages: list[dict[str, Any]],
-                 uuid_of: Callable[[str], str] = media_uuid) -> list[dict[str, Any]]:
+                 uuids: Sequence[str] = ()) -> list[dict[str, Any]]:
     """`messages` with a `uuid` on every image part given by a data URL (an http URL names
-    whatever it serves at the time: left unnamed)."""
+    whatever it serves at the time: left unnamed): the i-th such part gets `uuids[i]` where
+    given (the views' uuids, hashed in the verifier's pool as they were drawn), else the
+    `media_uuid` of its URL."""
+    given = iter(uuids)
+
     def name(part: dict[str, Any]) -> dict[str, Any]:
         url = part["image_url"]["url"]
-        return {**part, "uuid": uuid_of(url)} if url.startswith("data:") else part
+        if not url.startswith("data:"):
+            return part
+        return {**part, "uuid": next(given, None) or media_uuid(url)}
 
     return [_map_images(m, name) for m in messages]
 
@@ -77,31 +82,18 @@ def refused(exc: EndpointError) -> bool:
 
 class ImageNames:
     """One verifier's naming of images: on for `mode` "uuid" until the server shows it takes
-    no uuids; the uuids of the views the verifier drew (computed in its pool), and counts of
-    the requests sent again."""
+    no uuids, with counts of the requests sent again."""
 
-    def __init__(self, mode: str, server: str, memo: int):
+    def __init__(self, mode: str, server: str):
         if mode not in CONTINUATION_IMAGES:
             raise ValueError(f"verifier.continuation_images must be one of "
                              f"{CONTINUATION_IMAGES}, got {mode!r}")
         self.mode = mode
         self.server = server
         self.on = mode == "uuid"
-        self._uuids: Memo[str, str] = Memo(memo)  # a view's data URL -> its uuid
         self.tries = 0  # continuations sent by uuid
         self.resent: Counter[str] = Counter()
 
-    def remember(self, urls: tuple[str, ...], uuids: tuple[str, ...]) -> None:
-        for url, uuid in zip(urls, uuids, strict=True):
-            self._uuids.put(url, uuid)
-
-    def uuid_of(self, url: str) -> str:
-        """A view's uuid: remembered where the pool drew it, else hashed now."""
-        uuid = self._uuids.get(url)
-        return media_uuid(url) if uuid is None else uuid
-
-    def name(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return named_images(messages, self.uuid_of)
 
     def sent_again(self, exc: EndpointError, where: str) -> None:
         """A request refused with named images (`where`: "request" or "continuation") went

@@ -20,7 +20,13 @@ from rescue import cost
 from rescue.models import answers
 from rescue.models.chat import ChatEndpoint, ImageEncoding, PromptTemplate, Sampling
 from rescue.models.http import EndpointError, RetryPolicy
-from rescue.models.image_names import ImageNames, images_by_uuid, media_uuid, refused
+from rescue.models.image_names import (
+    ImageNames,
+    images_by_uuid,
+    media_uuid,
+    named_images,
+    refused,
+)
 from rescue.models.replies import ChatReply, Choice, summed_usage
 from rescue.models.views import (
     OverlayStyle,
@@ -147,9 +153,9 @@ class OpenAIVerifier:
                                  timeout_s=timeout_s, max_concurrency=max_concurrency,
                                  retry=retry, preflight_timeout_s=preflight_timeout_s)
         self.pool = WorkerPool("verifier-work", workers, initializer=serial_opencv)
-        self._views: Memo[tuple[Any, ...], tuple[str, ...]] = Memo(view_memo)
-        self.names = ImageNames(continuation_images, base_url,
-                                view_memo * max(1, len(self.overlay.views)))
+        self._views: Memo[tuple[Any, ...], tuple[tuple[str, ...], tuple[str, ...]]] = Memo(
+            view_memo)  # a mask's view URLs and, while images are named, their uuids
+        self.names = ImageNames(continuation_images, base_url)
 
     @property
     def base_url(self) -> str:
@@ -186,16 +192,19 @@ class OpenAIVerifier:
     async def views(self, sample: Sample, mask: np.ndarray) -> tuple[str, ...]:
         """`view_urls` of a mask, drawn in the worker pool once per (image, mask) however many
         calls show it."""
+        return (await self.named_views(sample, mask))[0]
+
+    async def named_views(self, sample: Sample, mask: np.ndarray
+                          ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """`views`, and their uuids while images are named (`named_images`): both computed in
+        the pool, so no view's bytes are hashed on the event loop."""
         m = np.asarray(mask, bool)
         key = (sample.sample_id, sample.image_sha256, _digest(np.packbits(m)), m.shape)
-        urls = self._views.get(key)
-        if urls is None:
-            urls, uuids = await self.pool.run(self._named_views, sample.image, m,
-                                              self.names_images)
-            self._views.put(key, urls)
-            if uuids:
-                self.names.remember(urls, uuids)
-        return urls
+        got = self._views.get(key)
+        if got is None:
+            got = await self.pool.run(self._named_views, sample.image, m, self.names_images)
+            self._views.put(key, got)
+        return got
 
     def _named_views(self, image: np.ndarray, mask: np.ndarray, named: bool
                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -230,8 +239,10 @@ class OpenAIVerifier:
     async def compare(self, sample: Sample, first: np.ndarray, second: np.ndarray) -> Verdict:
         """P(candidate 1 is the better answer), from the digit's logprobs or the parsed answer;
         raises EndpointError only for transport failures."""
-        urls = await self.views(sample, first) + await self.views(sample, second)
-        return (await self.ask("compare", self._pair_messages(sample, urls)))[0]
+        (urls1, uuids1), (urls2, uuids2) = (await self.named_views(sample, first),
+                                            await self.named_views(sample, second))
+        return (await self.ask("compare", self._pair_messages(sample, urls1 + urls2),
+                               uuids=uuids1 + uuids2 if uuids1 and uuids2 else ()))[0]
 
     def render_marks(self, sample: Sample, shown: list[np.ndarray]) -> list[dict[str, Any]]:
         """The chat messages of one Set-of-Marks call: one image, the masks numbered 1..k."""
@@ -252,20 +263,21 @@ class OpenAIVerifier:
         if self.empty_mask_score is not None and not m.any():
             return Verdict(score=self.empty_mask_score, answer="", source="rule",
                            meta={"rule": "empty_mask"})
-        messages = self._messages(sample, await self.views(sample, m))
-        return (await self.ask("verify", messages))[0]
+        urls, uuids = await self.named_views(sample, m)
+        return (await self.ask("verify", self._messages(sample, urls), uuids=uuids))[0]
 
-    async def ask(self, what: str, messages: list[dict[str, Any]],
-                  options: int = 2) -> tuple[Verdict, list[ChatReply]]:
+    async def ask(self, what: str, messages: list[dict[str, Any]], options: int = 2,
+                  uuids: Sequence[str] = ()) -> tuple[Verdict, list[ChatReply]]:
         """One judgement: the Verdict (its cost in meta) and the replies it took (one, or two
         with `logprobs_at: answer`; none for messages UTF-8 cannot carry, `verify:bad_text`);
-        raises EndpointError only for transport failures."""
+        raises EndpointError only for transport failures. `uuids`: the images' (`named_views`),
+        in their order; hashed here where not given."""
         why = first_unencodable(messages)
         if why is not None:  # not sent, and permanent: the same text fails on every rerun
             return Verdict(score=None, source="", error=f"verify:bad_text {why}"), []
         t0 = time.perf_counter()
         named = self.names_images
-        sent = self.names.name(messages) if named else messages
+        sent = named_images(messages, uuids) if named else messages
         try:
             resp = await self.chat.create(what, **self.payload(sent))
         except EndpointError as exc:
@@ -462,7 +474,7 @@ class OpenAIVerifier:
             messages = await self.pool.run(self.render_marks, sample, [mask] * self.top_k)
         else:
             messages = self._messages(sample, await self.views(sample, mask))
-        payload = self.payload(self.names.name(messages) if self.names_images else messages)
+        payload = self.payload(named_images(messages) if self.names_images else messages)
         if self.logprobs_at == "answer":  # the continuation's top_logprobs must pass too
             payload.update(logprobs=True, top_logprobs=self.top_logprobs)
         return await self.chat.preflight(payload)

@@ -21,15 +21,7 @@ def iou_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
     Every ground-truth pixel labelled 1 is target, whichever object it belongs to (several
     targets are one region); IGNORE pixels are dropped from both counts.
     """
-    pred = np.asarray(pred, dtype=bool)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}")
-    target = gt == 1
-    valid = gt != IGNORE
-    intersection = int(np.count_nonzero(pred & target))
-    union = int(np.count_nonzero((pred | target) & valid))
-    return intersection, union
+    return iou_counts_many([pred], gt)[0]
 
 
 def iou_counts_many(preds: Iterable[np.ndarray], gt: np.ndarray) -> list[tuple[int, int]]:

@@ -94,7 +94,6 @@ class ImageNames:
         self.tries = 0  # continuations sent by uuid
         self.resent: Counter[str] = Counter()
 
-
     def sent_again(self, exc: EndpointError, where: str) -> None:
         """A request refused with named images (`where`: "request" or "continuation") went
         through without them: count it, and stop naming where the server takes no uuids."""

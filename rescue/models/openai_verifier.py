@@ -133,6 +133,7 @@ class OpenAIVerifier:
             raise ValueError(f"verifier.logprobs_at must be one of {LOGPROBS_AT}, got "
                              f"{logprobs_at!r}")
         self.logprobs_at = logprobs_at if logprobs else "stream"
+        self.names = ImageNames(continuation_images, base_url)  # validates it, before any pool
         if logprobs and not 1 <= int(top_logprobs) <= 20:
             raise ValueError("verifier.top_logprobs must be in 1..20 (vLLM's default "
                              f"--max-logprobs is 20), got {top_logprobs}")
@@ -155,7 +156,6 @@ class OpenAIVerifier:
         self.pool = WorkerPool("verifier-work", workers, initializer=serial_opencv)
         self._views: Memo[tuple[Any, ...], tuple[tuple[str, ...], tuple[str, ...]]] = Memo(
             view_memo)  # a mask's view URLs and, while images are named, their uuids
-        self.names = ImageNames(continuation_images, base_url)
 
     @property
     def base_url(self) -> str:
@@ -321,6 +321,7 @@ class OpenAIVerifier:
         """The continuation's reply: its images named by uuid where the first request
         (`messages`) `named` them, sent again where the server refuses that
         (`rescue.models.image_names`); the error of the request with images otherwise."""
+        refusal = None
         if named and self.names.on:
             self.names.tries += 1
             try:
@@ -329,11 +330,11 @@ class OpenAIVerifier:
             except EndpointError as exc:
                 if not refused(exc):
                     raise
-                resp = await self.chat.create(f"{what} answer",
-                                              **self.continuation(messages, prefix))
-                self.names.sent_again(exc, "continuation")
-                return resp
-        return await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
+                refusal = exc
+        resp = await self.chat.create(f"{what} answer", **self.continuation(messages, prefix))
+        if refusal is not None:
+            self.names.sent_again(refusal, "continuation")
+        return resp
 
     def answer_prefix(self, choice: Any) -> str | None:
         """The reply up to its verdict (`continuation_prefix`), None when it has no answer

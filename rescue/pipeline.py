@@ -21,7 +21,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -218,10 +218,12 @@ class Pipeline:
         """`spec`'s answer for each of `items` (distinct): cached ones read back, the missing
         ones asked of the model in `spec.batches`, concurrently."""
         stage = spec.stage
+        keys = {item: spec.key(item) for item in items}  # each hashed once, read and stored
+        spec = replace(spec, key=keys.__getitem__)
         got: dict[T, V] = {}
         missing: list[T] = []
         for item in items:
-            hit = self.cache.require(stage, spec.key(item), spec.what(item))
+            hit = self.cache.require(stage, keys[item], spec.what(item))
             if hit is None:
                 missing.append(item)
             else:

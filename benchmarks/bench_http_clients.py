@@ -2,7 +2,7 @@
 stand-in servers, with the client's CPU per sample (issue 16).
 
     python benchmarks/bench_http_clients.py [--samples 16] [--max-n 16 64]
-        [--in-flight 1 4 8 32] [--loop-samples 1]
+        [--in-flight 1 4 8 32] [--loop-samples 1] [--repeats 1]
 
 The real clients (OpenAI planner and verifier, SAM client) with their shipped configs
 (experiment=http_synthetic: qwen3vl_8b_instruct, sam3, qwen3vl_32b_thinking) run the pipeline
@@ -17,7 +17,10 @@ never waited for the client). Client CPU is this process's CPU time (worker thre
 per sample. The one-call-at-a-time loop (how SAM 3 Agent calls its models) is the same
 pipeline with one sample, one request and one hypothesis/prompt per request at a time; its
 ratio is its wall per sample ÷ the best pipeline's. Every ratio is measured in this one run.
-The servers share the machine's cores with the client. Prints a table; asserts nothing.
+The servers share the machine's cores with the client. With --repeats R each configuration
+runs R times, one after the other, and its row is the run of median client CPU, with the range
+of the R runs beside it: on a shared 2-vCPU VM one run's CPU per sample moves by ±15%. Prints a
+table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 4, 8, 32])
     ap.add_argument("--loop-samples", type=int, default=1, help="0 skips the one-call loop")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each configuration; its row is the median run by client CPU")
     ap.add_argument("--latency", type=float, nargs=3, default=[0.2, 0.5, 0.1],
                     metavar=("PLANNER", "VERIFIER", "EXECUTOR"))
     ap.add_argument("--slots", type=int, nargs=3, default=[16, 32, 4],
@@ -231,11 +236,26 @@ def decode_figures(tokens: int = 400, top: int = 20, reps: int = 20) -> str:
             f"({sdk / answer:.0f}x less than the SDK)")
 
 
+def spread(m: dict, args: argparse.Namespace) -> str:
+    lo, hi = m["cpu_range"]
+    return f" ({lo:.3f}-{hi:.3f})" if args.repeats > 1 else ""
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median client CPU per sample (the lower middle one of an even count), with
+    the CPU range of all `runs` (`cpu_range`, s per sample)."""
+    ordered = sorted(runs, key=lambda m: m["cpu"] / m["n"])
+    return {**ordered[(len(ordered) - 1) // 2],
+            "cpu_range": (ordered[0]["cpu"] / ordered[0]["n"],
+                          ordered[-1]["cpu"] / ordered[-1]["n"])}
+
+
 def run(args: argparse.Namespace) -> None:
     rows = []
     for max_n in args.max_n:
         for k in args.in_flight:
-            rows.append((max_n, k, measure(args, max_n, k, args.samples)))
+            rows.append((max_n, k, median_run([measure(args, max_n, k, args.samples)
+                                               for _ in range(max(1, args.repeats))])))
     loops = {max_n: measure(args, max_n, 1, args.loop_samples, loop=True)
              for max_n in args.max_n} if args.loop_samples else {}
 
@@ -245,7 +265,9 @@ def run(args: argparse.Namespace) -> None:
           f" (256x256), shipped configs; servers planner {lp:g} s x {cp} slots, verifier "
           f"{lv:g} s x {cv} slots (reasoning {args.reasoning_words} words), "
           f"executor {le:g} s x {ce} slots; verifier.logprobs_at={args.logprobs_at} "
-          f"(a continuation takes {args.continuation_latency:g} s)")
+          f"(a continuation takes {args.continuation_latency:g} s)"
+          + (f"; each row the median of {args.repeats} runs by client CPU (range in brackets)"
+             if args.repeats > 1 else ""))
     print()
     print("| max_n | samples_in_flight | requests p/e/v (continuations) | bottleneck | bound s | "
           "wall s | achieved / bound | client CPU s/sample | CPU / wall | "
@@ -257,7 +279,7 @@ def run(args: argparse.Namespace) -> None:
         r = m["requests"]
         print(f"| {max_n} | {k} | {r['planner']}/{r['executor']}/{r['verifier']} ({m['cont']}) | "
               f"{m['bottleneck']} | {m['bound']:.2f} | {m['wall']:.2f} | "
-              f"{m['bound'] / m['wall']:.2f} | {m['cpu'] / m['n']:.3f} | "
+              f"{m['bound'] / m['wall']:.2f} | {m['cpu'] / m['n']:.3f}{spread(m, args)} | "
               f"{m['cpu'] / m['wall']:.2f} | {m['server_cpu'][0] / m['n']:.3f} / "
               f"{m['server_cpu'][1] / m['n']:.3f} | {vs_loop} |")
     for max_n, loop in loops.items():

@@ -32,17 +32,22 @@ class Prompt:
     box: Box | None = None
     points: tuple[tuple[float, float], ...] = ()
     point_labels: tuple[int, ...] = ()
+    _is_canonical: bool = field(default=False, init=False, repr=False, compare=False)
 
     def canonical(self) -> Prompt:
-        return self._canonical
+        """The canonical form; a canonical prompt is its own (it is asked of the parsed prompt,
+        of the prompt read back from the cache and of the executor's, several times each)."""
+        return self if self._is_canonical else self._canonical
 
     @functools.cached_property
-    def _canonical(self) -> Prompt:  # once: dedupe, the cache key and scoring all ask for it
+    def _canonical(self) -> Prompt:
         text = " ".join(self.text.split()).lower() if self.text else None
         box = tuple(_round(v) for v in self.box) if self.box is not None else None
         points = tuple((_round(x), _round(y)) for x, y in self.points)
         labels = tuple(int(v) for v in self.point_labels)
-        return Prompt(text=text or None, box=box, points=points, point_labels=labels)  # type: ignore[arg-type]
+        out = Prompt(text=text or None, box=box, points=points, point_labels=labels)  # type: ignore[arg-type]
+        object.__setattr__(out, "_is_canonical", True)  # frozen; not an init field, so
+        return out  # `dataclasses.replace` of it is a new prompt, canonicalised anew
 
     def to_json(self) -> dict[str, Any]:
         c = self.canonical()

@@ -366,3 +366,18 @@ def test_the_whitespace_flag_is_documented_where_structured_output_is_configured
     """The schema cannot bound whitespace between tokens; the server flag does."""
     text = (CONF / "planner" / "qwen3vl_8b_instruct.yaml").read_text()
     assert "disable_any_whitespace" in text and "--structured-outputs-config" in text
+
+
+def test_a_canonical_prompt_is_its_own_canonical_form_and_a_replaced_one_is_not():
+    import dataclasses
+
+    raw = Prompt(text="  A  Red\tCar ", box=(1.234, 2.0051, 3.5, 4.25),
+                 points=((1.111, 2.005),), point_labels=(1,))
+    c = raw.canonical()
+    same = Prompt(text="a red car", box=(1.23, 2.01, 3.5, 4.25), points=((1.11, 2.0),),
+                  point_labels=(1,))
+    assert c == same and hash(c) == hash(same)  # the mark is not part of a prompt's identity
+    assert c.canonical() is c and Prompt.from_json(c.to_json()).canonical() == c
+    assert raw.canonical() is c  # computed once per prompt
+    moved = dataclasses.replace(c, box=(9.876, 0, 1, 1))  # no longer canonical: rounded anew
+    assert moved.canonical() is not moved and moved.canonical().box == (9.88, 0.0, 1.0, 1.0)

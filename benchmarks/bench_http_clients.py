@@ -17,10 +17,11 @@ never waited for the client). Client CPU is this process's CPU time (worker thre
 per sample. The one-call-at-a-time loop (how SAM 3 Agent calls its models) is the same
 pipeline with one sample, one request and one hypothesis/prompt per request at a time; its
 ratio is its wall per sample ÷ the best pipeline's. Every ratio is measured in this one run.
-The servers share the machine's cores with the client. With --repeats R each configuration
-runs R times, one after the other, and its row is the run of median client CPU, with the range
-of the R runs beside it: on a shared 2-vCPU VM one run's CPU per sample moves by ±15%. Prints a
-table; asserts nothing.
+The servers share the machine's cores with the client. With --repeats R each pipeline
+configuration runs R times, one after the other, and its row is the run of median client CPU
+(the lower middle one for an even R), with the range of the R runs beside it: on a shared 2-vCPU
+VM one run's CPU per sample moves by ±15%. The one-call loop runs once (a minute a sample at
+max_n 64). Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. "
                     "verifier.max_concurrency=64")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "servers")])}
@@ -243,11 +246,13 @@ def spread(m: dict, args: argparse.Namespace) -> str:
 
 def median_run(runs: list[dict]) -> dict:
     """The run of median client CPU per sample (the lower middle one of an even count), with
-    the CPU range of all `runs` (`cpu_range`, s per sample)."""
+    the CPU range of all `runs` (`cpu_range`, s per sample) and their retries and failures."""
     ordered = sorted(runs, key=lambda m: m["cpu"] / m["n"])
     return {**ordered[(len(ordered) - 1) // 2],
             "cpu_range": (ordered[0]["cpu"] / ordered[0]["n"],
-                          ordered[-1]["cpu"] / ordered[-1]["n"])}
+                          ordered[-1]["cpu"] / ordered[-1]["n"]),
+            # any run's retries or failures flag the row: its CPU is in the range shown
+            "retries": sum(m["retries"] for m in runs), "failed": sum(m["failed"] for m in runs)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -266,7 +271,8 @@ def run(args: argparse.Namespace) -> None:
           f"{lv:g} s x {cv} slots (reasoning {args.reasoning_words} words), "
           f"executor {le:g} s x {ce} slots; verifier.logprobs_at={args.logprobs_at} "
           f"(a continuation takes {args.continuation_latency:g} s)"
-          + (f"; each row the median of {args.repeats} runs by client CPU (range in brackets)"
+          + (f"; each pipeline row the median of {args.repeats} runs by client CPU (range in "
+             "brackets)"
              if args.repeats > 1 else ""))
     print()
     print("| max_n | samples_in_flight | requests p/e/v (continuations) | bottleneck | bound s | "

@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rescue.sample import Box
 
@@ -32,7 +32,7 @@ class Prompt:
     box: Box | None = None
     points: tuple[tuple[float, float], ...] = ()
     point_labels: tuple[int, ...] = ()
-    _is_canonical: bool = field(default=False, init=False, repr=False, compare=False)
+    _is_canonical: ClassVar[bool] = False  # set on the canonical form's instance only
 
     def canonical(self) -> Prompt:
         """The canonical form; a canonical prompt is its own (it is asked of the parsed prompt,
@@ -46,7 +46,7 @@ class Prompt:
         points = tuple((_round(x), _round(y)) for x, y in self.points)
         labels = tuple(int(v) for v in self.point_labels)
         out = Prompt(text=text or None, box=box, points=points, point_labels=labels)  # type: ignore[arg-type]
-        object.__setattr__(out, "_is_canonical", True)  # frozen; not an init field, so
+        object.__setattr__(out, "_is_canonical", True)  # frozen; not a field, so
         return out  # `dataclasses.replace` of it is a new prompt, canonicalised anew
 
     def to_json(self) -> dict[str, Any]:

@@ -219,11 +219,12 @@ class Pipeline:
         ones asked of the model in `spec.batches`, concurrently."""
         stage = spec.stage
         keys = {item: spec.key(item) for item in items}  # each hashed once, read and stored
-        spec = replace(spec, key=keys.__getitem__)
+        if len(keys) == len(items):  # unless equal items have two keys (a prompt's -0.0 and 0.0)
+            spec = replace(spec, key=keys.__getitem__)
         got: dict[T, V] = {}
         missing: list[T] = []
         for item in items:
-            hit = self.cache.require(stage, keys[item], spec.what(item))
+            hit = self.cache.require(stage, spec.key(item), spec.what(item))
             if hit is None:
                 missing.append(item)
             else:

@@ -326,3 +326,21 @@ def test_a_kill_at_any_cache_write_resumes_to_the_uninterrupted_records(tmp_path
         resumed, _ = _run(tmp_path / f"killed{k}", SimulatedPlanner(), BoxExecutor(),
                           AreaVerifier(), 8)
         assert [dumps(r) for r in resumed] == [dumps(r) for r in reference], f"killed at {k}"
+
+
+def test_equal_prompts_with_two_keys_are_each_cached_under_their_own(tmp_path):
+    """-0.0 == 0.0, but the JSON of a prompt's key tells them apart: each prompt is read and
+    stored under its own key, as when every key was computed where it was used."""
+
+    class SignedZeroPlanner(ListPlanner):
+        async def plan(self, sample, indices):
+            return [Hypothesis(index=i, prompt=Prompt(text="thing", box=(
+                -0.0 if i % 2 else 0.0, 0, 20, 20))) for i in indices]
+
+    recs, pipe = _run(tmp_path, SignedZeroPlanner(), BoxExecutor(), AreaVerifier(), max_n=2)
+    assert all(c.ok for r in recs for c in r.candidates)
+    a, b = (Prompt(text="thing", box=(z, 0, 20, 20)) for z in (0.0, -0.0))
+    assert a == b and a.key != b.key
+    sample = OneSample().load("a")
+    for p in (a, b):
+        assert pipe.cache.get("execute", pipe.execute_key(sample, p)) is not None, p

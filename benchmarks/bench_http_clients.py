@@ -16,7 +16,8 @@ its bottleneck server's requests × latency ÷ slots; achieved = bound ÷ wall (
 never waited for the client). Client CPU is this process's CPU time (worker threads included)
 per sample. The one-call-at-a-time loop (how SAM 3 Agent calls its models) is the same
 pipeline with one sample, one request and one hypothesis/prompt per request at a time; its
-ratio is its wall per sample ÷ the best pipeline's. Every ratio is measured in this one run.
+ratio to a row is the loop's wall per sample ÷ that row's. Every ratio is measured in this one
+run.
 The servers share the machine's cores with the client. With --repeats R each pipeline
 configuration runs R times, one after the other, and its row is the run of median client CPU
 (the lower middle one for an even R), with the range of the R runs beside it: on a shared 2-vCPU

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from rescue.cache import canonical_json
 from rescue.sample import Box
 
 
@@ -46,8 +46,9 @@ class Prompt:
         points = tuple((_round(x), _round(y)) for x, y in self.points)
         labels = tuple(int(v) for v in self.point_labels)
         out = Prompt(text=text or None, box=box, points=points, point_labels=labels)  # type: ignore[arg-type]
-        object.__setattr__(out, "_is_canonical", True)  # frozen; not a field, so
-        return out  # `dataclasses.replace` of it is a new prompt, canonicalised anew
+        # frozen, so set directly; not a field, so `dataclasses.replace` of it is unmarked
+        object.__setattr__(out, "_is_canonical", True)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         c = self.canonical()
@@ -72,9 +73,9 @@ class Prompt:
 
     @functools.cached_property
     def canonical_json(self) -> str:
-        """`to_json` as sorted, compact JSON, once: what `key` hashes, and the execute stage's
-        cache key splices in (`cache.Canonical`)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """`to_json` in the cache keys' canonical JSON, once: what `key` hashes, and the
+        execute stage's cache key splices in (`cache.Canonical`)."""
+        return canonical_json(self.to_json())
 
     @functools.cached_property
     def key(self) -> str:
